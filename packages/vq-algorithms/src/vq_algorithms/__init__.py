@@ -1,0 +1,3 @@
+"""vq-algorithms."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""vq-calibrate."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""vq-core: the abstractions every vq package shares.
+
+Quantizers turn ``[..., head_dim]`` vectors into packed codes (:class:`Quantizer`,
+:func:`create`); preconditioners rotate before quantizing; codebooks hold the levels; the
+one :class:`CompressedKVCache` stores packed keys and values for an attention layer.
+"""
+
+from vq_core.artifacts import ArtifactStore, MemoryStore
+from vq_core.attention import attend_compressed
+from vq_core.cache import CompressedKVCache
+from vq_core.codebook import LloydMax, ScalarCodebook, VectorCodebook, lloyd_max
+from vq_core.errors import (
+    ArtifactError,
+    ConfigError,
+    DTypeError,
+    NonFiniteError,
+    ShapeError,
+    UnknownMethodError,
+    VQError,
+)
+from vq_core.packing import pack, packed_words, unpack
+from vq_core.preconditioner import (
+    Identity,
+    Preconditioner,
+    RandomizedHadamard,
+    RandomOrthogonal,
+    make_preconditioner,
+)
+from vq_core.quantizer import Codes, Quantizer, QuantizerConfig
+from vq_core.registry import available, create, from_description, get, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "ArtifactStore",
+    "Codes",
+    "CompressedKVCache",
+    "ConfigError",
+    "DTypeError",
+    "Identity",
+    "LloydMax",
+    "MemoryStore",
+    "NonFiniteError",
+    "Preconditioner",
+    "Quantizer",
+    "QuantizerConfig",
+    "RandomOrthogonal",
+    "RandomizedHadamard",
+    "ScalarCodebook",
+    "ShapeError",
+    "UnknownMethodError",
+    "VQError",
+    "VectorCodebook",
+    "attend_compressed",
+    "available",
+    "create",
+    "from_description",
+    "get",
+    "lloyd_max",
+    "make_preconditioner",
+    "pack",
+    "packed_words",
+    "register",
+    "unpack",
+]

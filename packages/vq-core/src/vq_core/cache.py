@@ -1,0 +1,294 @@
+"""The one compressed KV cache.
+
+``CompressedKVCache`` holds a key quantizer and a value quantizer and stores **packed
+codes** for both, grown in steps of ``step`` tokens, plus an optional window of the most
+recent ``window`` tokens kept exact. It follows mlx-lm's duck-typed cache protocol
+(``update_and_fetch``, ``offset``, ``state``, ``meta_state``, ``from_state``,
+``is_trimmable``, ``trim``, ``make_mask``, ``nbytes``, ``empty``) without importing mlx-lm.
+It has no ``bits`` attribute and no ``to_quantized`` method on purpose: mlx-lm reroutes or
+replaces caches that have them.
+
+Attention (:meth:`attend`) for a chunk of ``L`` new tokens uses, in token order: the
+compressed history, the exact window, and the chunk's own exact keys/values. Tokens are
+compressed when they leave the window, in whole ``token_block`` multiples.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+
+from vq_core.attention import attend_compressed
+from vq_core.errors import ConfigError, ShapeError
+from vq_core.quantizer import Codes, Quantizer
+from vq_core.registry import from_description
+
+_SEP = "__"
+
+
+class _Pending:
+    """What ``update_and_fetch`` hands back: the cache view a routed attention consumes."""
+
+    def __init__(self, cache: CompressedKVCache, n_comp: int, exact: mx.array | None, new):
+        self.cache, self.n_comp, self.exact, self.new = cache, n_comp, exact, new
+        b, h, _, d = new.shape
+        n_exact = 0 if exact is None else exact.shape[2]
+        self.shape = (b, h, n_comp + n_exact + new.shape[2], d)
+        self.dtype = new.dtype
+
+
+class CompressedKVCache:
+    """Compressed keys and values for one attention layer, ``[B, H_kv, tokens, head_dim]``."""
+
+    def __init__(
+        self,
+        key_quantizer: Quantizer,
+        value_quantizer: Quantizer,
+        *,
+        window: int = 0,
+        step: int = 256,
+    ):
+        if key_quantizer.head_dim != value_quantizer.head_dim:
+            raise ConfigError(
+                f"key head_dim={key_quantizer.head_dim} != value head_dim="
+                f"{value_quantizer.head_dim}"
+            )
+        if not isinstance(window, int) or window < 0:
+            raise ConfigError(f"window={window!r} is not allowed; expected an integer >= 0")
+        if not isinstance(step, int) or step < 1:
+            raise ConfigError(f"step={step!r} is not allowed; expected an integer >= 1")
+        self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
+        self.window, self.step = window, step
+        self.block = max(key_quantizer.token_block, value_quantizer.token_block)
+        if step % self.block:
+            self.step = self.block * -(-step // self.block)
+        self.offset = 0
+        self._n_comp = 0
+        self._keys: Codes | None = None
+        self._values: Codes | None = None
+        self._exact_k: mx.array | None = None
+        self._exact_v: mx.array | None = None
+        self._view: tuple[_Pending, _Pending] | None = None
+
+    # -- protocol --------------------------------------------------------------------------
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Append ``keys, values [B, H_kv, L, D]``; return views for :meth:`attend`."""
+        self._check(keys, "keys")
+        self._check(values, "values")
+        if keys.shape != values.shape:
+            raise ShapeError(f"keys {keys.shape} and values {values.shape} differ in shape")
+        n_before = self._n_comp
+        exact_k, exact_v = self._exact_k, self._exact_v
+        view = (_Pending(self, n_before, exact_k, keys), _Pending(self, n_before, exact_v, values))
+        all_k = keys if exact_k is None else mx.concatenate([exact_k, keys], axis=2)
+        all_v = values if exact_v is None else mx.concatenate([exact_v, values], axis=2)
+        n_move = max(0, all_k.shape[2] - self.window)
+        n_move -= n_move % self.block
+        if n_move:
+            kc = self.key_quantizer.encode(all_k[:, :, :n_move], check_finite=False)
+            vc = self.value_quantizer.encode(all_v[:, :, :n_move], check_finite=False)
+            self._append(kc, vc, n_move)
+        rest = all_k.shape[2] - n_move
+        self._exact_k = all_k[:, :, n_move:] if rest else None
+        self._exact_v = all_v[:, :, n_move:] if rest else None
+        self.offset += keys.shape[2]
+        self._view = view
+        return view
+
+    def attend(self, queries: mx.array, *, scale: float, mask=None) -> mx.array:
+        """Attention of ``queries [B, H_q, L, D]`` over the tokens of the last update."""
+        if self._view is None:
+            raise RuntimeError("attend() needs a preceding update_and_fetch()")
+        kv, vv = self._view
+        n = kv.n_comp
+        keys = None if n == 0 else _slice(self._keys, self.key_quantizer, n)
+        values = None if n == 0 else _slice(self._values, self.value_quantizer, n)
+        exact_k = _cat(kv.exact, kv.new)
+        exact_v = _cat(vv.exact, vv.new)
+        return attend_compressed(
+            queries,
+            self.key_quantizer,
+            keys,
+            self.value_quantizer,
+            values,
+            exact_k,
+            exact_v,
+            scale=scale,
+            mask=mask,
+        )
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        """Mask for ``N`` new tokens after ``offset`` cached ones (mlx-lm's convention)."""
+        if N == 1:
+            return None
+        if return_array or (window_size is not None and window_size < self.offset + N):
+            rinds = mx.arange(self.offset + N)
+            linds = mx.arange(self.offset, self.offset + N)[:, None]
+            mask = linds >= rinds
+            if window_size is not None:
+                mask = mask & (linds < rinds + window_size)
+            return mask
+        return "causal"
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the newest ``n`` tokens; returns how many were dropped."""
+        n = min(max(n, 0), self.offset)
+        n_exact = 0 if self._exact_k is None else self._exact_k.shape[2]
+        from_exact = min(n, n_exact)
+        if from_exact:
+            keep = n_exact - from_exact
+            self._exact_k = self._exact_k[:, :, :keep] if keep else None
+            self._exact_v = self._exact_v[:, :, :keep] if keep else None
+        from_comp = n - from_exact
+        if from_comp:
+            new_n = self._n_comp - from_comp
+            cut = new_n - new_n % self.block
+            if cut < new_n:  # a partial block goes back to the exact window, decoded
+                end = cut + self.block
+                k = self.key_quantizer.decode(_slice(self._keys, self.key_quantizer, end))
+                v = self.value_quantizer.decode(_slice(self._values, self.value_quantizer, end))
+                dt = self._dtype
+                self._exact_k = k[:, :, cut:new_n].astype(dt)
+                self._exact_v = v[:, :, cut:new_n].astype(dt)
+            self._n_comp = cut
+        self.offset -= n
+        self._view = None
+        return n
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this cache really holds: allocated code buffers plus the exact window."""
+        total = 0
+        for codes in (self._keys, self._values):
+            if codes is not None:
+                total += codes.nbytes
+        for a in (self._exact_k, self._exact_v):
+            if a is not None:
+                total += a.nbytes
+        return total
+
+    @property
+    def compressed_tokens(self) -> int:
+        return self._n_comp
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> dict[str, mx.array]:
+        out: dict[str, mx.array] = {}
+        for tag, codes, q in (
+            ("k", self._keys, self.key_quantizer),
+            ("v", self._values, self.value_quantizer),
+        ):
+            if codes is not None and self._n_comp:
+                for name, arr in _slice(codes, q, self._n_comp).items():
+                    out[f"{tag}{_SEP}{name}"] = arr
+        if self._exact_k is not None:
+            out["exact_k"], out["exact_v"] = self._exact_k, self._exact_v
+        return out
+
+    @state.setter
+    def state(self, arrays: dict[str, mx.array]) -> None:
+        keys = Codes({k[3:]: v for k, v in arrays.items() if k.startswith("k" + _SEP)})
+        values = Codes({k[3:]: v for k, v in arrays.items() if k.startswith("v" + _SEP)})
+        self._keys = keys or None
+        self._values = values or None
+        self._n_comp = self.key_quantizer.tokens_in(keys) if keys else 0
+        self._exact_k = arrays.get("exact_k")
+        self._exact_v = arrays.get("exact_v")
+        n_exact = 0 if self._exact_k is None else self._exact_k.shape[2]
+        self.offset = self._n_comp + n_exact
+        self._view = None
+
+    @property
+    def meta_state(self) -> tuple[str, ...]:
+        meta = {
+            "key": self.key_quantizer.describe(),
+            "value": self.value_quantizer.describe(),
+            "window": self.window,
+            "step": self.step,
+            "offset": self.offset,
+        }
+        return (json.dumps(meta),)
+
+    @meta_state.setter
+    def meta_state(self, v) -> None:  # set through from_state
+        raise AttributeError("meta_state is read-only; use CompressedKVCache.from_state")
+
+    @classmethod
+    def from_state(cls, state: dict[str, mx.array], meta_state) -> CompressedKVCache:
+        meta = json.loads(meta_state[0])
+        cache = cls(
+            from_description(meta["key"]),
+            from_description(meta["value"]),
+            window=meta["window"],
+            step=meta["step"],
+        )
+        cache.state = state
+        if cache.offset != meta["offset"]:
+            raise ShapeError(
+                f"saved cache says offset {meta['offset']} but its arrays hold {cache.offset} tokens"
+            )
+        return cache
+
+    # -- internals -------------------------------------------------------------------------
+
+    @property
+    def _dtype(self):
+        for a in (self._exact_k,):
+            if a is not None:
+                return a.dtype
+        return getattr(self, "_input_dtype", mx.float16)
+
+    def _check(self, x: mx.array, name: str) -> None:
+        self.key_quantizer.check_input(x, name, check_finite=False)
+        if x.ndim != 4:
+            raise ShapeError(f"{name} must be [B, H_kv, L, head_dim], got {tuple(x.shape)}")
+        self._input_dtype = x.dtype
+
+    def _append(self, kc: Codes, vc: Codes, n: int) -> None:
+        start = self._n_comp
+        self._keys = _write(self._keys, kc, self.key_quantizer, start, n, self.step)
+        self._values = _write(self._values, vc, self.value_quantizer, start, n, self.step)
+        self._n_comp = start + n
+
+
+def _cat(a: mx.array | None, b: mx.array) -> mx.array:
+    return b if a is None else mx.concatenate([a, b], axis=2)
+
+
+def _slice(codes: Codes, q: Quantizer, n: int) -> Codes:
+    strides = q.token_strides()
+    return codes.map(lambda k, a: a[:, :, : n // strides.get(k, 1)])
+
+
+def _write(buf: Codes | None, new: Codes, q: Quantizer, start: int, n: int, step: int) -> Codes:
+    """Write ``n`` tokens of codes at ``start``, growing the buffers in ``step`` tokens."""
+    strides = q.token_strides()
+    cap = 0 if buf is None else q.tokens_in(buf)
+    if start + n > cap:
+        grow = step * -(-(start + n - cap) // step)
+        grown = {}
+        for name, arr in new.items():
+            s = strides.get(name, 1)
+            shape = list(arr.shape)
+            shape[2] = grow // s
+            pad = mx.zeros(shape, dtype=arr.dtype)
+            grown[name] = pad if buf is None else mx.concatenate([buf[name], pad], axis=2)
+        buf = Codes(grown)
+    out = Codes(buf)
+    for name, arr in new.items():
+        s = strides.get(name, 1)
+        out[name][:, :, start // s : (start + n) // s] = arr
+    return out

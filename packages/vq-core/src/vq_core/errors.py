@@ -1,0 +1,43 @@
+"""The vq error hierarchy.
+
+Every error names the bad argument and, where there is a fixed set, the allowed values, so a
+user can fix the call without reading the source.
+"""
+
+from __future__ import annotations
+
+
+class VQError(Exception):
+    """Base class of every error raised by vq."""
+
+
+class ConfigError(VQError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class ShapeError(VQError, ValueError):
+    """An array has the wrong shape (e.g. last dimension != head_dim)."""
+
+
+class DTypeError(VQError, TypeError):
+    """An array has a dtype the operation does not accept."""
+
+
+class NonFiniteError(VQError, ValueError):
+    """An input holds NaN or Inf."""
+
+
+class UnknownMethodError(VQError, KeyError):
+    """No quantizer is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class ArtifactError(VQError):
+    """A saved artifact is missing, corrupt, or belongs to another model/method/version."""
+
+
+def invalid(name: str, value: object, allowed: str) -> ConfigError:
+    """Build a ConfigError that names the argument, the bad value and what is allowed."""
+    return ConfigError(f"{name}={value!r} is not allowed; expected {allowed}")

@@ -1,0 +1,163 @@
+"""Orthogonal preconditioners: rotate vectors before quantizing them, undo it after.
+
+A random orthogonal ``R`` spreads a vector's energy evenly over its coordinates, so each
+coordinate of a rotated unit vector follows the same known law (TurboQuant, arXiv
+2504.19874, Lemma 1) and one fixed scalar codebook fits every coordinate. Inner products
+survive rotation: ``<q, k> = <apply(q), apply(k)>``, which is what lets attention run in the
+rotated basis.
+
+Convention: ``apply(x) = x @ M`` and ``inverse(y) = y @ M.T`` for ``x [..., dim]``, where
+``M = matrix`` is orthogonal. Both preconditioners are deterministic functions of the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import mlx.core as mx
+
+from vq_core.errors import ConfigError, ShapeError
+
+# mx.hadamard_transform supports n = m * 2**k with m in this set (Sylvester and Paley sizes).
+HADAMARD_BASES = (1, 12, 20, 28)
+
+
+def _check_dim(dim: int) -> None:
+    if not isinstance(dim, int) or dim < 2:
+        raise ConfigError(f"head_dim={dim!r} is not allowed; expected an integer >= 2")
+
+
+class Preconditioner(ABC):
+    """An orthogonal transform of the last axis, ``[..., dim] -> [..., dim]``."""
+
+    name: str
+    dim: int
+    seed: int
+
+    @abstractmethod
+    def apply(self, x: mx.array) -> mx.array:
+        """Rotate ``x [..., dim]``."""
+
+    @abstractmethod
+    def inverse(self, y: mx.array) -> mx.array:
+        """Undo :meth:`apply` on ``y [..., dim]``."""
+
+    @property
+    @abstractmethod
+    def matrix(self) -> mx.array:
+        """The dense ``[dim, dim]`` matrix ``M`` with ``apply(x) == x @ M``."""
+
+    def _check(self, x: mx.array) -> None:
+        if x.shape[-1] != self.dim:
+            raise ShapeError(f"{self.name}: expected last dimension {self.dim}, got {x.shape}")
+
+
+def hadamard_supported(dim: int) -> bool:
+    """True when ``dim = m * 2**k`` with ``m`` in :data:`HADAMARD_BASES`."""
+    for m in HADAMARD_BASES:
+        if dim % m == 0:
+            q = dim // m
+            if q & (q - 1) == 0:
+                return True
+    return False
+
+
+class RandomizedHadamard(Preconditioner):
+    """``M = diag(s) · H / sqrt(dim)`` with random signs ``s`` and a Hadamard matrix ``H``.
+
+    Works for ``dim = m * 2**k``, ``m`` in {1, 12, 20, 28}: 64, 80, 96, 112, 128, 256 and
+    more. Costs O(dim log dim) per vector through ``mx.hadamard_transform``.
+    """
+
+    name = "hadamard"
+
+    def __init__(self, dim: int, seed: int = 0):
+        _check_dim(dim)
+        if not hadamard_supported(dim):
+            raise ConfigError(
+                f"head_dim={dim} has no Hadamard matrix here (needs m * 2**k, m in "
+                f"{HADAMARD_BASES}); use the 'orthogonal' preconditioner instead"
+            )
+        self.dim, self.seed = dim, seed
+        key = mx.random.key(seed)
+        self.signs = mx.where(mx.random.bernoulli(0.5, (dim,), key=key), 1.0, -1.0)
+        self._scale = 1.0 / math.sqrt(dim)
+        h = mx.hadamard_transform(mx.eye(dim), scale=self._scale)
+        self._symmetric = bool(mx.array_equal(h, h.T).item())
+        self._h = h
+
+    def apply(self, x: mx.array) -> mx.array:
+        self._check(x)
+        return mx.hadamard_transform(x * self.signs.astype(x.dtype), scale=self._scale)
+
+    def inverse(self, y: mx.array) -> mx.array:
+        self._check(y)
+        if self._symmetric:
+            z = mx.hadamard_transform(y, scale=self._scale)
+        else:
+            z = y @ self._h.T.astype(y.dtype)
+        return z * self.signs.astype(z.dtype)
+
+    @property
+    def matrix(self) -> mx.array:
+        return self.signs[:, None] * self._h
+
+
+class RandomOrthogonal(Preconditioner):
+    """A Haar-random dense orthogonal ``M`` (QR of a Gaussian matrix, signs fixed). Any dim."""
+
+    name = "orthogonal"
+
+    def __init__(self, dim: int, seed: int = 0):
+        _check_dim(dim)
+        self.dim, self.seed = dim, seed
+        g = mx.random.normal((dim, dim), key=mx.random.key(seed))
+        q, r = mx.linalg.qr(g, stream=mx.cpu)
+        self._m = q * mx.sign(mx.diagonal(r))[None, :]
+
+    def apply(self, x: mx.array) -> mx.array:
+        self._check(x)
+        return x @ self._m.astype(x.dtype)
+
+    def inverse(self, y: mx.array) -> mx.array:
+        self._check(y)
+        return y @ self._m.T.astype(y.dtype)
+
+    @property
+    def matrix(self) -> mx.array:
+        return self._m
+
+
+class Identity(Preconditioner):
+    """No rotation (for baselines and ablations)."""
+
+    name = "identity"
+
+    def __init__(self, dim: int, seed: int = 0):
+        _check_dim(dim)
+        self.dim, self.seed = dim, seed
+
+    def apply(self, x: mx.array) -> mx.array:
+        self._check(x)
+        return x
+
+    def inverse(self, y: mx.array) -> mx.array:
+        self._check(y)
+        return y
+
+    @property
+    def matrix(self) -> mx.array:
+        return mx.eye(self.dim)
+
+
+PRECONDITIONERS = {c.name: c for c in (RandomizedHadamard, RandomOrthogonal, Identity)}
+
+
+def make_preconditioner(name: str, dim: int, seed: int = 0) -> Preconditioner:
+    """Build a preconditioner by name: ``"hadamard"``, ``"orthogonal"`` or ``"identity"``."""
+    if name not in PRECONDITIONERS:
+        raise ConfigError(
+            f"rotation={name!r} is not allowed; expected one of {list(PRECONDITIONERS)}"
+        )
+    return PRECONDITIONERS[name](dim, seed)

@@ -1,0 +1,183 @@
+"""The Quantizer abstraction: vectors ``[..., head_dim]`` in, packed codes out.
+
+A method is a frozen config dataclass plus a Quantizer subclass; both are registered under
+one name (see :mod:`vq_core.registry`). Codes are named arrays whose leading dimensions are
+the input's leading dimensions (``x.shape[:-1]``), so a cache can store and slice them along
+the token axis without knowing the method.
+
+Attention contract (shapes after grouped-query folding, ``M = queries per KV head``):
+
+* ``scores(q [B, Hkv, M, D], codes [B, Hkv, L, ...]) -> [B, Hkv, M, L]`` (unscaled ``q·k̂``)
+* ``weighted_sum(p [B, Hkv, M, L], codes) -> [B, Hkv, M, D]`` (``Σ_i p_i v̂_i``)
+
+The defaults decode then multiply; methods override them with compressed-domain versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import mlx.core as mx
+
+from vq_core.errors import DTypeError, NonFiniteError, ShapeError, invalid
+
+FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """Base config: every method has at least ``head_dim``, ``bits`` and ``seed``.
+
+    Subclasses add fields and extend :meth:`validate`; ``version`` changes when a saved
+    code layout or artifact of the method would no longer load.
+    """
+
+    version: ClassVar[int] = 1
+    allowed_bits: ClassVar[tuple[int, ...]] = (1, 2, 3, 4)
+
+    head_dim: int = 128
+    bits: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.head_dim, int) or self.head_dim < 2:
+            raise invalid("head_dim", self.head_dim, "an integer >= 2")
+        if self.bits not in self.allowed_bits:
+            raise invalid("bits", self.bits, f"one of {self.allowed_bits}")
+        if not isinstance(self.seed, int):
+            raise invalid("seed", self.seed, "an integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Codes(dict):
+    """Named packed arrays for a batch of vectors; ``nbytes`` is the bytes really held."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.values())
+
+    def map(self, fn) -> Codes:
+        """Apply ``fn`` to every array (slicing, concatenation, evaluation)."""
+        return Codes({k: fn(k, v) for k, v in self.items()})
+
+
+class Quantizer(ABC):
+    """Encode ``[..., head_dim]`` float vectors to :class:`Codes` and back.
+
+    Class attributes a method sets: ``method`` (registry name), ``config_class``, and
+    optionally ``token_block`` (tokens that must be encoded together, e.g. KIVI's
+    per-channel key groups; a cache flushes whole blocks) and ``default_value_method``
+    (for key-only methods: what compresses the values next to them).
+    """
+
+    method: ClassVar[str]
+    config_class: ClassVar[type[QuantizerConfig]]
+    family: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+    token_block: ClassVar[int] = 1
+    default_value_method: ClassVar[str | None] = None
+
+    def __init__(self, config: QuantizerConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{self.method} needs a {self.config_class.__name__}, got {config!r}")
+        self.config = config
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def encode(self, x: mx.array, *, check_finite: bool = True) -> Codes:
+        """Encode ``x [..., head_dim]`` (fp16/bf16/fp32) into packed codes.
+
+        ``check_finite`` forces an evaluation to reject NaN/Inf; the cache turns it off on
+        the decode hot path.
+        """
+        self.check_input(x, "x", check_finite=check_finite)
+        return self._encode(x.astype(mx.float32))
+
+    def decode(self, codes: Codes) -> mx.array:
+        """Reconstruct float32 ``[..., head_dim]`` from codes."""
+        missing = set(self.field_layout()) - set(codes)
+        if missing:
+            raise ShapeError(f"{self.method}: codes lack fields {sorted(missing)}")
+        return self._decode(codes)
+
+    @abstractmethod
+    def _encode(self, x: mx.array) -> Codes:
+        """``x`` float32 ``[..., D]`` (validated) -> codes."""
+
+    @abstractmethod
+    def _decode(self, codes: Codes) -> mx.array:
+        """codes -> float32 ``[..., D]``."""
+
+    @abstractmethod
+    def field_layout(self) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
+        """Per code field: (trailing shape per vector, dtype). Defines the exact accounting."""
+
+    def token_strides(self) -> dict[str, int]:
+        """Fields stored once per ``token_block`` tokens instead of once per token."""
+        return {}
+
+    def tokens_in(self, codes: Codes, axis: int = 2) -> int:
+        """Number of tokens held by ``codes`` along ``axis`` (2 for ``[B, H, L, ...]``)."""
+        strides = self.token_strides()
+        name, arr = next(iter(codes.items()))
+        return arr.shape[axis] * strides.get(name, 1)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Exact bits per input element, including norms, scales and side information."""
+        strides = self.token_strides()
+        total = 0.0
+        for name, (shape, dtype) in self.field_layout().items():
+            total += math.prod(shape) * dtype.size * 8 / strides.get(name, 1)
+        return total / self.head_dim
+
+    # -- attention in the compressed domain ------------------------------------------------
+
+    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+        """``q [B, H, M, D]`` against codes ``[B, H, L, ...]`` -> ``[B, H, M, L]``."""
+        return q.astype(mx.float32) @ mx.swapaxes(self.decode(codes), -1, -2)
+
+    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+        """``p [B, H, M, L]`` over codes ``[B, H, L, ...]`` -> ``[B, H, M, D]``."""
+        return p.astype(mx.float32) @ self.decode(codes)
+
+    # -- validation and description --------------------------------------------------------
+
+    def check_input(self, x: mx.array, name: str, *, check_finite: bool = True) -> None:
+        if not isinstance(x, mx.array):
+            raise DTypeError(f"{self.method}: {name} must be an mx.array, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise DTypeError(
+                f"{self.method}: {name} has dtype {x.dtype}; expected float16, bfloat16 or float32"
+            )
+        if x.ndim == 0 or x.shape[-1] != self.head_dim:
+            raise ShapeError(
+                f"{self.method}: {name} has shape {tuple(x.shape)}; "
+                f"the last dimension must be head_dim={self.head_dim}"
+            )
+        if check_finite and not mx.isfinite(x).all().item():
+            raise NonFiniteError(f"{self.method}: {name} contains NaN or Inf")
+
+    def describe(self) -> dict[str, Any]:
+        """Method name, config and version: enough to rebuild it with ``create``."""
+        return {
+            "method": self.method,
+            "version": self.config_class.version,
+            "config": self.config.to_dict(),
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"

@@ -1,0 +1,126 @@
+import mlx.core as mx
+import pytest
+
+from vq_core import CompressedKVCache, ConfigError, ShapeError, create
+
+
+def _cache(window=0, step=256, method="toy_uniform", bits=8):
+    k = create(method, head_dim=64, bits=bits)
+    v = create(method, head_dim=64, bits=bits, seed=1)
+    return CompressedKVCache(k, v, window=window, step=step)
+
+
+def _kv(n, b=1, h=2, d=64, seed=0):
+    key = mx.random.key(seed)
+    k1, k2 = mx.random.split(key)
+    return mx.random.normal((b, h, n, d), key=k1), mx.random.normal((b, h, n, d), key=k2)
+
+
+def _reference(q, k, v, scale, mask):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def _decoded(cache):
+    kq, vq = cache.key_quantizer, cache.value_quantizer
+    k, v = cache._view[0], cache._view[1]
+    parts_k, parts_v = [], []
+    if k.n_comp:
+        st = cache.state
+        parts_k.append(
+            kq.decode({n[3:]: a for n, a in st.items() if n.startswith("k__")})[:, :, : k.n_comp]
+        )
+        parts_v.append(
+            vq.decode({n[3:]: a for n, a in st.items() if n.startswith("v__")})[:, :, : k.n_comp]
+        )
+    for view, parts in ((k, parts_k), (v, parts_v)):
+        if view.exact is not None:
+            parts.append(view.exact)
+        parts.append(view.new)
+    return mx.concatenate(parts_k, axis=2), mx.concatenate(parts_v, axis=2)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_prefill_then_decode_equals_attention_over_reconstruction(window):
+    cache = _cache(window=window)
+    k, v = _kv(37)
+    q = mx.random.normal((1, 6, 37, 64), key=mx.random.key(9))  # GQA: 6 query heads, 2 KV
+    cache.update_and_fetch(k, v)
+    out = cache.attend(q, scale=0.125, mask="causal")
+    ref = _reference(q, k, v, 0.125, "causal")  # prefill sees its own tokens exactly
+    assert mx.allclose(out, ref, atol=1e-4).item()
+    for step in range(3):
+        k1, v1 = _kv(1, seed=step + 1)
+        cache.update_and_fetch(k1, v1)
+        q1 = mx.random.normal((1, 6, 1, 64), key=mx.random.key(step))
+        out = cache.attend(q1, scale=0.125)
+        kk, vv = _decoded(cache)
+        assert kk.shape[2] == 38 + step
+        assert mx.allclose(out, _reference(q1, kk, vv, 0.125, None), atol=1e-4).item()
+    assert cache.offset == 40
+    assert cache.compressed_tokens == 40 - window
+
+
+def test_compression_is_lossy_but_close_and_bytes_are_real():
+    cache = _cache(bits=4)
+    k, v = _kv(4096, h=3)
+    cache.update_and_fetch(k, v)
+    mx.eval(cache.state)
+    bpe = cache.key_quantizer.bits_per_element + cache.value_quantizer.bits_per_element
+    accounted = bpe * 3 * 4096 * 64 / 8
+    assert cache.nbytes == pytest.approx(accounted, rel=0.03)
+    assert cache.nbytes < 2 * 3 * 4096 * 64 * 2 / 3.5  # >3.5x smaller than fp16
+    assert "exact_k" not in cache.state  # no fp16 copy of compressed tokens
+
+
+def test_grows_in_steps():
+    cache = _cache(step=16)
+    cache.update_and_fetch(*_kv(3))
+    assert cache._keys["q"].shape[2] == 16
+    cache.update_and_fetch(*_kv(20))
+    assert cache._keys["q"].shape[2] == 32
+
+
+def test_state_round_trip_continues_identically():
+    cache = _cache(window=3)
+    cache.update_and_fetch(*_kv(10))
+    loaded = CompressedKVCache.from_state(cache.state, cache.meta_state)
+    assert loaded.offset == cache.offset == 10
+    k1, v1 = _kv(1, seed=5)
+    q = mx.random.normal((1, 2, 1, 64))
+    cache.update_and_fetch(k1, v1)
+    loaded.update_and_fetch(k1, v1)
+    assert mx.array_equal(cache.attend(q, scale=0.1), loaded.attend(q, scale=0.1)).item()
+
+
+def test_trim_and_block_quantizer():
+    cache = _cache(method="toy_block", window=2)
+    cache.update_and_fetch(*_kv(11))  # 8 compressed (two blocks of 4), 3 exact
+    assert cache.compressed_tokens == 8 and cache.offset == 11
+    assert cache.trim(5) == 5  # 3 exact + 2 compressed: block 2 is decoded back to exact
+    assert cache.offset == 6 and cache.compressed_tokens == 4
+    assert cache._exact_k.shape[2] == 2
+    cache.update_and_fetch(*_kv(4, seed=3))
+    assert cache.offset == 10
+    assert cache.compressed_tokens == 8
+
+
+def test_make_mask_and_protocol():
+    cache = _cache()
+    assert cache.empty()
+    assert cache.make_mask(1) is None
+    assert cache.make_mask(4) == "causal"
+    cache.update_and_fetch(*_kv(3))
+    m = cache.make_mask(2, return_array=True)
+    assert m.shape == (2, 5) and m[0].tolist() == [True] * 4 + [False]
+    assert cache.is_trimmable() and not cache.empty()
+    assert not hasattr(cache, "bits") and not hasattr(cache, "to_quantized")
+
+
+def test_bad_input():
+    cache = _cache()
+    with pytest.raises(ShapeError, match="head_dim=64"):
+        cache.update_and_fetch(mx.zeros((1, 2, 3, 32)), mx.zeros((1, 2, 3, 32)))
+    with pytest.raises(ShapeError, match="B, H_kv, L, head_dim"):
+        cache.update_and_fetch(mx.zeros((2, 3, 64)), mx.zeros((2, 3, 64)))
+    with pytest.raises(ConfigError, match="window"):
+        CompressedKVCache(cache.key_quantizer, cache.value_quantizer, window=-1)
