@@ -17,7 +17,10 @@ from vq_core.errors import (
     ShapeError,
     UnknownMethodError,
     VQError,
+    invalid,
+    invalid_choice,
 )
+from vq_core.factory import make_cache
 from vq_core.packing import pack, packed_words, unpack
 from vq_core.preconditioner import (
     Identity,
@@ -57,7 +60,10 @@ __all__ = [
     "create",
     "from_description",
     "get",
+    "invalid",
+    "invalid_choice",
     "lloyd_max",
+    "make_cache",
     "make_preconditioner",
     "pack",
     "packed_words",

@@ -41,3 +41,9 @@ class ArtifactError(VQError):
 def invalid(name: str, value: object, allowed: str) -> ConfigError:
     """Build a ConfigError that names the argument, the bad value and what is allowed."""
     return ConfigError(f"{name}={value!r} is not allowed; expected {allowed}")
+
+
+def invalid_choice(name: str, value: object, choices) -> None:
+    """Raise a ConfigError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise invalid(name, value, f"one of {tuple(choices)}")

@@ -51,7 +51,9 @@ def _group_layout(bits: int) -> tuple[tuple[tuple[int, int], ...], mx.array, mx.
     spills = [(s % 32) + bits > 32 for s in start]
     spill = mx.array([1 if f else 0 for f in spills], dtype=mx.uint32)
     hi_word = mx.array([min(s // 32 + 1, bits - 1) for s in start], dtype=mx.uint32)
-    hi_shift = mx.array([(32 - s % 32) if f else 0 for s, f in zip(start, spills, strict=False)], mx.uint32)
+    hi_shift = mx.array(
+        [(32 - s % 32) if f else 0 for s, f in zip(start, spills, strict=False)], mx.uint32
+    )
     return tuple(ranges), word, offset, spill, hi_word, hi_shift
 
 

@@ -85,6 +85,8 @@ class Quantizer(ABC):
     needs_calibration: ClassVar[bool] = False
     token_block: ClassVar[int] = 1
     default_value_method: ClassVar[str | None] = None
+    # Stated bound on E||x - x̂||² / E||x||² per bit width (Gaussian x, head_dim 128).
+    round_trip_bound: ClassVar[dict[int, float]] = {}
 
     def __init__(self, config: QuantizerConfig):
         if not isinstance(config, self.config_class):

@@ -1,0 +1,35 @@
+"""Build a compressed cache from method names: keys and values both compressed by default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vq_core.cache import CompressedKVCache
+from vq_core.registry import create, get
+
+
+def make_cache(
+    method: str,
+    *,
+    head_dim: int,
+    bits: int,
+    value_method: str | None = None,
+    value_bits: int | None = None,
+    window: int = 0,
+    seed: int = 0,
+    step: int = 256,
+    **options: Any,
+) -> CompressedKVCache:
+    """One layer's cache: ``method`` for keys, ``value_method`` (default: the same, or the
+    key-only method's declared value partner) for values, with ``options`` for the keys.
+
+    Values get ``seed + 1`` so their rotation differs from the keys'.
+    """
+    key_cls = get(method)
+    if value_method is None:
+        value_method = key_cls.default_value_method or method
+    value_options = options if value_method == method else {}
+    vbits = bits if value_bits is None else value_bits
+    keys = create(method, head_dim=head_dim, bits=bits, seed=seed, **options)
+    values = create(value_method, head_dim=head_dim, bits=vbits, seed=seed + 1, **value_options)
+    return CompressedKVCache(keys, values, window=window, step=step)
