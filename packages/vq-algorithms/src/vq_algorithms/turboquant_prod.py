@@ -1,0 +1,87 @@
+"""TurboQuant-prod (Zandieh et al., arXiv 2504.19874, Algorithm 2): unbiased inner products.
+
+A (b−1)-bit TurboQuant-MSE code of ``x`` (Algorithm 1) plus a 1-bit QJL sketch of the
+residual ``r = x − x̂_mse`` and its norm (float16). Estimator (Theorem 2):
+``<q, x̂> = <q, x̂_mse> + sqrt(π/2)/d · ||r|| · <S q, sign(S r)>``, unbiased for every q.
+Everything runs in the rotated basis (the residual's norm and inner products survive it).
+
+Codes for ``x [..., D]``: ``idx`` [..., ceil(D(b−1)/32)], ``norm`` f16, ``qjl`` uint32
+[..., D/32], ``rnorm`` f16: ``b + 32/D`` bits per element. The MSE of the reconstruction is
+higher than TurboQuant-MSE at the same bits (the price of unbiasedness), so values use
+``turboquant_mse`` by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from vq_algorithms._rotated_codebook import ROTATIONS, RotatedCodebook
+from vq_algorithms._sign_sketch import SignSketch
+from vq_core import Codes, Quantizer, QuantizerConfig, invalid_choice, register
+
+
+@dataclass(frozen=True)
+class TurboQuantProdConfig(QuantizerConfig):
+    allowed_bits = (2, 3, 4)
+    rotation: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        invalid_choice("rotation", self.rotation, ROTATIONS)
+
+
+@register
+class TurboQuantProd(Quantizer):
+    method = "turboquant_prod"
+    config_class = TurboQuantProdConfig
+    family = "rotation + scalar codebook + 1-bit residual sketch"
+    default_value_method = "turboquant_mse"
+    # Measured at d=128 (0.57, 0.18, 0.053) plus margin: the sketch adds variance.
+    round_trip_bound = {2: 0.62, 3: 0.2, 4: 0.06}
+
+    def __init__(self, config: TurboQuantProdConfig):
+        super().__init__(config)
+        d = config.head_dim
+        self.rc = RotatedCodebook(d, config.bits - 1, config.seed, config.rotation)
+        self.sketch = SignSketch(d, d, seed=config.seed + 7919)
+
+    def field_layout(self):
+        return {
+            **self.rc.layout(),
+            "qjl": ((self.sketch.words,), mx.uint32),
+            "rnorm": ((), mx.float16),
+        }
+
+    def _encode(self, x: mx.array) -> Codes:
+        y = self.rc.rotation.apply(x)
+        idx, norm = self.rc.encode_rotated(y)
+        norm16 = norm.astype(mx.float16)
+        r = y - self.rc.levels(idx) * norm16.astype(mx.float32)[..., None]
+        rnorm = mx.linalg.norm(r, axis=-1)
+        return Codes(idx=idx, norm=norm16, qjl=self.sketch.signs(r), rnorm=rnorm.astype(mx.float16))
+
+    def _decode_rotated(self, codes: Codes) -> mx.array:
+        residual = self.sketch.reconstruct(codes["qjl"], codes["rnorm"].astype(mx.float32))
+        return self.rc.decode_rotated(codes) + residual
+
+    def _decode(self, codes: Codes) -> mx.array:
+        return self.rc.rotation.inverse(self._decode_rotated(codes))
+
+    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+        """MSE part against codebook levels plus ``scale·rnorm·<S q', signs>``."""
+        q_rot = self.rc.rotation.apply(q.astype(mx.float32))
+        mse = q_rot @ mx.swapaxes(self.rc.levels(codes["idx"]), -1, -2)
+        mse = mse * codes["norm"].astype(mx.float32)[..., None, :]
+        sq = self.sketch.project(q_rot)
+        qjl = sq @ mx.swapaxes(self.sketch.pm_one(codes["qjl"]), -1, -2)
+        rn = codes["rnorm"].astype(mx.float32)[..., None, :] * self.sketch.scale
+        return mse + qjl * rn
+
+    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+        p = p.astype(mx.float32)
+        mse = (p * codes["norm"].astype(mx.float32)[..., None, :]) @ self.rc.levels(codes["idx"])
+        pr = p * (codes["rnorm"].astype(mx.float32) * self.sketch.scale)[..., None, :]
+        res = (pr @ self.sketch.pm_one(codes["qjl"])) @ self.sketch.matrix
+        return self.rc.rotation.inverse(mse + res)
