@@ -185,8 +185,13 @@ class CompressedKVCache:
     # -- state -----------------------------------------------------------------------------
 
     @property
-    def state(self) -> dict[str, mx.array]:
-        out: dict[str, mx.array] = {}
+    def state(self) -> dict[str, mx.array | str]:
+        """Packed codes of the compressed tokens, the exact window, and ``"meta"`` (JSON).
+
+        The meta string makes the state self-describing, so loaders that keep only
+        ``state`` (mlx-lm's ``load_prompt_cache`` calls ``from_state(state)``) work.
+        """
+        out: dict[str, mx.array | str] = {"meta": self.meta_state[0]}
         for tag, codes, q in (
             ("k", self._keys, self.key_quantizer),
             ("v", self._values, self.value_quantizer),
@@ -199,7 +204,8 @@ class CompressedKVCache:
         return out
 
     @state.setter
-    def state(self, arrays: dict[str, mx.array]) -> None:
+    def state(self, arrays: dict) -> None:
+        arrays = {k: v for k, v in arrays.items() if k != "meta"}
         keys = Codes({k[3:]: v for k, v in arrays.items() if k.startswith("k" + _SEP)})
         values = Codes({k[3:]: v for k, v in arrays.items() if k.startswith("v" + _SEP)})
         self._keys = keys or None
@@ -227,7 +233,13 @@ class CompressedKVCache:
         raise AttributeError("meta_state is read-only; use CompressedKVCache.from_state")
 
     @classmethod
-    def from_state(cls, state: dict[str, mx.array], meta_state) -> CompressedKVCache:
+    def from_state(cls, state: dict, meta_state=None) -> CompressedKVCache:
+        state = dict(state)
+        saved_meta = state.pop("meta", None)
+        if meta_state is None:
+            if saved_meta is None:
+                raise ShapeError("cache state has no 'meta' entry and no meta_state was given")
+            meta_state = (saved_meta,)
         meta = json.loads(meta_state[0])
         cache = cls(
             from_description(meta["key"]),
@@ -246,9 +258,8 @@ class CompressedKVCache:
 
     @property
     def _dtype(self):
-        for a in (self._exact_k,):
-            if a is not None:
-                return a.dtype
+        if self._exact_k is not None:
+            return self._exact_k.dtype
         return getattr(self, "_input_dtype", mx.float16)
 
     def _check(self, x: mx.array, name: str) -> None:
