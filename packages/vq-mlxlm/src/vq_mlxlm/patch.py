@@ -1,0 +1,138 @@
+"""Turn a loaded mlx-lm model into one that builds vq caches.
+
+``patch(model, method="turboquant_mse", bits=4)`` routes attention (see
+:mod:`vq_mlxlm.routing`) and replaces ``model.make_cache`` so ``mlx_lm.generate``,
+``stream_generate``, ``make_prompt_cache`` and mlx-lm's server all get compressed caches.
+Every full-attention layer (mlx-lm's ``KVCache``) gets a :class:`~vq_core.CompressedKVCache`;
+sliding-window layers keep mlx-lm's bounded ``RotatingKVCache``. ``bits`` may be one value
+or one per layer (per-layer bit allocation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vq_core import CompressedKVCache, ConfigError, make_cache
+from vq_mlxlm.routing import check_routable, route
+
+
+def _head_dim(model, layer) -> int:
+    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    for obj in (attn, getattr(model, "args", None)):
+        value = getattr(obj, "head_dim", None)
+        if isinstance(value, int):
+            return value
+    args = model.args
+    return args.hidden_size // args.num_attention_heads
+
+
+def _original_caches(model) -> list:
+    from mlx_lm.models.cache import KVCache
+
+    maker = getattr(model, "_vq_original_make_cache", None)
+    if maker is not None:
+        return maker()
+    return [KVCache() for _ in model.layers]
+
+
+def patch(
+    model,
+    method: str = "turboquant_mse",
+    bits: int | Sequence[int] = 4,
+    *,
+    value_method: str | None = None,
+    value_bits: int | Sequence[int] | None = None,
+    window: int = 0,
+    seed: int = 0,
+    **options: Any,
+):
+    """Make ``model.make_cache()`` return vq caches; returns the model (patched in place).
+
+    Args:
+        method: key method (registry name); values use ``value_method`` or the method's
+            default value partner.
+        bits, value_bits: one int, or one per layer.
+        window: recent tokens kept exact per layer.
+        options: extra config for the key method (e.g. ``rotation="orthogonal"``).
+    """
+    check_routable(model)
+    layers = list(model.layers)
+    per_layer_bits = _per_layer("bits", bits, len(layers))
+    per_layer_vbits = _per_layer("value_bits", value_bits, len(layers))
+    if "_vq_original_make_cache" not in model.__dict__:
+        original = getattr(model, "make_cache", None)
+        model._vq_original_make_cache = original
+    route()
+    _register_cache_class()
+    # Build one cache now so bad configs fail at patch time, not mid-generation.
+    head_dims = [_head_dim(model, layer) for layer in layers]
+    make_cache(
+        method,
+        head_dim=head_dims[0],
+        bits=per_layer_bits[0],
+        value_method=value_method,
+        value_bits=per_layer_vbits[0],
+        window=window,
+        seed=seed,
+        **options,
+    )
+
+    def make_vq_cache() -> list:
+        caches = _original_caches(model)
+        out = []
+        for i, c in enumerate(caches):
+            if type(c).__name__ == "KVCache":
+                c = make_cache(
+                    method,
+                    head_dim=head_dims[i],
+                    bits=per_layer_bits[i],
+                    value_method=value_method,
+                    value_bits=per_layer_vbits[i],
+                    window=window,
+                    seed=seed + 1000 * i,
+                    **options,
+                )
+            out.append(c)
+        if not any(isinstance(c, CompressedKVCache) for c in out):
+            raise ConfigError("no layer of this model uses a full-attention KVCache to replace")
+        return out
+
+    model.make_cache = make_vq_cache
+    model._vq_config = {
+        "method": method,
+        "bits": bits,
+        "value_method": value_method,
+        "value_bits": value_bits,
+        "window": window,
+        "seed": seed,
+        **options,
+    }
+    return model
+
+
+def unpatch(model):
+    """Restore the model's own ``make_cache``."""
+    if "_vq_original_make_cache" in model.__dict__:
+        original = model.__dict__.pop("_vq_original_make_cache")
+        if original is None:
+            del model.make_cache
+        else:
+            model.make_cache = original
+    return model
+
+
+def _per_layer(name: str, value, n: int) -> list:
+    if value is None or isinstance(value, int):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ConfigError(f"{name} has {len(values)} entries but the model has {n} layers")
+    return values
+
+
+def _register_cache_class() -> None:
+    """mlx-lm's ``load_prompt_cache`` looks cache classes up by name in its cache module."""
+    from mlx_lm.models import cache as mlx_cache
+
+    mlx_cache.CompressedKVCache = CompressedKVCache

@@ -1,0 +1,109 @@
+"""Patched tiny models of every routed architecture run on compressed caches."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import (
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+from tiny_models import ARCHS, build
+
+from vq_core import CompressedKVCache
+from vq_mlxlm import UnsupportedModelError, patch, unpatch
+
+TOKENS = mx.array([[5, 17, 3, 44, 9, 12, 60, 2, 33, 8, 71, 19, 4, 27, 50, 11, 6, 90, 1, 14]])
+
+
+def _run(model, cache, tokens, chunk=8):
+    """Prefill in chunks then decode token by token; returns all logits [1, L, V]."""
+    outs = []
+    for i in range(0, tokens.shape[1], chunk):
+        outs.append(model(tokens[:, i : i + chunk], cache=cache))
+    return mx.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_near_lossless_method_matches_fp16_cache(arch):
+    model = build(arch)
+    ref = _run(model, make_prompt_cache(model), TOKENS)
+    patch(model, "turboquant_rvq", bits=8)
+    cache = make_prompt_cache(model)
+    assert any(isinstance(c, CompressedKVCache) for c in cache)
+    out = _run(model, cache, TOKENS, chunk=5)
+    assert mx.abs(out - ref).max().item() < 2e-2 * mx.abs(ref).max().item()
+    unpatch(model)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_four_bit_cache_holds_packed_codes(arch):
+    model = patch(build(arch), "turboquant_mse", bits=4)
+    cache = make_prompt_cache(model)
+    ref = _run(model, make_prompt_cache(unpatch(build(arch))), TOKENS)
+    out = _run(model, cache, TOKENS, chunk=4)
+    compressed = [c for c in cache if isinstance(c, CompressedKVCache)]
+    assert compressed and all(c.offset == TOKENS.shape[1] for c in compressed)
+    assert all(c.compressed_tokens == TOKENS.shape[1] for c in compressed)
+    cos = (out * ref).sum(-1) / (mx.linalg.norm(out, axis=-1) * mx.linalg.norm(ref, axis=-1))
+    assert cos.min().item() > 0.9
+
+
+def test_save_load_continues_identically(tmp_path):
+    model = patch(build("llama"), "turboquant_mse", bits=3, window=4)
+    cache = make_prompt_cache(model)
+    _run(model, cache, TOKENS[:, :15])
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    a = _run(model, cache, TOKENS[:, 15:], chunk=1)
+    b = _run(model, loaded, TOKENS[:, 15:], chunk=1)
+    assert mx.array_equal(a, b).item()
+
+
+def test_trim_then_refeed_equals_shorter_prefix():
+    model = patch(build("qwen2"), "turboquant_mse", bits=4)
+    short = make_prompt_cache(model)
+    _run(model, short, TOKENS[:, :15], chunk=15)
+    a = _run(model, short, TOKENS[:, 15:], chunk=5)
+    long = make_prompt_cache(model)
+    _run(model, long, TOKENS, chunk=20)
+    assert trim_prompt_cache(long, 5) == 5
+    b = _run(model, long, TOKENS[:, 15:], chunk=5)
+    assert mx.allclose(a, b, atol=1e-5).item()
+
+
+def test_generate_step_on_patched_model():
+    from mlx_lm.generate import generate_step
+
+    model = patch(build("llama"), "turboquant_mse", bits=4)
+    steps = list(zip(range(6), generate_step(TOKENS[0], model, max_tokens=6)))
+    assert len(steps) == 6
+
+
+def test_per_layer_bits_and_errors():
+    model = patch(build("llama"), "turboquant_mse", bits=[2, 4])
+    caches = make_prompt_cache(model)
+    assert [c.key_quantizer.config.bits for c in caches] == [2, 4]
+    with pytest.raises(ValueError, match="2 layers"):
+        patch(build("llama"), "turboquant_mse", bits=[2, 3, 4])
+    with pytest.raises(ValueError, match="bits=9"):
+        patch(build("llama"), "turboquant_mse", bits=9)
+
+
+def test_unrouted_architecture_is_a_clear_error():
+    import importlib
+
+    gemma2 = importlib.import_module("mlx_lm.models.gemma2")
+    args = gemma2.ModelArgs(
+        model_type="gemma2",
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-5,
+        vocab_size=10,
+        num_key_value_heads=1,
+    )
+    with pytest.raises(UnsupportedModelError, match="gemma2"):
+        patch(gemma2.Model(args), "turboquant_mse", bits=4)
