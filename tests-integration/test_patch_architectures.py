@@ -76,7 +76,7 @@ def test_generate_step_on_patched_model():
     from mlx_lm.generate import generate_step
 
     model = patch(build("llama"), "turboquant_mse", bits=4)
-    steps = list(zip(range(6), generate_step(TOKENS[0], model, max_tokens=6)))
+    steps = list(zip(range(6), generate_step(TOKENS[0], model, max_tokens=6), strict=False))
     assert len(steps) == 6
 
 

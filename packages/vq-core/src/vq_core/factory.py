@@ -22,6 +22,7 @@ def make_cache(
 ) -> CompressedKVCache:
     """One layer's cache: ``method`` for keys, ``value_method`` (default: the same, or the
     key-only method's declared value partner) for values, with ``options`` for the keys.
+    ``value_bits`` defaults to ``bits`` (or the value method's nearest allowed width).
 
     Values get ``seed + 1`` so their rotation differs from the keys'.
     """
@@ -29,7 +30,10 @@ def make_cache(
     if value_method is None:
         value_method = key_cls.default_value_method or method
     value_options = options if value_method == method else {}
-    vbits = bits if value_bits is None else value_bits
+    vbits = value_bits
+    if vbits is None:  # same bits, or the value method's nearest allowed width
+        allowed = get(value_method).config_class.allowed_bits
+        vbits = min(allowed, key=lambda b: (abs(b - bits), -b))
     keys = create(method, head_dim=head_dim, bits=bits, seed=seed, **options)
     values = create(value_method, head_dim=head_dim, bits=vbits, seed=seed + 1, **value_options)
     return CompressedKVCache(keys, values, window=window, step=step)

@@ -5,9 +5,14 @@
 command line and the embedded default model live here too.
 """
 
-from vq_mlxlm.patch import patch, unpatch
-from vq_mlxlm.routing import UnsupportedModelError, route, unroute
+# Before anything imports mlx.core: give MLX's Linux CPU backend a fast BLAS if one exists.
+from vq_mlxlm.fast_blas import enable_fast_blas
+
+enable_fast_blas()
+
+from vq_mlxlm.patch import patch, unpatch  # noqa: E402
+from vq_mlxlm.routing import UnsupportedModelError, route, unroute  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["UnsupportedModelError", "patch", "route", "unpatch", "unroute"]
+__all__ = ["UnsupportedModelError", "enable_fast_blas", "patch", "route", "unpatch", "unroute"]

@@ -1,0 +1,66 @@
+"""The ``vq`` command line: ``vq generate | methods | estimate | serve | eval | bench``.
+
+Each subcommand lives in :mod:`vq_mlxlm.commands`; this module only parses arguments. A
+fast BLAS is loaded before MLX is first imported (see :mod:`vq_mlxlm.fast_blas`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name two sights."
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
+    p.add_argument("--method", default="turboquant_mse", help="key method (see `vq methods`)")
+    p.add_argument("--bits", type=int, default=4, help="key bits per element (default 4)")
+    p.add_argument("--value-method", default=None, help="value method (default: paired)")
+    p.add_argument("--value-bits", type=int, default=None, help="value bits (default: --bits)")
+    p.add_argument("--window", type=int, default=0, help="recent tokens kept exact")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vq", description="KV-cache compression for MLX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with a compressed KV cache")
+    _cache_args(g)
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--no-chat-template", action="store_true", help="feed the prompt raw")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("estimate", help="KV-cache memory for fp16 and every method")
+    e.add_argument("--model", default="default")
+    e.add_argument("--context", type=int, required=True, help="tokens in the cache")
+    e.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("serve", help="mlx-lm's OpenAI-compatible server with vq caches")
+    _cache_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vq_mlxlm.fast_blas import enable_fast_blas
+
+    enable_fast_blas()
+    args = build_parser().parse_args(argv)
+    from vq_mlxlm import commands
+
+    try:
+        return getattr(commands, args.command.replace("-", "_"))(args) or 0
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"vq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The KV-cache shape of a model (layers, KV heads, head_dim) without loading its weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class KVShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def fp16_bytes(self, tokens: int) -> int:
+        """Keys and values in fp16 for ``tokens`` tokens (batch 1)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2 * tokens
+
+
+def kv_shape(model: str) -> KVShape:
+    """Read the shape from ``"default"``/a GGUF's metadata or a model dir's config.json."""
+    from vq_mlxlm.default_model import DEFAULT, default_model_path
+
+    path = default_model_path() if model == DEFAULT else Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--model: {path} does not exist")
+    if path.is_file():
+        import mlx.core as mx
+
+        _, meta = mx.load(str(path), return_metadata=True)
+        arch = str(meta["general.architecture"])
+
+        def get(key):
+            return int(meta[f"{arch}.{key}"].item())
+
+        heads = get("attention.head_count")
+        kv = get("attention.head_count_kv")
+        return KVShape(get("block_count"), kv, get("embedding_length") // heads)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return KVShape(cfg["num_hidden_layers"], cfg.get("num_key_value_heads", heads), head_dim)
+
+
+def model_kv_shape(model) -> KVShape:
+    """The same for a loaded mlx-lm model."""
+    from vq_mlxlm.patch import _head_dim
+
+    layer = model.layers[0]
+    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    kv = getattr(attn, "n_kv_heads", None) or model.args.num_key_value_heads
+    return KVShape(len(model.layers), kv, _head_dim(model, layer))
