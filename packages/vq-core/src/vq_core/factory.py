@@ -26,14 +26,13 @@ def make_cache(
 
     Values get ``seed + 1`` so their rotation differs from the keys'.
     """
-    key_cls = get(method)
-    if value_method is None:
-        value_method = key_cls.default_value_method or method
+    keys = create(method, head_dim=head_dim, bits=bits, seed=seed, **options)
+    if value_method is None:  # the built key quantizer may choose its partner per config
+        value_method = keys.default_value_method or method
     value_options = options if value_method == method else {}
     vbits = value_bits
     if vbits is None:  # same bits, or the value method's nearest allowed width
         allowed = get(value_method).config_class.allowed_bits
         vbits = min(allowed, key=lambda b: (abs(b - bits), -b))
-    keys = create(method, head_dim=head_dim, bits=bits, seed=seed, **options)
     values = create(value_method, head_dim=head_dim, bits=vbits, seed=seed + 1, **value_options)
     return CompressedKVCache(keys, values, window=window, step=step)

@@ -23,6 +23,12 @@ from vq_core.errors import ConfigError, ShapeError
 HADAMARD_BASES = (1, 12, 20, 28)
 
 
+def _key(seed: int) -> mx.array:
+    """A key derived from ``seed`` that does not replay ``mx.random.key(seed)``'s stream
+    (test and user data are often drawn from the plain key of a small seed)."""
+    return mx.random.split(mx.random.key(seed), 2)[1]
+
+
 def _check_dim(dim: int) -> None:
     if not isinstance(dim, int) or dim < 2:
         raise ConfigError(f"head_dim={dim!r} is not allowed; expected an integer >= 2")
@@ -80,7 +86,7 @@ class RandomizedHadamard(Preconditioner):
                 f"{HADAMARD_BASES}); use the 'orthogonal' preconditioner instead"
             )
         self.dim, self.seed = dim, seed
-        key = mx.random.key(seed)
+        key = _key(seed)
         self.signs = mx.where(mx.random.bernoulli(0.5, (dim,), key=key), 1.0, -1.0)
         self._scale = 1.0 / math.sqrt(dim)
         h = mx.hadamard_transform(mx.eye(dim), scale=self._scale)
@@ -112,7 +118,7 @@ class RandomOrthogonal(Preconditioner):
     def __init__(self, dim: int, seed: int = 0):
         _check_dim(dim)
         self.dim, self.seed = dim, seed
-        g = mx.random.normal((dim, dim), key=mx.random.key(seed))
+        g = mx.random.normal((dim, dim), key=_key(seed))
         q, r = mx.linalg.qr(g, stream=mx.cpu)
         self._m = q * mx.sign(mx.diagonal(r))[None, :]
 
