@@ -8,13 +8,14 @@ to the baselines measured in the same run: ``mx.quantize`` for encoding and fp16
     uv run python tools/bench_methods.py [--tokens 4096] [--repeats 20]
 """
 
+# ruff: noqa: I001  (vq_mlxlm must load a fast BLAS before mlx.core is imported)
 from __future__ import annotations
 
 import argparse
 import time
 
 import vq_mlxlm  # noqa: F401  (loads a fast BLAS before MLX, where one exists)
-import mlx.core as mx  # noqa: I001
+import mlx.core as mx
 import vq_algorithms  # noqa: F401
 from vq_core import available, create, get, make_cache
 
