@@ -124,3 +124,37 @@ def test_bad_input():
         cache.update_and_fetch(mx.zeros((2, 3, 64)), mx.zeros((2, 3, 64)))
     with pytest.raises(ConfigError, match="window"):
         CompressedKVCache(cache.key_quantizer, cache.value_quantizer, window=-1)
+
+
+def test_used_bytes_match_accounting_without_step_padding():
+    cache = _cache(bits=4, step=256)
+    cache.update_and_fetch(*_kv(100, h=3))
+    bpe = cache.key_quantizer.bits_per_element + cache.value_quantizer.bits_per_element
+    assert cache.used_nbytes == bpe * 3 * 100 * 64 / 8
+    assert cache.nbytes == bpe * 3 * 256 * 64 / 8  # allocated: one 256-token step
+
+
+def test_sink_tokens_stay_exact_and_attention_matches_reference():
+    k = create("toy_uniform", head_dim=64, bits=4)
+    v = create("toy_uniform", head_dim=64, bits=4, seed=1)
+    cache = CompressedKVCache(k, v, window=2, sink=4)
+    keys, values = _kv(10)
+    cache.update_and_fetch(keys[:, :, :3], values[:, :, :3])  # sink fills across updates
+    cache.update_and_fetch(keys[:, :, 3:], values[:, :, 3:])
+    assert cache.compressed_tokens == 4 and cache.offset == 10
+    st = cache.state
+    assert mx.array_equal(st["sink_k"], keys[:, :, :4]).item()
+    k1, v1 = _kv(1, seed=7)
+    cache.update_and_fetch(k1, v1)
+    kc = k.decode({n[3:]: a for n, a in st.items() if n.startswith("k__")})[:, :, :4]
+    vc = v.decode({n[3:]: a for n, a in st.items() if n.startswith("v__")})[:, :, :4]
+    ref_k = mx.concatenate([keys[:, :, :4], kc, keys[:, :, 8:], k1], axis=2)
+    ref_v = mx.concatenate([values[:, :, :4], vc, values[:, :, 8:], v1], axis=2)
+    q = mx.random.normal((1, 4, 1, 64))
+    ref = mx.fast.scaled_dot_product_attention(q, ref_k, ref_v, scale=0.125)
+    assert mx.allclose(cache.attend(q, scale=0.125), ref, atol=1e-4).item()
+    loaded = CompressedKVCache.from_state(cache.state, cache.meta_state)
+    assert loaded.sink == 4 and loaded.offset == 11
+    assert cache.trim(9) == 9  # 2 exact, 5 compressed, 2 sink tokens
+    assert cache.offset == 2 and cache.compressed_tokens == 0
+    assert cache.state["sink_k"].shape[2] == 2

@@ -27,13 +27,18 @@ def attend_compressed(
     *,
     scale: float,
     mask=None,
+    prefix_k: mx.array | None = None,
+    prefix_v: mx.array | None = None,
 ) -> mx.array:
-    """Softmax attention of ``queries [B, H_q, L, D]`` over compressed then exact tokens.
+    """Softmax attention of ``queries [B, H_q, L, D]`` over (exact prefix,) compressed, then
+    exact tokens.
 
     Args:
         keys, values: codes ``[B, H_kv, n, ...]`` of the ``n`` oldest tokens, or None.
         exact_k, exact_v: ``[B, H_kv, m, D]``, the newest ``m`` tokens (the last ``L`` of
             them are the queries' own tokens).
+        prefix_k, prefix_v: ``[B, H_kv, s, D]`` exact tokens older than the compressed ones
+            (attention sinks), or None.
         mask: None, ``"causal"`` (causal within the newest ``L`` tokens, history visible),
             or a boolean/additive array broadcastable to ``[B, H_q, L, n + m]``.
 
@@ -47,10 +52,13 @@ def attend_compressed(
     g = hq // hkv
     n = 0 if keys is None else key_quantizer.tokens_in(keys)
     m = exact_k.shape[2]
-    total = n + m
+    s0 = 0 if prefix_k is None else prefix_k.shape[2]
+    total = s0 + n + m
     q = queries.astype(mx.float32).reshape(b, hkv, g * length, d)
 
     parts = []
+    if prefix_k is not None:
+        parts.append(q @ mx.swapaxes(prefix_k.astype(mx.float32), -1, -2))
     if keys is not None:
         parts.append(key_quantizer.scores(q, keys))
     parts.append(q @ mx.swapaxes(exact_k.astype(mx.float32), -1, -2))
@@ -59,9 +67,11 @@ def attend_compressed(
     s = _apply_mask(s, mask, b, hq, hkv, g, length, total)
     p = mx.softmax(s, axis=-1, precise=True).reshape(b, hkv, g * length, total)
 
-    out = p[..., n:] @ exact_v.astype(mx.float32)
+    out = p[..., s0 + n :] @ exact_v.astype(mx.float32)
     if values is not None:
-        out = out + value_quantizer.weighted_sum(p[..., :n], values)
+        out = out + value_quantizer.weighted_sum(p[..., s0 : s0 + n], values)
+    if prefix_v is not None:
+        out = out + p[..., :s0] @ prefix_v.astype(mx.float32)
     return out.reshape(b, hq, length, d).astype(queries.dtype)
 
 

@@ -1,15 +1,16 @@
 """The one compressed KV cache.
 
 ``CompressedKVCache`` holds a key quantizer and a value quantizer and stores **packed
-codes** for both, grown in steps of ``step`` tokens, plus an optional window of the most
-recent ``window`` tokens kept exact. It follows mlx-lm's duck-typed cache protocol
+codes** for both, grown in steps of ``step`` tokens, plus two optional exact parts: the
+first ``sink`` tokens (attention sinks, StreamingLLM arXiv 2309.17453: heads park attention
+there, so their errors cost the most) and a window of the most recent ``window`` tokens. It follows mlx-lm's duck-typed cache protocol
 (``update_and_fetch``, ``offset``, ``state``, ``meta_state``, ``from_state``,
 ``is_trimmable``, ``trim``, ``make_mask``, ``nbytes``, ``empty``) without importing mlx-lm.
 It has no ``bits`` attribute and no ``to_quantized`` method on purpose: mlx-lm reroutes or
 replaces caches that have them.
 
-Attention (:meth:`attend`) for a chunk of ``L`` new tokens uses, in token order: the
-compressed history, the exact window, and the chunk's own exact keys/values. Tokens are
+Attention (:meth:`attend`) for a chunk of ``L`` new tokens uses, in token order: the exact
+sink, the compressed history, the exact window, and the chunk's own exact keys/values. Tokens are
 compressed when they leave the window, in whole ``token_block`` multiples.
 """
 
@@ -30,10 +31,10 @@ _SEP = "__"
 class _Pending:
     """What ``update_and_fetch`` hands back: the cache view a routed attention consumes."""
 
-    def __init__(self, cache: CompressedKVCache, n_comp: int, exact: mx.array | None, new):
-        self.cache, self.n_comp, self.exact, self.new = cache, n_comp, exact, new
+    def __init__(self, cache, n_comp: int, exact: mx.array | None, new, sink: mx.array | None):
+        self.cache, self.n_comp, self.exact, self.new, self.sink = cache, n_comp, exact, new, sink
         b, h, _, d = new.shape
-        n_exact = 0 if exact is None else exact.shape[2]
+        n_exact = sum(0 if a is None else a.shape[2] for a in (exact, sink))
         self.shape = (b, h, n_comp + n_exact + new.shape[2], d)
         self.dtype = new.dtype
 
@@ -47,6 +48,7 @@ class CompressedKVCache:
         value_quantizer: Quantizer,
         *,
         window: int = 0,
+        sink: int = 0,
         step: int = 256,
     ):
         if key_quantizer.head_dim != value_quantizer.head_dim:
@@ -56,10 +58,12 @@ class CompressedKVCache:
             )
         if not isinstance(window, int) or window < 0:
             raise ConfigError(f"window={window!r} is not allowed; expected an integer >= 0")
+        if not isinstance(sink, int) or sink < 0:
+            raise ConfigError(f"sink={sink!r} is not allowed; expected an integer >= 0")
         if not isinstance(step, int) or step < 1:
             raise ConfigError(f"step={step!r} is not allowed; expected an integer >= 1")
         self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
-        self.window, self.step = window, step
+        self.window, self.sink, self.step = window, sink, step
         self.block = max(key_quantizer.token_block, value_quantizer.token_block)
         if step % self.block:
             self.step = self.block * -(-step // self.block)
@@ -69,6 +73,8 @@ class CompressedKVCache:
         self._values: Codes | None = None
         self._exact_k: mx.array | None = None
         self._exact_v: mx.array | None = None
+        self._sink_k: mx.array | None = None
+        self._sink_v: mx.array | None = None
         self._view: tuple[_Pending, _Pending] | None = None
 
     # -- protocol --------------------------------------------------------------------------
@@ -81,9 +87,22 @@ class CompressedKVCache:
             raise ShapeError(f"keys {keys.shape} and values {values.shape} differ in shape")
         n_before = self._n_comp
         exact_k, exact_v = self._exact_k, self._exact_v
-        view = (_Pending(self, n_before, exact_k, keys), _Pending(self, n_before, exact_v, values))
-        all_k = keys if exact_k is None else mx.concatenate([exact_k, keys], axis=2)
-        all_v = values if exact_v is None else mx.concatenate([exact_v, values], axis=2)
+        view = (
+            _Pending(self, n_before, exact_k, keys, self._sink_k),
+            _Pending(self, n_before, exact_v, values, self._sink_v),
+        )
+        self.offset += keys.shape[2]
+        self._view = view
+        n_sink = 0 if self._sink_k is None else self._sink_k.shape[2]
+        take = min(max(self.sink - n_sink, 0), keys.shape[2])
+        if take:  # the first tokens ever seen become the exact sink
+            self._sink_k = _cat(self._sink_k, keys[:, :, :take])
+            self._sink_v = _cat(self._sink_v, values[:, :, :take])
+            keys, values = keys[:, :, take:], values[:, :, take:]
+            if keys.shape[2] == 0:
+                return view
+        all_k = _cat(exact_k, keys)
+        all_v = _cat(exact_v, values)
         n_move = max(0, all_k.shape[2] - self.window)
         n_move -= n_move % self.block
         if n_move:
@@ -93,8 +112,6 @@ class CompressedKVCache:
         rest = all_k.shape[2] - n_move
         self._exact_k = all_k[:, :, n_move:] if rest else None
         self._exact_v = all_v[:, :, n_move:] if rest else None
-        self.offset += keys.shape[2]
-        self._view = view
         return view
 
     def attend(self, queries: mx.array, *, scale: float, mask=None) -> mx.array:
@@ -107,6 +124,7 @@ class CompressedKVCache:
         values = None if n == 0 else _slice(self._values, self.value_quantizer, n)
         exact_k = _cat(kv.exact, kv.new)
         exact_v = _cat(vv.exact, vv.new)
+        sink = {"prefix_k": kv.sink, "prefix_v": vv.sink} if kv.sink is not None else {}
         return attend_compressed(
             queries,
             self.key_quantizer,
@@ -117,6 +135,7 @@ class CompressedKVCache:
             exact_v,
             scale=scale,
             mask=mask,
+            **sink,
         )
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
@@ -136,15 +155,10 @@ class CompressedKVCache:
         return True
 
     def trim(self, n: int) -> int:
-        """Drop the newest ``n`` tokens; returns how many were dropped."""
+        """Drop the newest ``n`` tokens (window, then compressed, then sink); returns ``n``."""
         n = min(max(n, 0), self.offset)
-        n_exact = 0 if self._exact_k is None else self._exact_k.shape[2]
-        from_exact = min(n, n_exact)
-        if from_exact:
-            keep = n_exact - from_exact
-            self._exact_k = self._exact_k[:, :, :keep] if keep else None
-            self._exact_v = self._exact_v[:, :, :keep] if keep else None
-        from_comp = n - from_exact
+        self._exact_k, self._exact_v, left = _drop_tail(self._exact_k, self._exact_v, n)
+        from_comp = min(left, self._n_comp)
         if from_comp:
             new_n = self._n_comp - from_comp
             cut = new_n - new_n % self.block
@@ -156,6 +170,7 @@ class CompressedKVCache:
                 self._exact_k = k[:, :, cut:new_n].astype(dt)
                 self._exact_v = v[:, :, cut:new_n].astype(dt)
             self._n_comp = cut
+        self._sink_k, self._sink_v, _ = _drop_tail(self._sink_k, self._sink_v, left - from_comp)
         self.offset -= n
         self._view = None
         return n
@@ -173,7 +188,19 @@ class CompressedKVCache:
         for codes in (self._keys, self._values):
             if codes is not None:
                 total += codes.nbytes
-        for a in (self._exact_k, self._exact_v):
+        for a in (self._exact_k, self._exact_v, self._sink_k, self._sink_v):
+            if a is not None:
+                total += a.nbytes
+        return total
+
+    @property
+    def used_nbytes(self) -> int:
+        """Bytes of the codes of the tokens held (no step padding) plus the exact window."""
+        total = 0
+        for codes, q in ((self._keys, self.key_quantizer), (self._values, self.value_quantizer)):
+            if codes is not None and self._n_comp:
+                total += _slice(codes, q, self._n_comp).nbytes
+        for a in (self._exact_k, self._exact_v, self._sink_k, self._sink_v):
             if a is not None:
                 total += a.nbytes
         return total
@@ -201,6 +228,8 @@ class CompressedKVCache:
                     out[f"{tag}{_SEP}{name}"] = arr
         if self._exact_k is not None:
             out["exact_k"], out["exact_v"] = self._exact_k, self._exact_v
+        if self._sink_k is not None:
+            out["sink_k"], out["sink_v"] = self._sink_k, self._sink_v
         return out
 
     @state.setter
@@ -213,7 +242,9 @@ class CompressedKVCache:
         self._n_comp = self.key_quantizer.tokens_in(keys) if keys else 0
         self._exact_k = arrays.get("exact_k")
         self._exact_v = arrays.get("exact_v")
-        n_exact = 0 if self._exact_k is None else self._exact_k.shape[2]
+        self._sink_k = arrays.get("sink_k")
+        self._sink_v = arrays.get("sink_v")
+        n_exact = sum(0 if a is None else a.shape[2] for a in (self._exact_k, self._sink_k))
         self.offset = self._n_comp + n_exact
         self._view = None
 
@@ -223,6 +254,7 @@ class CompressedKVCache:
             "key": self.key_quantizer.describe(),
             "value": self.value_quantizer.describe(),
             "window": self.window,
+            "sink": self.sink,
             "step": self.step,
             "offset": self.offset,
         }
@@ -245,6 +277,7 @@ class CompressedKVCache:
             from_description(meta["key"]),
             from_description(meta["value"]),
             window=meta["window"],
+            sink=meta.get("sink", 0),
             step=meta["step"],
         )
         cache.state = state
@@ -258,8 +291,9 @@ class CompressedKVCache:
 
     @property
     def _dtype(self):
-        if self._exact_k is not None:
-            return self._exact_k.dtype
+        for a in (self._exact_k, self._sink_k):
+            if a is not None:
+                return a.dtype
         return getattr(self, "_input_dtype", mx.float16)
 
     def _check(self, x: mx.array, name: str) -> None:
@@ -273,6 +307,16 @@ class CompressedKVCache:
         self._keys = _write(self._keys, kc, self.key_quantizer, start, n, self.step)
         self._values = _write(self._values, vc, self.value_quantizer, start, n, self.step)
         self._n_comp = start + n
+
+
+def _drop_tail(k: mx.array | None, v: mx.array | None, n: int):
+    """Remove up to ``n`` newest tokens from an exact pair; returns (k, v, n left to drop)."""
+    held = 0 if k is None else k.shape[2]
+    drop = min(n, held)
+    if drop:
+        keep = held - drop
+        k, v = (k[:, :, :keep], v[:, :, :keep]) if keep else (None, None)
+    return k, v, n - drop
 
 
 def _cat(a: mx.array | None, b: mx.array) -> mx.array:

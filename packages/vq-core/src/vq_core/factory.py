@@ -16,6 +16,7 @@ def make_cache(
     value_method: str | None = None,
     value_bits: int | None = None,
     window: int = 0,
+    sink: int = 0,
     seed: int = 0,
     step: int = 256,
     **options: Any,
@@ -35,4 +36,4 @@ def make_cache(
         allowed = get(value_method).config_class.allowed_bits
         vbits = min(allowed, key=lambda b: (abs(b - bits), -b))
     values = create(value_method, head_dim=head_dim, bits=vbits, seed=seed + 1, **value_options)
-    return CompressedKVCache(keys, values, window=window, step=step)
+    return CompressedKVCache(keys, values, window=window, sink=sink, step=step)

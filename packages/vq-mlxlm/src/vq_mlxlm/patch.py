@@ -44,6 +44,7 @@ def patch(
     value_method: str | None = None,
     value_bits: int | Sequence[int] | None = None,
     window: int = 0,
+    sink: int = 0,
     seed: int = 0,
     **options: Any,
 ):
@@ -54,6 +55,7 @@ def patch(
             default value partner.
         bits, value_bits: one int, or one per layer.
         window: recent tokens kept exact per layer.
+        sink: first tokens kept exact per layer (attention sinks).
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
     check_routable(model)
@@ -65,35 +67,26 @@ def patch(
         model._vq_original_make_cache = original
     route()
     _register_cache_class()
-    # Build one cache now so bad configs fail at patch time, not mid-generation.
     head_dims = [_head_dim(model, layer) for layer in layers]
-    make_cache(
-        method,
-        head_dim=head_dims[0],
-        bits=per_layer_bits[0],
-        value_method=value_method,
-        value_bits=per_layer_vbits[0],
-        window=window,
-        seed=seed,
-        **options,
-    )
+
+    def layer_cache(i: int) -> CompressedKVCache:
+        return make_cache(
+            method,
+            head_dim=head_dims[i],
+            bits=per_layer_bits[i],
+            value_method=value_method,
+            value_bits=per_layer_vbits[i],
+            window=window,
+            sink=sink,
+            seed=seed + 1000 * i,
+            **options,
+        )
+
+    layer_cache(0)  # bad configs fail at patch time, not mid-generation
 
     def make_vq_cache() -> list:
         caches = _original_caches(model)
-        out = []
-        for i, c in enumerate(caches):
-            if type(c).__name__ == "KVCache":
-                c = make_cache(
-                    method,
-                    head_dim=head_dims[i],
-                    bits=per_layer_bits[i],
-                    value_method=value_method,
-                    value_bits=per_layer_vbits[i],
-                    window=window,
-                    seed=seed + 1000 * i,
-                    **options,
-                )
-            out.append(c)
+        out = [layer_cache(i) if type(c).__name__ == "KVCache" else c for i, c in enumerate(caches)]
         if not any(isinstance(c, CompressedKVCache) for c in out):
             raise ConfigError("no layer of this model uses a full-attention KVCache to replace")
         return out
@@ -105,6 +98,7 @@ def patch(
         "value_method": value_method,
         "value_bits": value_bits,
         "window": window,
+        "sink": sink,
         "seed": seed,
         **options,
     }

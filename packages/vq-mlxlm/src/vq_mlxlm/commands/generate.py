@@ -25,6 +25,7 @@ def load_patched(args):
         value_method=args.value_method,
         value_bits=args.value_bits,
         window=args.window,
+        sink=getattr(args, "sink", 0),
         seed=args.seed,
     )
     return model, tokenizer
@@ -62,14 +63,16 @@ def generate(args) -> int:
     shape = model_kv_shape(model)
     tokens = max(c.offset for c in cache)
     cache_bytes = sum(c.nbytes for c in cache)
+    used = sum(c.used_nbytes if isinstance(c, CompressedKVCache) else c.nbytes for c in cache)
     fp16 = sum(2 * c.offset * shape.kv_heads * shape.head_dim * 2 for c in cache)
-    ratio = fp16 / cache_bytes if cache_bytes else float("nan")
+    ratio = fp16 / used if used else float("nan")
     result = {
         "text": "".join(text),
         "prompt_tokens": last.prompt_tokens,
         "generated_tokens": last.generation_tokens,
         "cache_tokens": tokens,
         "cache_bytes": cache_bytes,
+        "used_cache_bytes": used,
         "fp16_cache_bytes": fp16,
         "ratio": round(ratio, 3),
         "compressed_layers": sum(isinstance(c, CompressedKVCache) for c in cache),
@@ -88,9 +91,10 @@ def generate(args) -> int:
     else:
         print()
         print(
-            f"[vq] cache {cache_bytes:,} bytes for {tokens} tokens vs fp16 {fp16:,} bytes "
-            f"({ratio:.2f}x smaller) | {args.method} {args.bits}-bit keys, "
-            f"{result['value_method']} {result['value_bits']}-bit values"
+            f"[vq] cache: {used:,} bytes of codes for {tokens} tokens vs fp16 {fp16:,} bytes "
+            f"({ratio:.2f}x smaller; {cache_bytes:,} bytes allocated in 256-token steps) | "
+            f"{args.method} {args.bits}-bit keys, {result['value_method']} "
+            f"{result['value_bits']}-bit values"
         )
         print(
             f"[vq] prompt {last.prompt_tokens} tokens at {last.prompt_tps:.1f} tok/s, "
