@@ -1,7 +1,7 @@
 import mlx.core as mx
 import pytest
 
-from vq_core import ConfigError, DTypeError, ShapeError, pack, packed_words, unpack
+from vq_core import ConfigError, DTypeError, ShapeError, pack, packed_words, unpack, unpack_fields
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
@@ -37,3 +37,13 @@ def test_bad_input():
         pack(mx.array([1.0]), 4)
     with pytest.raises(ShapeError, match="take 4 words"):
         unpack(mx.zeros((3,), dtype=mx.uint32), 4, 32)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(3, 4), (5, 2), (6, 2), (4, 4), (2, 8)])
+def test_fields_hold_groups_of_codes_low_first(bits, group):
+    n = 64
+    codes = mx.random.randint(0, 2**bits, (3, n), key=mx.random.key(bits))
+    fields = unpack_fields(pack(codes, bits), bits * group, n // group)
+    weights = mx.array([1 << (bits * i) for i in range(group)], dtype=mx.uint32)
+    expect = (codes.astype(mx.uint32).reshape(3, n // group, group) * weights).sum(-1)
+    assert mx.array_equal(fields, expect).item()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from vq_core import Codes, ScalarCodebook, pack, packed_words, unpack
+from vq_core import Codes, ScalarCodebook, pack, packed_words, unpack_fields
 from vq_core.preconditioner import Preconditioner, hadamard_supported, make_preconditioner
 
 ROTATIONS = ("auto", "hadamard", "orthogonal", "identity")
@@ -36,6 +36,8 @@ class RotatedCodebook:
             default_rotation(head_dim, rotation), head_dim, seed
         )
         self.codebook = ScalarCodebook.lloyd_max("sphere", bits, head_dim)
+        # Codes per lookup: the most that fit 16 bits and divide head_dim.
+        self._group = max(g for g in range(1, 16 // bits + 1) if head_dim % g == 0)
 
     @property
     def words(self) -> int:
@@ -50,15 +52,21 @@ class RotatedCodebook:
     def levels(self, packed: mx.array) -> mx.array:
         """Packed idx ``[..., W]`` -> codebook levels ``c[idx]`` fp32 ``[..., D]`` (unit scale).
 
-        For b in {1, 2, 4, 8} each 16-bit half-word of the packed row holds ``16/b`` whole
-        codes, so one gather from a table of half-word -> levels replaces unpack + per-code
-        gather (about 2.5x faster on the CPU at 4 bits). 3 bits unpack first.
+        Codes are read ``G`` at a time as one field of ``G*b <= 16`` bits and looked up in a
+        table of field -> ``G`` levels: one gather per field instead of unpack + gather per
+        code. For b in {1, 2, 4, 8} a field is a 16-bit half-word (a free view); 3 bits read
+        12-bit fields. About 2.5x faster decode attention on the CPU at 4 bits.
         """
-        table = _halfword_table(self.codebook, self.bits) if self.bits in (1, 2, 4, 8) else None
-        if table is None:
-            return self.codebook.dequantize(unpack(packed, self.bits, self.head_dim))
-        rows = table[packed.view(mx.uint16)]
-        return rows.reshape(*packed.shape[:-1], -1)[..., : self.head_dim]
+        group = self._group
+        table = _group_table(self.codebook, self.bits, group)
+        width, n = group * self.bits, self.head_dim // group
+        if width == 16:
+            fields = packed.view(mx.uint16)[..., :n]
+        elif width == 12 and n % 2 == 0:
+            fields = _twelve_bit_fields(packed, n)
+        else:
+            fields = unpack_fields(packed, width, n)
+        return table[fields].reshape(*packed.shape[:-1], self.head_dim)
 
     def encode(self, x: mx.array, prefix: str = "") -> Codes:
         idx, norm = self.encode_rotated(self.rotation.apply(x))
@@ -72,18 +80,26 @@ class RotatedCodebook:
         return {prefix + "idx": ((self.words,), mx.uint32), prefix + "norm": ((), mx.float16)}
 
 
-_TABLES: dict[tuple[tuple[float, ...], int], mx.array] = {}
+def _twelve_bit_fields(packed: mx.array, n: int) -> mx.array:
+    """``n`` 12-bit fields of a little-endian stream: every 3 bytes hold two of them."""
+    b = packed.view(mx.uint8)[..., : n * 3 // 2].astype(mx.uint16)
+    b = b.reshape(*b.shape[:-1], n // 2, 3)
+    lo = b[..., 0] | ((b[..., 1] & 0xF) << 8)
+    hi = (b[..., 1] >> 4) | (b[..., 2] << 4)
+    return mx.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], n)
 
 
-def _halfword_table(codebook: ScalarCodebook, bits: int) -> mx.array:
-    """``[65536, 16/b]`` fp32: the levels of the codes packed in each 16-bit value.
+_TABLES: dict[tuple[tuple[float, ...], int, int], mx.array] = {}
 
-    Shared by every quantizer with the same codebook (1 MiB at 4 bits)."""
-    key = (tuple(codebook.centroids.tolist()), bits)
+
+def _group_table(codebook: ScalarCodebook, bits: int, group: int) -> mx.array:
+    """``[2**(group*bits), group]`` fp32: the levels of the codes packed in each field value.
+
+    Shared by every quantizer with the same codebook (1 MiB at 4 bits, 64 KiB at 3)."""
+    key = (tuple(codebook.centroids.tolist()), bits, group)
     if key not in _TABLES:
-        per = 16 // bits
-        half = mx.arange(1 << 16, dtype=mx.uint32)[:, None]
-        shifts = mx.arange(per, dtype=mx.uint32)[None, :] * bits
-        codes = mx.bitwise_and(mx.right_shift(half, shifts), (1 << bits) - 1)
+        field = mx.arange(1 << (group * bits), dtype=mx.uint32)[:, None]
+        shifts = mx.arange(group, dtype=mx.uint32)[None, :] * bits
+        codes = mx.bitwise_and(mx.right_shift(field, shifts), (1 << bits) - 1)
         _TABLES[key] = codebook.dequantize(codes)
     return _TABLES[key]

@@ -21,7 +21,7 @@ from vq_core.errors import (
     invalid_choice,
 )
 from vq_core.factory import make_cache
-from vq_core.packing import pack, packed_words, unpack
+from vq_core.packing import pack, packed_words, unpack, unpack_fields
 from vq_core.preconditioner import (
     Identity,
     Preconditioner,
@@ -69,4 +69,5 @@ __all__ = [
     "packed_words",
     "register",
     "unpack",
+    "unpack_fields",
 ]

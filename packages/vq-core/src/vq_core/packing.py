@@ -87,9 +87,25 @@ def pack(codes: mx.array, bits: int) -> mx.array:
 def unpack(words: mx.array, bits: int, n: int) -> mx.array:
     """Unpack uint32 ``[..., ceil(n*bits/32)]`` into uint32 codes ``[..., n]``."""
     _check_bits(bits)
+    return _unpack(words, bits, n)
+
+
+def unpack_fields(words: mx.array, width: int, n: int) -> mx.array:
+    """Read a packed stream as ``n`` fields of ``width`` bits (1–16), uint32 ``[..., n]``.
+
+    A field of width ``G*b`` holds ``G`` consecutive ``b``-bit codes, lowest first, so a
+    decoder can look whole groups of codes up in one table (see vq-algorithms). The stream
+    must hold exactly ``n * width`` bits, rounded up to whole words.
+    """
+    if not isinstance(width, int) or not 1 <= width <= 16:
+        raise ShapeError(f"width={width!r} is not allowed; expected 1..16")
+    return _unpack(words, width, n)
+
+
+def _unpack(words: mx.array, bits: int, n: int) -> mx.array:
     if words.dtype != mx.uint32:
         raise DTypeError(f"packed words must be uint32, got {words.dtype}")
-    need = packed_words(n, bits)
+    need = -(-n * bits // 32)
     if words.shape[-1] != need:
         raise ShapeError(f"{n} codes of {bits} bits take {need} words, got {words.shape[-1]}")
     lead = words.shape[:-1]
