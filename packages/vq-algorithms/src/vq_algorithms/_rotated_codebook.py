@@ -36,6 +36,8 @@ class RotatedCodebook:
             default_rotation(head_dim, rotation), head_dim, seed
         )
         self.codebook = ScalarCodebook.lloyd_max("sphere", bits, head_dim)
+        # One fused graph per input shape (about 2x faster for a decode step's single token).
+        self._compiled_encode = mx.compile(self._encode_fp16_norm)
         # Codes per lookup: the most that fit 16 bits and divide head_dim.
         self._group = max(g for g in range(1, 16 // bits + 1) if head_dim % g == 0)
 
@@ -69,8 +71,12 @@ class RotatedCodebook:
         return table[fields].reshape(*packed.shape[:-1], self.head_dim)
 
     def encode(self, x: mx.array, prefix: str = "") -> Codes:
+        idx, norm = self._compiled_encode(x)
+        return Codes({prefix + "idx": idx, prefix + "norm": norm})
+
+    def _encode_fp16_norm(self, x: mx.array) -> tuple[mx.array, mx.array]:
         idx, norm = self.encode_rotated(self.rotation.apply(x))
-        return Codes({prefix + "idx": idx, prefix + "norm": norm.astype(mx.float16)})
+        return idx, norm.astype(mx.float16)
 
     def decode_rotated(self, codes: Codes, prefix: str = "") -> mx.array:
         norm = codes[prefix + "norm"].astype(mx.float32)

@@ -77,7 +77,7 @@ def pack(codes: mx.array, bits: int) -> mx.array:
     words = []
     for w, (j0, j1) in enumerate(ranges):
         word = low[..., j0:j1].sum(axis=-1)
-        if w > 0 and bool(spill[j0 - 1].item()):
+        if w > 0 and (32 * w) % bits:  # the previous word's last code spills into this one
             word = word + high[..., j0 - 1]
         words.append(word)
     out = mx.stack(words, axis=-1).astype(mx.uint32).reshape(*lead, groups * bits)
