@@ -15,7 +15,13 @@ from __future__ import annotations
 import mlx.core as mx
 
 from vq_core import Codes, ScalarCodebook, pack, packed_words, unpack_fields
-from vq_core.preconditioner import Preconditioner, hadamard_supported, make_preconditioner
+from vq_core.preconditioner import (
+    Identity,
+    Preconditioner,
+    RandomizedHadamard,
+    hadamard_supported,
+    make_preconditioner,
+)
 
 ROTATIONS = ("auto", "hadamard", "orthogonal", "identity")
 
@@ -36,8 +42,6 @@ class RotatedCodebook:
             default_rotation(head_dim, rotation), head_dim, seed
         )
         self.codebook = ScalarCodebook.lloyd_max("sphere", bits, head_dim)
-        # One fused graph per input shape (about 2x faster for a decode step's single token).
-        self._compiled_encode = mx.compile(self._encode_fp16_norm)
         # Codes per lookup: the most that fit 16 bits and divide head_dim.
         self._group = max(g for g in range(1, 16 // bits + 1) if head_dim % g == 0)
 
@@ -71,12 +75,16 @@ class RotatedCodebook:
         return table[fields].reshape(*packed.shape[:-1], self.head_dim)
 
     def encode(self, x: mx.array, prefix: str = "") -> Codes:
-        idx, norm = self._compiled_encode(x)
+        rot = self.rotation
+        if isinstance(rot, RandomizedHadamard):
+            kind, param = "hadamard", rot.signs
+        elif isinstance(rot, Identity):
+            kind, param = "identity", rot.matrix[0]
+        else:
+            kind, param = "dense", rot.matrix
+        boundaries = self.codebook.boundaries
+        idx, norm = _fused_encode(x, param, boundaries, kind, self.head_dim**-0.5, self.bits)
         return Codes({prefix + "idx": idx, prefix + "norm": norm})
-
-    def _encode_fp16_norm(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        idx, norm = self.encode_rotated(self.rotation.apply(x))
-        return idx, norm.astype(mx.float16)
 
     def decode_rotated(self, codes: Codes, prefix: str = "") -> mx.array:
         norm = codes[prefix + "norm"].astype(mx.float32)
@@ -84,6 +92,24 @@ class RotatedCodebook:
 
     def layout(self, prefix: str = "") -> dict:
         return {prefix + "idx": ((self.words,), mx.uint32), prefix + "norm": ((), mx.float16)}
+
+
+@mx.compile
+def _fused_encode(x, param, boundaries, kind: str, scale: float, bits: int):
+    """Rotate, normalize, quantize and pack as one compiled graph, shared by every layer.
+
+    Compiled once per (shape, kind, bits): about 2.5x faster than op-by-op for a decode step.
+    """
+    if kind == "hadamard":
+        y = mx.hadamard_transform(x * param, scale=scale)
+    elif kind == "dense":
+        y = x @ param
+    else:
+        y = x
+    norm = mx.linalg.norm(y, axis=-1)
+    unit = y / mx.maximum(norm, 1e-30)[..., None]
+    idx = (unit[..., None] >= boundaries).sum(axis=-1).astype(mx.uint32)
+    return pack(idx, bits), norm.astype(mx.float16)
 
 
 def _twelve_bit_fields(packed: mx.array, n: int) -> mx.array:
