@@ -94,12 +94,8 @@ class RotatedCodebook:
         return {prefix + "idx": ((self.words,), mx.uint32), prefix + "norm": ((), mx.float16)}
 
 
-@mx.compile
-def _fused_encode(x, param, boundaries, kind: str, scale: float, bits: int):
-    """Rotate, normalize, quantize and pack as one compiled graph, shared by every layer.
-
-    Compiled once per (shape, kind, bits): about 2.5x faster than op-by-op for a decode step.
-    """
+def _encode_graph(x, param, boundaries, kind: str, scale: float, bits: int):
+    """Rotate, normalize, quantize and pack ``x [..., D]`` -> (idx uint32, norm float16)."""
     if kind == "hadamard":
         y = mx.hadamard_transform(x * param, scale=scale)
     elif kind == "dense":
@@ -110,6 +106,18 @@ def _fused_encode(x, param, boundaries, kind: str, scale: float, bits: int):
     unit = y / mx.maximum(norm, 1e-30)[..., None]
     idx = (unit[..., None] >= boundaries).sum(axis=-1).astype(mx.uint32)
     return pack(idx, bits), norm.astype(mx.float16)
+
+
+_compiled_encode_graph = mx.compile(_encode_graph)
+
+
+def _fused_encode(*args):
+    """On a GPU, one compiled graph shared by every layer (compiled once per shape, kind and
+    bits). MLX's CPU backend compiles fused graphs with the system C++ compiler at first use
+    (seconds per graph, and a compiler must be installed), so the CPU runs op by op."""
+    if mx.default_device() == mx.gpu:
+        return _compiled_encode_graph(*args)
+    return _encode_graph(*args)
 
 
 def _twelve_bit_fields(packed: mx.array, n: int) -> mx.array:
