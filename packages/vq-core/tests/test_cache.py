@@ -158,3 +158,27 @@ def test_sink_tokens_stay_exact_and_attention_matches_reference():
     assert cache.trim(9) == 9  # 2 exact, 5 compressed, 2 sink tokens
     assert cache.offset == 2 and cache.compressed_tokens == 0
     assert cache.state["sink_k"].shape[2] == 2
+
+
+@pytest.mark.parametrize(("window", "sink"), [(0, 0), (3, 2)])
+def test_fused_kernel_path_merges_exactly_with_exact_tokens(window, sink):
+    from toy_quantizers import ToyFused
+
+    def make(method):
+        k = create(method, head_dim=64, bits=4)
+        return CompressedKVCache(
+            k, create("toy_uniform", head_dim=64, bits=4, seed=1), window=window, sink=sink
+        )
+
+    fused, plain = make("toy_fused"), make("toy_uniform")
+    keys, values = _kv(30)
+    before = ToyFused.calls
+    for lo, hi in ((0, 20), (20, 26), (26, 27), (27, 30)):
+        q = mx.random.normal((1, 4, hi - lo, 64), key=mx.random.key(lo))
+        mask = "causal" if hi - lo > 1 else None
+        outs = []
+        for c in (fused, plain):
+            c.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
+            outs.append(c.attend(q, scale=0.125, mask=mask))
+        assert mx.allclose(outs[0], outs[1], atol=1e-5).item()
+    assert ToyFused.calls > before

@@ -73,3 +73,19 @@ class ToyBlock(Quantizer):
         scale = codes["scale"].astype(mx.float32)
         x = (q.reshape(*lead, n // 4, 4, d) / 127.5 - 1) * scale[..., None, :]
         return x.reshape(*lead, n, d)
+
+
+@register
+class ToyFused(ToyUniform):
+    """ToyUniform with a 'fused kernel' (decode + exact softmax) to test the merge path."""
+
+    method = "toy_fused"
+    calls = 0
+
+    def fused_attention(self, q, codes, value_quantizer, values, *, scale, length):
+        type(self).calls += 1
+        k = self.decode(codes)[:, :, :length]
+        v = value_quantizer.decode(values)[:, :, :length]
+        s = (q @ mx.swapaxes(k, -1, -2)) * scale
+        lse = mx.logsumexp(s, axis=-1)
+        return mx.softmax(s, axis=-1) @ v, lse

@@ -120,8 +120,8 @@ class CompressedKVCache:
             raise RuntimeError("attend() needs a preceding update_and_fetch()")
         kv, vv = self._view
         n = kv.n_comp
-        keys = None if n == 0 else _slice(self._keys, self.key_quantizer, n)
-        values = None if n == 0 else _slice(self._values, self.value_quantizer, n)
+        keys = None if n == 0 else self._keys
+        values = None if n == 0 else self._values
         exact_k = _cat(kv.exact, kv.new)
         exact_v = _cat(vv.exact, vv.new)
         sink = {"prefix_k": kv.sink, "prefix_v": vv.sink} if kv.sink is not None else {}
@@ -135,6 +135,7 @@ class CompressedKVCache:
             exact_v,
             scale=scale,
             mask=mask,
+            length=n,
             **sink,
         )
 

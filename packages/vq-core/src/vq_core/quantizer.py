@@ -156,6 +156,25 @@ class Quantizer(ABC):
         """``p [B, H, M, L]`` over codes ``[B, H, L, ...]`` -> ``[B, H, M, D]``."""
         return p.astype(mx.float32) @ self.decode(codes)
 
+    def fused_attention(
+        self,
+        q: mx.array,
+        codes: Codes,
+        value_quantizer: Quantizer,
+        values: Codes,
+        *,
+        scale: float,
+        length: int,
+    ) -> tuple[mx.array, mx.array] | None:
+        """Optional fused kernel for attention over compressed keys and values.
+
+        ``q [B, H, M, D]`` over the first ``length`` tokens of the (preallocated) code
+        buffers; returns ``(out [B, H, M, D] fp32, lse [B, H, M])`` with ``out`` normalized
+        over those tokens and ``lse`` the log-sum-exp of the scaled scores, or None when no
+        kernel applies (the default; then the reference path runs).
+        """
+        return None
+
     # -- validation and description --------------------------------------------------------
 
     def check_input(self, x: mx.array, name: str, *, check_finite: bool = True) -> None:
