@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+import vq_kernels
 from vq_algorithms._rotated_codebook import ROTATIONS, RotatedCodebook
 from vq_core import Codes, Quantizer, QuantizerConfig, invalid_choice, register
+from vq_kernels.codebook_attention import KERNEL_HEAD_DIMS
 
 
 @dataclass(frozen=True)
@@ -62,3 +64,32 @@ class TurboQuantMSE(Quantizer):
         """``(Σ_i p_i norm_i c[idx_i]) R^T``: accumulate in the rotated basis, rotate once."""
         pw = p.astype(mx.float32) * codes["norm"].astype(mx.float32)[..., None, :]
         return self.rc.rotation.inverse(pw @ self.rc.levels(codes["idx"]))
+
+    def fused_attention(self, q, codes, value_quantizer, values, *, scale, length):
+        """The vq-kernels fused decode kernel when MLX runs on a GPU (Metal or CUDA).
+
+        Keys and values must both be TurboQuant-MSE codes; on the CPU (or for a head_dim the
+        kernel does not cover) this returns None and the lookup-table reference path runs.
+        """
+        if not isinstance(value_quantizer, TurboQuantMSE) or not _kernel_applies(self.head_dim):
+            return None
+        kc, vc = self.rc, value_quantizer.rc
+        out_rot, lse = vq_kernels.codebook_decode_attention(
+            kc.rotation.apply(q.astype(mx.float32)),
+            codes["idx"],
+            codes["norm"],
+            kc.codebook.centroids,
+            kc.bits,
+            values["idx"],
+            values["norm"],
+            vc.codebook.centroids,
+            vc.bits,
+            scale=scale,
+            length=length,
+        )
+        return vc.rotation.inverse(out_rot), lse
+
+
+def _kernel_applies(head_dim: int) -> bool:
+    """A GPU backend is active and the kernel is specialized for this head_dim."""
+    return vq_kernels.resolve_backend() != "reference" and head_dim in KERNEL_HEAD_DIMS

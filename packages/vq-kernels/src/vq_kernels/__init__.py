@@ -1,0 +1,72 @@
+"""vq-kernels: Metal and CUDA kernel sources for KV-cache codes, their JIT loader, and a
+pure-MLX reference for every op.
+
+Importing this package compiles nothing and touches no GPU: each op picks its backend on
+call (``backend=`` argument, else ``$VQ_KERNELS_BACKEND``, else the GPU MLX was built for,
+else ``"reference"``) and compiles its kernel on first use. See :func:`compile_report`.
+"""
+
+from vq_kernels._backend import (
+    BACKENDS,
+    ENV_VAR,
+    CompileRecord,
+    KernelError,
+    available_backend,
+    compile_report,
+    resolve_backend,
+)
+from vq_kernels.affine_attention import affine_decode_attention
+from vq_kernels.codebook import (
+    codebook_dequantize,
+    codebook_dequantize_reference,
+    codebook_quantize,
+    codebook_quantize_reference,
+)
+from vq_kernels.codebook_attention import (
+    codebook_decode_attention,
+    codebook_decode_attention_reference,
+)
+from vq_kernels.packing import (
+    n_words,
+    pack_bits,
+    pack_bits_reference,
+    unpack_bits,
+    unpack_bits_reference,
+)
+from vq_kernels.pq_attention import pq_decode_attention, pq_decode_attention_reference
+from vq_kernels.sign import (
+    sign_dot_planes,
+    sign_dot_planes_reference,
+    sign_scores,
+    sign_scores_reference,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "CompileRecord",
+    "KernelError",
+    "affine_decode_attention",
+    "available_backend",
+    "codebook_decode_attention",
+    "codebook_decode_attention_reference",
+    "codebook_dequantize",
+    "codebook_dequantize_reference",
+    "codebook_quantize",
+    "codebook_quantize_reference",
+    "compile_report",
+    "n_words",
+    "pack_bits",
+    "pack_bits_reference",
+    "pq_decode_attention",
+    "pq_decode_attention_reference",
+    "resolve_backend",
+    "sign_dot_planes",
+    "sign_dot_planes_reference",
+    "sign_scores",
+    "sign_scores_reference",
+    "unpack_bits",
+    "unpack_bits_reference",
+]

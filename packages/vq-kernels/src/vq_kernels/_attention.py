@@ -1,0 +1,91 @@
+"""Pieces shared by the decode-attention ops: shape checks, the split plan, the partials
+reduce kernel and the exact softmax-attention reference that every op's reference ends in.
+
+Flash-decoding: the ``length`` valid tokens of each KV head are cut into S splits of
+``chunk`` tokens; one thread group per (split, kv head, row tile) writes base-2 partials
+(running max m, sum l, unnormalized output), and ``attn_reduce`` merges them per query row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+from vq_kernels._backend import launch, params
+
+TOKENS_PER_STEP = 128  # tokens a thread group consumes per loop step
+TARGET_GROUPS = 528  # about four thread groups per SM of an H100 (132 SMs)
+LOG2E = 1.4426950408889634
+
+
+def gqa_groups(q: mx.array, n_kv_heads: int) -> int:
+    """g = Hq / Hkv for q [B, Hq, Lq, D]; raises if Hq is not a multiple of Hkv."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, Hq, Lq, D], got shape {q.shape}")
+    hq = q.shape[1]
+    if hq % n_kv_heads:
+        raise ValueError(f"query heads {hq} are not a multiple of kv heads {n_kv_heads}")
+    return hq // n_kv_heads
+
+
+def valid_length(length: int | None, lbuf: int) -> int:
+    """The number of valid tokens: ``length`` (default the whole buffer), checked."""
+    n = lbuf if length is None else int(length)
+    if not 0 <= n <= lbuf:
+        raise ValueError(f"length {n} is outside the buffer of {lbuf} tokens")
+    return n
+
+
+def row_tile(rows: int, cap: int) -> int:
+    """The largest divisor of ``rows`` (query rows per kv head) that is at most ``cap``."""
+    for t in range(min(rows, cap), 0, -1):
+        if rows % t == 0:
+            return t
+    return 1
+
+
+def plan_splits(length: int, groups: int) -> tuple[int, int]:
+    """(chunk, S): S splits of ``chunk`` tokens (a multiple of 128) covering ``length``."""
+    steps = max(1, math.ceil(length / TOKENS_PER_STEP))
+    want = max(1, math.ceil(TARGET_GROUPS / max(groups, 1)))
+    splits = min(want, steps)
+    chunk = math.ceil(steps / splits) * TOKENS_PER_STEP
+    return chunk, max(1, math.ceil(length / chunk))
+
+
+def reduce_partials(
+    pm: mx.array, pl: mx.array, pacc: mx.array, backend: str
+) -> tuple[mx.array, mx.array]:
+    """Merge partials pm, pl [N, S] and pacc [N, S, D] into out [N, D] and natural lse [N]."""
+    n, s, d = pacc.shape
+    out, lse = launch(
+        "attn_reduce",
+        backend,
+        [pm, pl, pacc, params(n, s)],
+        template=[("D", d)],
+        grid=(n * d, 1, 1),
+        threadgroup=(d, 1, 1),
+        output_shapes=[(n, d), (n,)],
+        output_dtypes=[mx.float32, mx.float32],
+    )
+    return out, lse
+
+
+def softmax_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float
+) -> tuple[mx.array, mx.array]:
+    """Exact reference: q [B, Hq, Lq, D], k [B, Hkv, L, D], v [B, Hkv, L, Dv] (fp32).
+
+    Returns out [B, Hq, Lq, Dv] = softmax(scale q k^T) v and lse [B, Hq, Lq]; for L = 0 the
+    output is 0 and lse is -inf.
+    """
+    b, hq, lq, d = q.shape
+    hkv, length, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if length == 0:
+        return mx.zeros((b, hq, lq, dv), mx.float32), mx.full((b, hq, lq), -mx.inf, mx.float32)
+    qg = q.astype(mx.float32).reshape(b, hkv, (hq // hkv) * lq, d)
+    s = scale * (qg @ k.astype(mx.float32).swapaxes(-1, -2))
+    lse = mx.logsumexp(s, axis=-1)
+    out = mx.exp(s - lse[..., None]) @ v.astype(mx.float32)
+    return out.reshape(b, hq, lq, dv), lse.reshape(b, hq, lq)

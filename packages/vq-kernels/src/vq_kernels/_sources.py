@@ -1,0 +1,167 @@
+"""Kernel sources: one body per kernel, a prelude per backend, and the kernel signatures.
+
+Every body under ``sources/`` is written once in the subset Metal and CUDA share and uses only
+the ``vq_*`` vocabulary of ``prelude_metal.h`` / ``prelude_cuda.cuh``. MLX generates each
+kernel's signature from :class:`KernelSpec`'s input and output names; the same specs let the
+offline tests wrap a body in a close stand-in of that signature and run a real compiler on it.
+Files are read lazily, on first use, so importing ``vq_kernels`` reads nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+BACKEND_FILES = {"metal": "prelude_metal.h", "cuda": "prelude_cuda.cuh"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A kernel's name, its typed inputs and outputs, and one example specialization.
+
+    ``inputs``/``outputs`` are ``(name, dtype)`` pairs with dtypes spelled as in ``mlx.core``
+    (``"float32"``, ``"uint32"``...); ``template`` holds compile-time ints with example values
+    (the real values are chosen per call).
+    """
+
+    name: str
+    inputs: tuple[tuple[str, str], ...]
+    outputs: tuple[tuple[str, str], ...]
+    template: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n for n, _ in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [n for n, _ in self.outputs]
+
+
+_P = ("params", "int32")
+_ATTN_OUT = (("pm", "float32"), ("pl", "float32"), ("pacc", "float32"))
+
+SPECS: dict[str, KernelSpec] = {
+    s.name: s
+    for s in (
+        KernelSpec("pack_bits", (("codes", "uint32"), _P), (("words", "uint32"),), (("BITS", 3),)),
+        KernelSpec(
+            "unpack_bits", (("words", "uint32"), _P), (("codes", "uint32"),), (("BITS", 3),)
+        ),
+        KernelSpec(
+            "codebook_quantize",
+            (("y", "float32"), ("centroids", "float32"), _P),
+            (("packed", "uint32"), ("norm", "float16")),
+            (("D", 128), ("BITS", 3)),
+        ),
+        KernelSpec(
+            "codebook_dequantize",
+            (("packed", "uint32"), ("norm", "float16"), ("centroids", "float32"), _P),
+            (("out", "float32"),),
+            (("D", 128), ("BITS", 3)),
+        ),
+        KernelSpec(
+            "codebook_attn_partial",
+            (
+                ("q", "float32"),
+                ("kw", "uint32"),
+                ("kn", "float16"),
+                ("kc", "float32"),
+                ("vw", "uint32"),
+                ("vn", "float16"),
+                ("vc", "float32"),
+                _P,
+            ),
+            _ATTN_OUT,
+            (("D", 128), ("KB", 3), ("VB", 4), ("G", 4), ("GT", 4)),
+        ),
+        KernelSpec(
+            "pq_attn_partial",
+            (
+                ("q", "float32"),
+                ("kcodes", "uint8"),
+                ("kcent", "float32"),
+                ("vcodes", "uint8"),
+                ("vcent", "float32"),
+                _P,
+            ),
+            _ATTN_OUT,
+            (("D", 128), ("M", 16), ("KC", 256), ("G", 4), ("GT", 2)),
+        ),
+        KernelSpec(
+            "attn_reduce",
+            (("pm", "float32"), ("pl", "float32"), ("pacc", "float32"), _P),
+            (("out", "float32"), ("lse", "float32")),
+            (("D", 128),),
+        ),
+        KernelSpec("sign_scores", (("q", "uint32"), ("k", "uint32"), _P), (("out", "int32"),)),
+        KernelSpec("sign_dot_planes", (("q", "uint32"), ("k", "uint32"), _P), (("out", "int32"),)),
+    )
+}
+
+
+@functools.cache
+def read(name: str) -> str:
+    """The text of ``sources/<name>``."""
+    return resources.files("vq_kernels").joinpath("sources", name).read_text()
+
+
+def header(backend: str) -> str:
+    """Prelude for ``backend`` ("metal" or "cuda") followed by the shared helpers."""
+    return read(BACKEND_FILES[backend]) + "\n" + read("common.h") + "\n"
+
+
+def body(name: str, backend: str) -> str:
+    """Body of kernel ``name``, led by the backend's thread-id definitions."""
+    ids = read("ids_metal.body") if backend == "metal" else "  VQ_IDS\n"
+    return ids + read(f"{name}.body")
+
+
+_CUDA_TYPES = {
+    "float32": "float",
+    "float16": "__half",
+    "uint32": "uint32_t",
+    "uint8": "uint8_t",
+    "int32": "int32_t",
+}
+_METAL_TYPES = {
+    "float32": "float",
+    "float16": "half",
+    "uint32": "uint32_t",
+    "uint8": "uint8_t",
+    "int32": "int32_t",
+}
+_METAL_ATTRS = {
+    "thread_position_in_threadgroup": "uint3",
+    "thread_index_in_simdgroup": "uint",
+    "threadgroup_position_in_grid": "uint3",
+    "thread_position_in_grid": "uint3",
+}
+
+
+def standin_source(spec: KernelSpec, backend: str) -> str:
+    """A whole translation unit wrapping ``spec``'s body the way MLX does, for offline compilers.
+
+    CUDA: MLX emits ``__global__ void name(const T* in..., T* out...)`` with the template ints as
+    ``constexpr int`` at the top; Metal: a ``[[kernel]]`` function with ``[[buffer(i)]]``
+    arguments and the thread-position attributes the body mentions.
+    """
+    consts = "".join(f"  constexpr int {n} = {v};\n" for n, v in spec.template)
+    src = body(spec.name, backend)
+    if backend == "cuda":
+        args = [f"const {_CUDA_TYPES[t]}* {n}" for n, t in spec.inputs]
+        args += [f"{_CUDA_TYPES[t]}* {n}" for n, t in spec.outputs]
+        sig = f'extern "C" __global__ void {spec.name}(\n    ' + ",\n    ".join(args) + ") {\n"
+        return "#include <cstdint>\n" + header("cuda") + sig + consts + src + "\n}\n"
+    args = [
+        f"const device {_METAL_TYPES[t]}* {n} [[buffer({i})]]"
+        for i, (n, t) in enumerate(spec.inputs)
+    ]
+    args += [
+        f"device {_METAL_TYPES[t]}* {n} [[buffer({len(spec.inputs) + i})]]"
+        for i, (n, t) in enumerate(spec.outputs)
+    ]
+    args += [f"{t} {a} [[{a}]]" for a, t in _METAL_ATTRS.items() if a in src]
+    sig = f"[[kernel]] void {spec.name}(\n    " + ",\n    ".join(args) + ") {\n"
+    return header("metal") + sig + consts + src + "\n}\n"

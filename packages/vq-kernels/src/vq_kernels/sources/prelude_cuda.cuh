@@ -1,0 +1,36 @@
+// vq-kernels CUDA prelude: the vocabulary the shared kernel bodies are written in.
+// Everything backend-specific lives here or in prelude_metal.h; bodies use only vq_* names.
+#include <cuda_fp16.h>
+
+typedef unsigned int vq_u32;
+typedef unsigned long long vq_u64;
+typedef int vq_i32;
+typedef __half vq_half;
+
+#define VQ_SHARED __shared__
+#define VQ_BARRIER() __syncthreads()
+#define VQ_INLINE __device__ __forceinline__
+#define VQ_UNROLL _Pragma("unroll")
+
+VQ_INLINE int vq_popcount(vq_u32 x) { return __popc(x); }
+VQ_INLINE float vq_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+VQ_INLINE float vq_shfl(float v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
+VQ_INLINE float vq_exp2(float x) { return exp2f(x); }
+VQ_INLINE float vq_log2(float x) { return log2f(x); }
+VQ_INLINE float vq_sqrt(float x) { return sqrtf(x); }
+VQ_INLINE float vq_abs(float x) { return fabsf(x); }
+VQ_INLINE float vq_max(float a, float b) { return fmaxf(a, b); }
+VQ_INLINE float vq_inf() { return __int_as_float(0x7f800000); }
+VQ_INLINE float vq_to_float(vq_half x) { return __half2float(x); }
+VQ_INLINE float vq_to_float(float x) { return x; }
+VQ_INLINE vq_half vq_to_half(float x) { return __float2half_rn(x); }
+
+// Thread and group ids, spelled out at the top of every body.
+#define VQ_IDS                                              \
+  const vq_u32 vq_tid = threadIdx.x;                        \
+  const vq_u32 vq_lane = threadIdx.x & 31u;                 \
+  const vq_u32 vq_gx = blockIdx.x;                          \
+  const vq_u32 vq_gy = blockIdx.y;                          \
+  const vq_u32 vq_gz = blockIdx.z;                          \
+  const vq_u32 vq_gtid = blockIdx.x * blockDim.x + threadIdx.x; \
+  (void)vq_tid; (void)vq_lane; (void)vq_gx; (void)vq_gy; (void)vq_gz; (void)vq_gtid;

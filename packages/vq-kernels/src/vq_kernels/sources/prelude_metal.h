@@ -1,0 +1,27 @@
+// vq-kernels Metal prelude: the vocabulary the shared kernel bodies are written in.
+// Everything backend-specific lives here or in prelude_cuda.cuh; bodies use only vq_* names.
+#include <metal_stdlib>
+using namespace metal;
+
+typedef uint vq_u32;
+typedef ulong vq_u64;
+typedef int vq_i32;
+typedef half vq_half;
+
+#define VQ_SHARED threadgroup
+#define VQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define VQ_INLINE inline
+#define VQ_UNROLL _Pragma("unroll")
+
+VQ_INLINE int vq_popcount(vq_u32 x) { return int(popcount(x)); }
+VQ_INLINE float vq_shfl_xor(float v, int m) { return simd_shuffle_xor(v, ushort(m)); }
+VQ_INLINE float vq_shfl(float v, int lane) { return simd_shuffle(v, ushort(lane)); }
+VQ_INLINE float vq_exp2(float x) { return metal::exp2(x); }
+VQ_INLINE float vq_log2(float x) { return metal::log2(x); }
+VQ_INLINE float vq_sqrt(float x) { return metal::sqrt(x); }
+VQ_INLINE float vq_abs(float x) { return metal::fabs(x); }
+VQ_INLINE float vq_max(float a, float b) { return metal::fmax(a, b); }
+VQ_INLINE float vq_inf() { return INFINITY; }
+VQ_INLINE float vq_to_float(vq_half x) { return float(x); }
+VQ_INLINE float vq_to_float(float x) { return x; }
+VQ_INLINE vq_half vq_to_half(float x) { return vq_half(x); }

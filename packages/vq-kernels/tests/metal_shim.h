@@ -1,0 +1,30 @@
+// Just enough of the Metal Shading Language, as C++, to syntax-check the Metal sources on Linux.
+#include <cmath>
+#include <cstdint>
+#define device
+#define threadgroup
+#define constant
+#define kernel
+typedef unsigned int uint;
+typedef unsigned long ulong;
+typedef unsigned short ushort;
+struct half {
+  float v;
+  half(float x) : v(x) {}
+  operator float() const { return v; }
+};
+struct uint3 { uint x, y, z; };
+enum class mem_flags { mem_threadgroup };
+namespace metal {
+inline float exp2(float x) { return std::exp2(x); }
+inline float log2(float x) { return std::log2(x); }
+inline float sqrt(float x) { return std::sqrt(x); }
+inline float fabs(float x) { return std::fabs(x); }
+inline float fmax(float a, float b) { return std::fmax(a, b); }
+template <class T> T min(T a, T b) { return a < b ? a : b; }
+template <class T> T max(T a, T b) { return a > b ? a : b; }
+inline uint popcount(uint x) { return __builtin_popcount(x); }
+inline float simd_shuffle_xor(float v, ushort) { return v; }
+inline float simd_shuffle(float v, ushort) { return v; }
+inline void threadgroup_barrier(mem_flags) {}
+}  // namespace metal
