@@ -73,6 +73,8 @@ class TurboQuantMSE(Quantizer):
         """
         if not isinstance(value_quantizer, TurboQuantMSE) or not _kernel_applies(self.head_dim):
             return None
+        if q.shape[2] > MAX_FUSED_ROWS:  # a prefill chunk: the batched reference path is faster
+            return None
         kc, vc = self.rc, value_quantizer.rc
         out_rot, lse = vq_kernels.codebook_decode_attention(
             kc.rotation.apply(q.astype(mx.float32)),
@@ -88,6 +90,9 @@ class TurboQuantMSE(Quantizer):
             length=length,
         )
         return vc.rotation.inverse(out_rot), lse
+
+
+MAX_FUSED_ROWS = 32  # query rows per KV head (GQA group x tokens) sent to the decode kernel
 
 
 def _kernel_applies(head_dim: int) -> bool:

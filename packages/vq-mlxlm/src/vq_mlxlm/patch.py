@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import vq_algorithms  # noqa: F401  (registers the methods even without installed entry points)
 from vq_core import CompressedKVCache, ConfigError, make_cache
 from vq_mlxlm.routing import check_routable, route
 
