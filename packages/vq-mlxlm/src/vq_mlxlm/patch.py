@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import vq_algorithms  # noqa: F401  (registers the methods even without installed entry points)
-from vq_core import CompressedKVCache, ConfigError, make_cache
+from vq_core import CompressedKVCache, ConfigError, create, get, make_cache
 from vq_mlxlm.routing import check_routable, route
 
 
@@ -47,6 +47,7 @@ def patch(
     window: int = 0,
     sink: int = 0,
     seed: int = 0,
+    artifacts: str | None = None,
     **options: Any,
 ):
     """Make ``model.make_cache()`` return vq caches; returns the model (patched in place).
@@ -57,6 +58,8 @@ def patch(
         bits, value_bits: one int, or one per layer.
         window: recent tokens kept exact per layer.
         sink: first tokens kept exact per layer (attention sinks).
+        artifacts: directory from ``vq calibrate`` for a calibrated method; checked against
+            this model's fingerprint, then each layer loads its own keys/values artifact.
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
     check_routable(model)
@@ -70,7 +73,26 @@ def patch(
     _register_cache_class()
     head_dims = [_head_dim(model, layer) for layer in layers]
 
+    if artifacts is not None:
+        _check_artifacts(model, method, artifacts, head_dims[0])
+        if value_method is None:
+            value_method = method
+
     def layer_cache(i: int) -> CompressedKVCache:
+        if artifacts is not None and get(method).needs_calibration:
+            common = dict(head_dim=head_dims[i], artifact=artifacts, layer=i)
+            keys = create(
+                method, bits=per_layer_bits[i], seed=seed + 1000 * i, kind="k", **common, **options
+            )
+            vbits = per_layer_vbits[i] or per_layer_bits[i]
+            values = (
+                create(value_method, bits=vbits, seed=seed + 1000 * i + 1, kind="v", **common)
+                if get(value_method).needs_calibration
+                else create(
+                    value_method, head_dim=head_dims[i], bits=vbits, seed=seed + 1000 * i + 1
+                )
+            )
+            return CompressedKVCache(keys, values, window=window, sink=sink)
         return make_cache(
             method,
             head_dim=head_dims[i],
@@ -101,6 +123,7 @@ def patch(
         "window": window,
         "sink": sink,
         "seed": seed,
+        "artifacts": artifacts,
         **options,
     }
     return model
@@ -124,6 +147,22 @@ def _per_layer(name: str, value, n: int) -> list:
     if len(values) != n:
         raise ConfigError(f"{name} has {len(values)} entries but the model has {n} layers")
     return values
+
+
+def _check_artifacts(model, method: str, artifacts: str, head_dim: int) -> None:
+    """ArtifactError unless ``artifacts`` holds ``method`` calibrated for this model."""
+    from vq_algorithms._artifact import artifact_path, check_meta, verify
+    from vq_mlxlm.model_shape import model_kv_shape
+
+    shape = model_kv_shape(model)
+    fingerprint = {
+        "architecture": str(getattr(model, "model_type", None) or model.args.model_type),
+        "layers": shape.layers,
+        "kv_heads": shape.kv_heads,
+        "head_dim": head_dim,
+    }
+    path = artifact_path(artifacts, method)
+    check_meta(verify(path), path, method=method, fingerprint=fingerprint)
 
 
 def _register_cache_class() -> None:

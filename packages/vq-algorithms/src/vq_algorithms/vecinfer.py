@@ -1,0 +1,135 @@
+"""VecInfer (arXiv 2510.06175): outlier-suppressed product vector quantization of the cache.
+
+Per layer and per keys/values, calibration (vq-calibrate) saves per-channel smoothing factors
+``s [D]`` (``s_c = sqrt(max |x_c|)``, normalized to geometric mean 1) and product-VQ
+codebooks ``centroids [S, 256, D/S]`` trained by k-means on the transformed vectors
+``z = H(x / s)``, where ``H`` is the orthonormal Hadamard transform (fixed signs, seed 0, so
+an artifact does not depend on the cache's seed). Smoothing divides out the outlier channels;
+the Hadamard transform spreads what is left over every coordinate, so the sub-vectors are
+easy to cluster.
+
+Codes: ``idx`` uint8 ``[..., S]``, one 8-bit centroid index per sub-vector of ``D/S`` dims
+(``D/S = 8, 4, 2`` for 1, 2, 4 bits per element): exactly ``bits`` bits per element, no
+fp16 reconstruction and no norm. The layout is vq-kernels' ``pq_decode_attention`` layout.
+
+Scores use a per-query lookup table: ``q' = H(q ⊙ s)``, ``LUT[s, k] = q'_s · centroids[s, k]``
+and ``q·k̂ = Σ_s LUT[s, idx_s]`` (``⟨q, H⁻¹(ĉ) ⊙ s⟩ = ⟨H(q ⊙ s), ĉ⟩``).
+
+``artifact=""`` (the default) is the *untrained* neighbour: smoothing 1 and codebooks of
+standard-normal samples drawn from ``seed`` (suited only to unit-variance inputs). It exists
+for unit use and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from vq_algorithms._artifact import load_layer
+from vq_core import (
+    Codes,
+    ConfigError,
+    Quantizer,
+    QuantizerConfig,
+    RandomizedHadamard,
+    invalid,
+    invalid_choice,
+    register,
+)
+from vq_core.preconditioner import hadamard_supported
+
+CODEBOOK_SIZE = 256
+
+
+@dataclass(frozen=True)
+class VecInferConfig(QuantizerConfig):
+    """``artifact``: dir or file from ``vq calibrate --method vecinfer`` ("" = untrained);
+    ``layer``: the model layer; ``kind``: ``"k"`` (keys) or ``"v"`` (values)."""
+
+    allowed_bits = (1, 2, 4)
+    artifact: str = ""
+    layer: int = 0
+    kind: str = "k"
+
+    def validate(self) -> None:
+        super().validate()
+        invalid_choice("kind", self.kind, ("k", "v"))
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise invalid("layer", self.layer, "an integer >= 0")
+        if self.head_dim % self.sub_dim or not hadamard_supported(self.head_dim):
+            raise ConfigError(
+                f"vecinfer: head_dim={self.head_dim} must be a multiple of {self.sub_dim} "
+                "with a Hadamard matrix (m * 2**k, m in 1, 12, 20, 28)"
+            )
+
+    @property
+    def sub_dim(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def subspaces(self) -> int:
+        return self.head_dim // self.sub_dim
+
+
+@register
+class VecInfer(Quantizer):
+    method = "vecinfer"
+    config_class = VecInferConfig
+    family = "smoothing + Hadamard + product VQ (k-means codebooks)"
+    needs_calibration = True
+    # Untrained (random Gaussian codebooks) on Gaussian vectors; trained codebooks do better.
+    round_trip_bound = {1: 0.38, 2: 0.135, 4: 0.023}
+
+    def __init__(self, config: VecInferConfig):
+        super().__init__(config)
+        d, n_sub, sub = config.head_dim, config.subspaces, config.sub_dim
+        self.hadamard = RandomizedHadamard(d, seed=0)
+        if config.artifact:
+            a = load_layer(config.artifact, self.method, config.version, config.layer,
+                           config.kind, d)  # fmt: skip
+            self.smooth, self.centroids = a["smooth"], a["centroids"]
+            if tuple(self.centroids.shape) != (n_sub, CODEBOOK_SIZE, sub):
+                raise ConfigError(
+                    f"vecinfer: artifact codebooks have shape {tuple(self.centroids.shape)}, "
+                    f"bits={config.bits} needs {(n_sub, CODEBOOK_SIZE, sub)} (calibrate with "
+                    "these bits)"
+                )
+        else:
+            self.smooth = mx.ones((d,))
+            key = mx.random.key(config.seed)
+            self.centroids = mx.random.normal((n_sub, CODEBOOK_SIZE, sub), key=key)
+        self._flat = self.centroids.reshape(n_sub * CODEBOOK_SIZE, sub)
+        self._sq = (self.centroids * self.centroids).sum(axis=-1)  # [S, K]
+        self._offsets = mx.arange(n_sub, dtype=mx.uint32) * CODEBOOK_SIZE
+
+    def field_layout(self):
+        return {"idx": ((self.config.subspaces,), mx.uint8)}
+
+    def _split(self, z: mx.array) -> mx.array:
+        """``[..., D]`` -> ``[..., S, D/S]``."""
+        return z.reshape(*z.shape[:-1], self.config.subspaces, self.config.sub_dim)
+
+    def _encode(self, x: mx.array) -> Codes:
+        z = self._split(self.hadamard.apply(x / self.smooth))  # [..., S, sub]
+        # ||z - c||² = ||c||² - 2 z·c (+ const), per subspace: [..., S, K]
+        dots = (z[..., None, :] @ mx.swapaxes(self.centroids, -1, -2))[..., 0, :]
+        return Codes({"idx": mx.argmin(self._sq - 2 * dots, axis=-1).astype(mx.uint8)})
+
+    def _decode(self, codes: Codes) -> mx.array:
+        idx = codes["idx"].astype(mx.uint32) + self._offsets
+        z = mx.take(self._flat, idx, axis=0)  # [..., S, sub]
+        z = z.reshape(*z.shape[:-2], self.head_dim)
+        return self.hadamard.inverse(z) * self.smooth
+
+    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+        """``Σ_s LUT[s, idx_s]`` with ``LUT = H(q ⊙ s)_s · centroids[s]`` per query."""
+        qz = self._split(self.hadamard.apply(q.astype(mx.float32) * self.smooth))
+        lut = (qz[..., None, :] @ mx.swapaxes(self.centroids, -1, -2))[..., 0, :]  # [.., M, S, K]
+        *lead, m, n_sub, k = lut.shape
+        flat = lut.reshape(*lead, m, n_sub * k)
+        idx = codes["idx"].astype(mx.uint32) + self._offsets  # [..., L, S]
+        length = idx.shape[-2]
+        idx = mx.broadcast_to(idx.reshape(*lead, 1, length * n_sub), (*lead, m, length * n_sub))
+        picked = mx.take_along_axis(flat, idx, axis=-1)
+        return picked.reshape(*lead, m, length, n_sub).sum(axis=-1)

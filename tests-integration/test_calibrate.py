@@ -1,0 +1,75 @@
+"""Calibrate every method on a tiny random mlx-lm model, then run the model on the artifacts."""
+
+import mlx.core as mx
+import pytest
+from tiny_models import build
+
+from vq_calibrate import calibrate, load_allocation
+from vq_calibrate.capture import fresh_caches
+from vq_core import ArtifactError, CompressedKVCache, create
+from vq_mlxlm.routing import route
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for calibration: bytes modulo the tiny vocabulary."""
+
+    def encode(self, text):
+        return [b % 97 for b in text.encode()]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build("llama"), ByteTokenizer()
+
+
+def _run(model, caches):
+    tokens = mx.array([[i % 97 for i in range(48)]])
+    model(tokens[:, :32], cache=caches)
+    out = model(tokens[:, 32:], cache=caches)
+    mx.eval(out)
+    return out
+
+
+@pytest.mark.parametrize(("method", "bits"), [("spectral", 2), ("vecinfer", 2)])
+def test_calibrate_and_use(tmp_path, tiny, method, bits):
+    path = calibrate(tiny, method, bits, out=tmp_path, progress=False, n_sequences=3,
+                     seq_len=64, max_samples=512)  # fmt: skip
+    assert path == tmp_path / f"{method}.safetensors"
+    route()
+    model = tiny[0]
+    caches = fresh_caches(model)
+    for i in range(len(model.layers)):
+        k = create(method, head_dim=64, bits=bits, artifact=str(tmp_path), layer=i, kind="k")
+        v = create(method, head_dim=64, bits=bits, artifact=str(tmp_path), layer=i, kind="v")
+        caches[i] = CompressedKVCache(k, v)
+    exact = _run(model, fresh_caches(model))
+    out = _run(model, caches)
+    assert mx.isfinite(out).all().item()
+    assert mx.abs(out - exact).max().item() < 10 * mx.abs(exact).max().item()
+    with pytest.raises(ArtifactError, match="layer=2 is out of range"):
+        create(method, head_dim=64, bits=bits, artifact=str(tmp_path), layer=2)
+
+
+def test_ratequant_allocation(tmp_path, tiny):
+    calibrate(tiny, "ratequant", 2.5, out=tmp_path, progress=False, n_sequences=2, seq_len=64,
+              probe_sequences=1)  # fmt: skip
+    alloc = load_allocation(str(tmp_path))
+    assert len(alloc) == 2 and sum(alloc) == 5
+    with pytest.raises(ArtifactError, match="another model"):
+        load_allocation(str(tmp_path), {"layers": 30})
+
+
+def test_patch_with_artifacts_and_mismatch(tmp_path, tiny):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from vq_mlxlm import patch
+
+    calibrate(tiny, "spectral", 2, out=tmp_path, progress=False, n_sequences=3, seq_len=64,
+              max_samples=512)  # fmt: skip
+    model = patch(build("llama"), "spectral", 2, artifacts=str(tmp_path))
+    caches = make_prompt_cache(model)
+    assert [c.key_quantizer.config.layer for c in caches] == [0, 1]
+    assert {c.value_quantizer.config.kind for c in caches} == {"v"}
+    assert mx.isfinite(_run(model, caches)).all().item()
+    with pytest.raises(ArtifactError, match="another model"):
+        patch(build("qwen2"), "spectral", 2, artifacts=str(tmp_path))
