@@ -19,6 +19,7 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value-method", default=None, help="value method (default: paired)")
     p.add_argument("--value-bits", type=int, default=None, help="value bits (default: --bits)")
     p.add_argument("--window", type=int, default=0, help="recent tokens kept exact")
+    p.add_argument("--sink", type=int, default=0, help="first tokens kept exact")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -45,6 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
+    v = sub.add_parser("eval", help="quality, memory and speed vs mlx-lm's own caches")
+    v.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
+    v.add_argument("--methods", default=None, help="a,b,... names or specs (method@bits+k=v)")
+    v.add_argument("--bits", default=None, help="2,3,4 (default: each method's main widths)")
+    v.add_argument("--window", type=int, default=None, help="recent tokens kept exact")
+    v.add_argument("--value-bits", type=int, default=None, help="value bits (default: --bits)")
+    v.add_argument("--add", default=None, help="extra rows as specs, e.g. rabitq@3+window=64")
+    v.add_argument("--no-baselines", action="store_true", help="skip mlx-lm's 8/4/2-bit rows")
+    v.add_argument("--text", default=None, help="UTF-8 text file (default: pydoc_data.topics)")
+    size = v.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small token budget (default)")
+    size.add_argument("--full", action="store_true", help="full token budget")
+    v.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
+    v.add_argument("--markdown", default=None, metavar="FILE", help="write the table")
+    v.add_argument("--plot", default=None, metavar="FILE", help="KL vs bits PNG (matplotlib)")
     return parser
 
 

@@ -1,0 +1,62 @@
+"""``vq eval``: quality, memory and speed of vq caches against mlx-lm's own caches.
+
+Rows: every zero-calibration method at its main bit widths (or ``--methods``), mlx-lm's
+``QuantizedKVCache`` at 8/4/2 bits and the exact ``KVCache``, all on one model, one text
+and in one run (see :mod:`vq_mlxlm.evaluation`). Prints the Markdown table; ``--json``,
+``--markdown`` and ``--plot`` write files.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from vq_mlxlm.evaluation import report as report_io
+from vq_mlxlm.evaluation.harness import FULL, QUICK, run
+from vq_mlxlm.evaluation.specs import MLX_LM, expand, parse_spec, zero_calibration_methods
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if not text else [int(x) for x in text.split(",")]
+
+
+def grid(args) -> list:
+    """The rows ``args`` ask for (the exact row is added by the harness)."""
+    methods = args.methods.split(",") if args.methods else zero_calibration_methods()
+    specs = expand(methods, _ints(args.bits), window=args.window, value_bits=args.value_bits)
+    if not args.no_baselines and MLX_LM not in methods:
+        specs += expand([MLX_LM])
+    specs += [parse_spec(s) for s in (args.add.split(",") if args.add else [])]
+    return specs
+
+
+def eval(args) -> int:
+    from vq_mlxlm.default_model import load_model
+    from vq_mlxlm.evaluation.text import load_text
+
+    specs = grid(args)
+    budget = FULL if args.full else QUICK
+    t0 = time.perf_counter()
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_model(args.model)
+    text = load_text(tokenizer, args.text, budget.min_text)
+    print(
+        f"{len(specs) + 1} rows ({budget.name}) on {text.source} ({len(text.tokens):,} tokens)",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = run(model, tokenizer, text, specs, budget, model_name=args.model)
+    table = report_io.markdown(result)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.json:
+        report_io.write_json(result, args.json)
+    if args.plot:
+        try:
+            report_io.write_plot(result, args.plot)
+        except ImportError as err:
+            print(f"vq eval: {err}", file=sys.stderr)
+    print(f"vq eval: {time.perf_counter() - t0:.0f} s in all", file=sys.stderr)
+    return 0

@@ -1,0 +1,100 @@
+"""The evaluation report: a Markdown table, JSON with the same fields, a rate-distortion PNG.
+
+Columns: the row's cache spec, accounted bits per element (keys and values averaged, fp16
+side data), the bytes the cache really holds after ``context`` tokens (``nbytes``), the
+ratio of fp16 bytes to those bytes, perplexity and its change against the exact cache, KL
+(nats/token), top-1 agreement, needle retrieval, decode tokens/s as a ratio of the exact
+cache's (timed side by side) and the lowest per-layer attention-output cosine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PLOT_EXTRA = "plot"
+
+COLUMNS = (
+    ("method", "label", "{}"),
+    ("bits/el", "bits_per_element", "{:.3f}"),
+    ("cache MiB", "cache_bytes", "{:.2f}"),
+    ("vs fp16", "ratio_vs_fp16", "{:.2f}x"),
+    ("PPL", "ppl", "{:.3f}"),
+    ("ΔPPL %", "delta_ppl_pct", "{:+.2f}"),
+    ("KL", "kl", "{:.4f}"),
+    ("top-1", "top1", "{:.3f}"),
+    ("needle", "needle", "{}"),
+    ("decode vs exact", "decode_ratio", "{:.2f}x"),
+    ("attn cos min", "layer_cosine_min", "{:.4f}"),
+)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row[key]
+    if key == "cache_bytes":
+        value = value / 2**20
+    if key == "needle":
+        hits = sum(t["retrieved"] for t in row["needle_trials"])
+        return f"{hits}/{len(row['needle_trials'])}"
+    return fmt.format(value)
+
+
+def markdown(report: dict) -> str:
+    """The results table plus one line that says what was scored."""
+    b = report["budget"]
+    lengths = ", ".join(f"{n} tokens x {len(d)} depths" for n, d in b["needle"])
+    lines = [
+        f"Model `{report['model']}`, text `{report['text']['source']}` "
+        f"({report['text']['tokens']:,} tokens). Scored {b['scored']} predictions after an "
+        f"exact {b['prefix']}-token prefix, {b['chunk']} tokens per forward "
+        f"(tokens {report['scored_range'][0]}-{report['scored_range'][1]}); bytes after "
+        f"{b['prefix'] + b['scored']} tokens; needle: {lengths}; decode timed over "
+        f"{b['decode_steps']} tokens at {b['prefix'] + b['scored']} tokens of context.",
+        "",
+        "| " + " | ".join(c[0] for c in COLUMNS) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
+    for row in report["rows"]:
+        lines.append("| " + " | ".join(_cell(row, k, f) for _, k, f in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(report: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def write_plot(report: dict, path: str) -> None:
+    """KL against bits per element, one line per method (and per tuned setting).
+
+    Raises ImportError naming the extra when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError(
+            f"matplotlib is not installed, so no plot was written; install it with "
+            f"`pip install 'vq-mlxlm[{PLOT_EXTRA}]'` (or `uv run --with matplotlib ...`)"
+        ) from err
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in report["rows"]:
+        if row["kind"] == "exact":
+            continue
+        name = row["label"].replace(f"@{row['bits']}", "")
+        lines.setdefault(name, []).append((row["bits_per_element"], max(row["kl"], 1e-6)))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name, points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        style = dict(color="black", linestyle="--", linewidth=2) if name == "mlx_lm" else {}
+        ax.plot(xs, ys, marker="o", label=name, **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per element (keys and values, accounted)")
+    ax.set_ylabel("KL(exact || cache), nats per token")
+    ax.set_title(f"{report['model']}: rate-distortion ({report['budget']['name']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,49 @@
+"""The evaluation text: the Python reference manual that ships with Python, or a file.
+
+``pydoc_data.topics.topics`` is the text behind ``help("topic")``: about 110k tokens of
+real technical English (SmolLM2's tokenizer) in every CPython install, so the default
+needs no download and is the same on every machine with the same Python minor version.
+Its topics are joined in sorted key order with blank lines between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TEXT = "pydoc_data.topics"
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """A named text and its token ids."""
+
+    source: str  # "pydoc_data.topics" or the file path
+    sha256: str  # of the UTF-8 text, so results name exactly what was scored
+    tokens: list[int]
+
+
+def default_text() -> str:
+    """The Python reference manual's topics, joined in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def load_text(tokenizer, path: str | None = None, min_tokens: int = 0) -> EvalText:
+    """Tokenize ``path`` (UTF-8) or the default text; fail clearly if it is too short."""
+    if path is None:
+        source, text = DEFAULT_TEXT, default_text()
+    else:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"--text: {file} is not a file")
+        source, text = str(file), file.read_text(encoding="utf-8")
+    tokens = list(tokenizer.encode(text))
+    if len(tokens) < min_tokens:
+        raise ValueError(
+            f"--text {source} has {len(tokens):,} tokens; this evaluation needs at least "
+            f"{min_tokens:,} (use a longer text or --quick)"
+        )
+    return EvalText(source, hashlib.sha256(text.encode()).hexdigest(), tokens)

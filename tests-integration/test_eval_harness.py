@@ -1,0 +1,113 @@
+"""``vq eval`` end to end on a tiny random llama and a tiny text (CI-sized, CPU, seconds)."""
+
+import json
+
+import pytest
+from tiny_models import build
+
+from vq_mlxlm.cli import build_parser
+from vq_mlxlm.commands.eval import grid
+from vq_mlxlm.evaluation import Budget, parse_spec, run
+from vq_mlxlm.evaluation import report as report_io
+from vq_mlxlm.evaluation.text import EvalText
+
+TINY = Budget(
+    "tiny",
+    prefix=64,
+    scored=48,
+    chunk=16,
+    needle=((150, (0.2, 0.8)),),
+    prefill_tokens=32,
+    prefill_chunk=16,
+    decode_steps=4,
+    min_text=0,
+)
+WORDS = "the cache holds packed codes for keys and values of every layer while decode reads"
+
+
+class CharTokenizer:
+    """Printable ASCII and newline as ids 0-95 (the tiny model has 97); no chat template."""
+
+    eos_token_ids = {96}
+
+    def encode(self, text: str) -> list[int]:
+        return [95 if c == "\n" else min(max(ord(c) - 32, 0), 94) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join("\n" if i == 95 else "" if i == 96 else chr(i + 32) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def result():
+    tok = CharTokenizer()
+    vocab = WORDS.split()
+    words = [vocab[(i * 7 + i // 5) % len(vocab)] for i in range(120)]
+    lines = [" ".join(words[i : i + 8]) + "." for i in range(0, 120, 8)]
+    text = "\n".join(lines * 3)
+    specs = [parse_spec(s) for s in ("turboquant_mse@4", "turboquant_mse@2+window=16", "mlx_lm@4")]
+    return run(build("llama"), tok, EvalText("tiny", "0" * 64, tok.encode(text)), specs, TINY)
+
+
+def test_rows_and_fields(result):
+    labels = [r["label"] for r in result["rows"]]
+    assert labels == ["exact", "turboquant_mse@4", "turboquant_mse@2+window=16", "mlx_lm@4"]
+    exact, tq4, _, mlx4 = result["rows"]
+    assert exact["kl"] == 0 and exact["top1"] == 1 and exact["delta_ppl_pct"] == 0
+    assert exact["tokens"] == TINY.scored and exact["cache_tokens"] == TINY.context
+    for row in result["rows"]:
+        assert len(row["layer_cosine"]) == 2 and len(row["needle_trials"]) == 2
+        assert row["decode_ratio"] > 0 and row["prefill_ratio"] > 0
+        assert row["ppl"] > 1
+    assert tq4["bits_per_element"] == pytest.approx(4 + 16 / 64)
+    assert mlx4["bits_per_element"] == pytest.approx(4.5)
+
+
+def test_compressed_caches_were_used(result):
+    exact, tq4, tq2w, mlx4 = result["rows"]
+    assert tq4["compressed_layers"] == 2 and tq4["compressed_tokens"] == TINY.context
+    assert tq2w["compressed_tokens"] == TINY.context - 16  # the window stays exact
+    assert exact["compressed_layers"] == mlx4["compressed_layers"] == 0
+    # the compressed history changed the outputs, 2-bit more than 4-bit
+    assert 0 < tq4["kl"] < tq2w["kl"]
+    assert max(tq4["layer_cosine"]) < 1 - 1e-6 and min(tq4["layer_cosine"]) > 0.9
+    assert mlx4["kl"] > 0
+    # measured bytes: packed codes are smaller than the exact (float32 on CPU) cache
+    assert tq4["cache_bytes"] < exact["cache_bytes"] / 3
+    window_bytes = 2 * 2 * 2 * 16 * 64 * 4  # K and V, 2 layers, 2 heads, 16 tokens, fp32
+    assert tq2w["cache_bytes"] > window_bytes
+
+
+def test_report_files(result, tmp_path):
+    table = report_io.markdown(result)
+    header = table.splitlines()[2]
+    for column in ("bits/el", "cache MiB", "vs fp16", "ΔPPL %", "KL", "top-1", "needle"):
+        assert column in header
+    assert table.count("\n| ") == 1 + len(result["rows"])
+    report_io.write_json(result, str(tmp_path / "r.json"))
+    loaded = json.loads((tmp_path / "r.json").read_text())
+    assert loaded["rows"][1]["label"] == "turboquant_mse@4"
+    for key in ("bits_per_element", "cache_bytes", "ratio_vs_fp16", "ppl", "delta_ppl_pct"):
+        assert key in loaded["rows"][1]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"vq-mlxlm\[plot\]"):
+            report_io.write_plot(result, str(tmp_path / "rd.png"))
+    else:
+        report_io.write_plot(result, str(tmp_path / "rd.png"))
+        assert (tmp_path / "rd.png").stat().st_size > 1000
+
+
+def test_cli_grid():
+    args = build_parser().parse_args(
+        ["eval", "--methods", "turboquant_mse,qjl", "--bits", "3", "--add", "rabitq@2+window=8"]
+    )
+    labels = [s.label for s in grid(args)]
+    assert labels == [
+        "turboquant_mse@3",
+        "qjl@3",
+        "mlx_lm@8",
+        "mlx_lm@4",
+        "mlx_lm@2",
+        "rabitq@2+window=8",
+    ]
