@@ -55,6 +55,14 @@ def test_ratequant_allocation(tmp_path, tiny):
               probe_sequences=1)  # fmt: skip
     alloc = load_allocation(str(tmp_path))
     assert len(alloc) == 2 and sum(alloc) == 5
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from vq_mlxlm import patch
+
+    model = patch(build("llama"), "turboquant_mse", 4, artifacts=str(tmp_path))
+    assert [c.key_quantizer.config.bits for c in make_prompt_cache(model)] == alloc
+    with pytest.raises(ValueError, match="probed for 'turboquant_mse', not 'rabitq'"):
+        patch(build("llama"), "rabitq", 4, artifacts=str(tmp_path))
     with pytest.raises(ArtifactError, match="another model"):
         load_allocation(str(tmp_path), {"layers": 30})
 

@@ -20,6 +20,11 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value-bits", type=int, default=None, help="value bits (default: --bits)")
     p.add_argument("--window", type=int, default=0, help="recent tokens kept exact")
     p.add_argument("--sink", type=int, default=0, help="first tokens kept exact")
+    p.add_argument(
+        "--artifacts",
+        default=None,
+        help="vq calibrate output dir (calibrated methods, or a RateQuant per-layer allocation)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -61,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
     v.add_argument("--markdown", default=None, metavar="FILE", help="write the table")
     v.add_argument("--plot", default=None, metavar="FILE", help="KL vs bits PNG (matplotlib)")
+    v.add_argument("--artifacts", default=None, help="vq calibrate output dir for calibrated rows")
+
+    c = sub.add_parser("calibrate", help="train a calibrated method's artifact")
+    c.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
+    c.add_argument("--method", required=True, choices=["spectral", "vecinfer", "ratequant"])
+    c.add_argument(
+        "--bits",
+        type=float,
+        default=2,
+        help="codebook bits (vecinfer: 1, 2, 4) or average budget (ratequant, e.g. 2.5)",
+    )
+    c.add_argument("--base-method", default="turboquant_mse", help="ratequant: per-layer method")
+    c.add_argument(
+        "--text", default=None, help="calibration text file (default: Python topics, first half)"
+    )
+    c.add_argument("--out", required=True, help="artifact directory")
+    c.add_argument("--sequences", type=int, default=64)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -69,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_fast_blas()
     args = build_parser().parse_args(argv)
+    from vq_core import VQError
     from vq_mlxlm import commands
 
     try:
         return getattr(commands, args.command.replace("-", "_"))(args) or 0
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, VQError, ImportError) as err:
         print(f"vq {args.command}: error: {err}", file=sys.stderr)
         return 2
 

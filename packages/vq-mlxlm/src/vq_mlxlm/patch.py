@@ -58,8 +58,10 @@ def patch(
         bits, value_bits: one int, or one per layer.
         window: recent tokens kept exact per layer.
         sink: first tokens kept exact per layer (attention sinks).
-        artifacts: directory from ``vq calibrate`` for a calibrated method; checked against
-            this model's fingerprint, then each layer loads its own keys/values artifact.
+        artifacts: directory from ``vq calibrate``, checked against this model's fingerprint.
+            For a calibrated method each layer loads its own keys/values artifact; for any
+            other method the directory's RateQuant allocation sets the bits of every layer
+            (``bits`` is then ignored).
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
     check_routable(model)
@@ -73,10 +75,12 @@ def patch(
     _register_cache_class()
     head_dims = [_head_dim(model, layer) for layer in layers]
 
-    if artifacts is not None:
+    if artifacts is not None and get(method).needs_calibration:
         _check_artifacts(model, method, artifacts, head_dims[0])
         if value_method is None:
             value_method = method
+    elif artifacts is not None:  # a RateQuant allocation: per-layer bits for this method
+        per_layer_bits = _ratequant_bits(model, method, artifacts, head_dims[0])
 
     def layer_cache(i: int) -> CompressedKVCache:
         if artifacts is not None and get(method).needs_calibration:
@@ -149,20 +153,44 @@ def _per_layer(name: str, value, n: int) -> list:
     return values
 
 
-def _check_artifacts(model, method: str, artifacts: str, head_dim: int) -> None:
-    """ArtifactError unless ``artifacts`` holds ``method`` calibrated for this model."""
-    from vq_algorithms._artifact import artifact_path, check_meta, verify
+def _fingerprint(model, head_dim: int) -> dict:
     from vq_mlxlm.model_shape import model_kv_shape
 
     shape = model_kv_shape(model)
-    fingerprint = {
+    return {
         "architecture": str(getattr(model, "model_type", None) or model.args.model_type),
         "layers": shape.layers,
         "kv_heads": shape.kv_heads,
         "head_dim": head_dim,
     }
+
+
+def _check_artifacts(model, method: str, artifacts: str, head_dim: int) -> None:
+    """ArtifactError unless ``artifacts`` holds ``method`` calibrated for this model."""
+    from vq_algorithms._artifact import artifact_path, check_meta, verify
+
     path = artifact_path(artifacts, method)
-    check_meta(verify(path), path, method=method, fingerprint=fingerprint)
+    check_meta(verify(path), path, method=method, fingerprint=_fingerprint(model, head_dim))
+
+
+def _ratequant_bits(model, method: str, artifacts: str, head_dim: int) -> list[int]:
+    """Per-layer bits from ``vq calibrate --method ratequant`` (for ``method``)."""
+    from vq_algorithms._artifact import artifact_path, check_meta, read
+
+    path = artifact_path(artifacts, "ratequant")
+    if not path.exists():
+        raise ConfigError(
+            f"{method} needs no calibration; artifacts={artifacts!r} must then hold a RateQuant "
+            f"allocation (vq calibrate --method ratequant), but {path} does not exist"
+        )
+    arrays, meta = read(path)
+    check_meta(meta, path, method="ratequant", fingerprint=_fingerprint(model, head_dim))
+    if meta.get("base_method") != method:
+        raise ConfigError(
+            f"RateQuant allocation {path} was probed for {meta.get('base_method')!r}, "
+            f"not {method!r}"
+        )
+    return [int(b) for b in arrays["allocation"].tolist()]
 
 
 def _register_cache_class() -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
+from vq_core import get
 from vq_mlxlm.evaluation import report as report_io
 from vq_mlxlm.evaluation.harness import FULL, QUICK, run
 from vq_mlxlm.evaluation.specs import MLX_LM, expand, parse_spec, zero_calibration_methods
@@ -27,6 +29,13 @@ def grid(args) -> list:
     if not args.no_baselines and MLX_LM not in methods:
         specs += expand([MLX_LM])
     specs += [parse_spec(s) for s in (args.add.split(",") if args.add else [])]
+    if args.artifacts:  # calibrated rows load their artifacts from the directory
+        specs = [
+            replace(s, artifacts=args.artifacts)
+            if s.kind == "vq" and get(s.method).needs_calibration
+            else s
+            for s in specs
+        ]
     return specs
 
 

@@ -25,7 +25,8 @@ def load_patched(args):
         value_method=args.value_method,
         value_bits=args.value_bits,
         window=args.window,
-        sink=getattr(args, "sink", 0),
+        sink=args.sink,
+        artifacts=args.artifacts,
         seed=args.seed,
     )
     return model, tokenizer

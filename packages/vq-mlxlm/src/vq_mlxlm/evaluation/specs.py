@@ -21,7 +21,7 @@ EXACT, MLX_LM = "exact", "mlx_lm"
 MLX_LM_BITS = (8, 4, 2)
 MLX_LM_GROUP = 64
 MAIN_BITS = (2, 3, 4)
-_CACHE_KEYS = ("window", "value_bits", "value_method")
+_CACHE_KEYS = ("window", "value_bits", "value_method", "sink", "artifacts")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class CacheSpec:
     window: int = 0
     value_bits: int | None = None
     value_method: str | None = None
+    sink: int = 0
+    artifacts: str | None = None
     options: tuple[tuple[str, object], ...] = ()
 
     @property
@@ -62,6 +64,8 @@ class CacheSpec:
                 value_method=self.value_method,
                 value_bits=self.value_bits,
                 window=self.window,
+                sink=self.sink,
+                artifacts=self.artifacts,
                 **dict(self.options),
             )
             try:
