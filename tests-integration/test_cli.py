@@ -36,7 +36,7 @@ def test_generate_json_answers_paris_with_measured_compression():
         assert field in r
     assert r["method"] == "turboquant_mse" and r["bits"] == 4
     assert r["compressed_layers"] == 30
-    assert r["used_cache_bytes"] * 3 < r["fp16_cache_bytes"]
+    assert r["used_cache_bytes"] * 2.5 < r["fp16_cache_bytes"]  # sink token and means included
 
 
 def test_generate_prints_text_then_memory_line():

@@ -58,14 +58,15 @@ def test_rows_and_fields(result):
         assert len(row["layer_cosine"]) == 2 and len(row["needle_trials"]) == 2
         assert row["decode_ratio"] > 0 and row["prefill_ratio"] > 0
         assert row["ppl"] > 1
-    assert tq4["bits_per_element"] == pytest.approx(4 + 16 / 64)
+    n = TINY.context  # one sink token stays exact (counted at 16 bits), the rest compressed
+    assert tq4["bits_per_element"] == pytest.approx(((n - 1) * (4 + 16 / 64) + 16) / n, abs=1e-4)
     assert mlx4["bits_per_element"] == pytest.approx(4.5)
 
 
 def test_compressed_caches_were_used(result):
     exact, tq4, tq2w, mlx4 = result["rows"]
-    assert tq4["compressed_layers"] == 2 and tq4["compressed_tokens"] == TINY.context
-    assert tq2w["compressed_tokens"] == TINY.context - 16  # the window stays exact
+    assert tq4["compressed_layers"] == 2 and tq4["compressed_tokens"] == TINY.context - 1
+    assert tq2w["compressed_tokens"] == TINY.context - 16 - 1  # window and sink stay exact
     assert exact["compressed_layers"] == mlx4["compressed_layers"] == 0
     # the compressed history changed the outputs, 2-bit more than 4-bit
     assert 0 < tq4["kl"] < tq2w["kl"]

@@ -32,6 +32,8 @@ def _decoded(cache):
         parts_v.append(
             vq.decode({n[3:]: a for n, a in st.items() if n.startswith("v__")})[:, :, : k.n_comp]
         )
+        parts_k[-1] = parts_k[-1] + st["key_mean"]  # the cache centers what it compresses
+        parts_v[-1] = parts_v[-1] + st["value_mean"]
     for view, parts in ((k, parts_k), (v, parts_v)):
         if view.exact is not None:
             parts.append(view.exact)
@@ -130,8 +132,9 @@ def test_used_bytes_match_accounting_without_step_padding():
     cache = _cache(bits=4, step=256)
     cache.update_and_fetch(*_kv(100, h=3))
     bpe = cache.key_quantizer.bits_per_element + cache.value_quantizer.bits_per_element
-    assert cache.used_nbytes == bpe * 3 * 100 * 64 / 8
-    assert cache.nbytes == bpe * 3 * 256 * 64 / 8  # allocated: one 256-token step
+    means = 2 * 3 * 64 * 4  # one fp32 mean key and value per head
+    assert cache.used_nbytes == bpe * 3 * 100 * 64 / 8 + means
+    assert cache.nbytes == bpe * 3 * 256 * 64 / 8 + means  # allocated: one 256-token step
 
 
 def test_sink_tokens_stay_exact_and_attention_matches_reference():
@@ -148,6 +151,7 @@ def test_sink_tokens_stay_exact_and_attention_matches_reference():
     cache.update_and_fetch(k1, v1)
     kc = k.decode({n[3:]: a for n, a in st.items() if n.startswith("k__")})[:, :, :4]
     vc = v.decode({n[3:]: a for n, a in st.items() if n.startswith("v__")})[:, :, :4]
+    kc, vc = kc + st["key_mean"], vc + st["value_mean"]
     ref_k = mx.concatenate([keys[:, :, :4], kc, keys[:, :, 8:], k1], axis=2)
     ref_v = mx.concatenate([values[:, :, :4], vc, values[:, :, 8:], v1], axis=2)
     q = mx.random.normal((1, 4, 1, 64))
@@ -182,3 +186,24 @@ def test_fused_kernel_path_merges_exactly_with_exact_tokens(window, sink):
             outs.append(c.attend(q, scale=0.125, mask=mask))
         assert mx.allclose(outs[0], outs[1], atol=1e-5).item()
     assert ToyFused.calls > before
+
+
+def test_centering_removes_a_shared_offset_before_encoding():
+    keys, values = _kv(64)
+    keys, values = keys + 20.0, values - 20.0  # a large shared per-channel offset
+    errs = []
+    for center in (False, True):
+        k = create("toy_uniform", head_dim=64, bits=4)
+        v = create("toy_uniform", head_dim=64, bits=4, seed=1)
+        cache = CompressedKVCache(k, v, center=center)
+        cache.update_and_fetch(keys, values)
+        cache.update_and_fetch(keys[:, :, :1], values[:, :, :1])
+        q = mx.random.normal((1, 2, 1, 64), key=mx.random.key(3))
+        ref = mx.fast.scaled_dot_product_attention(
+            q,
+            mx.concatenate([keys, keys[:, :, :1]], 2),
+            mx.concatenate([values, values[:, :, :1]], 2),
+            scale=0.125,
+        )
+        errs.append(mx.abs(cache.attend(q, scale=0.125) - ref).max().item())
+    assert errs[1] < errs[0] / 3

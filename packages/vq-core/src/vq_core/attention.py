@@ -34,6 +34,8 @@ def attend_compressed(
     prefix_k: mx.array | None = None,
     prefix_v: mx.array | None = None,
     length: int | None = None,
+    key_mean: mx.array | None = None,
+    value_mean: mx.array | None = None,
 ) -> mx.array:
     """Softmax attention of ``queries [B, H_q, L, D]`` over (exact prefix,) compressed, then
     exact tokens.
@@ -45,6 +47,8 @@ def attend_compressed(
             them are the queries' own tokens).
         prefix_k, prefix_v: ``[B, H_kv, s, D]`` exact tokens older than the compressed ones
             (attention sinks), or None.
+        key_mean, value_mean: ``[B, H_kv, 1, D]`` subtracted from the compressed tokens
+            before encoding (see :class:`CompressedKVCache`), added back here.
         mask: None, ``"causal"`` (causal within the newest ``L`` tokens, history visible),
             or a boolean/additive array broadcastable to ``[B, H_q, L, n + m]``.
 
@@ -65,6 +69,11 @@ def attend_compressed(
             q, keys, value_quantizer, values, scale=scale, length=n
         )
         if fused is not None:
+            out_c, lse_c = fused
+            if key_mean is not None:  # scores of the centered keys miss q·mean for every token
+                lse_c = lse_c + (q @ mx.swapaxes(key_mean, -1, -2))[..., 0] * scale
+                out_c = out_c + value_mean
+            fused = (out_c, lse_c)
             out = _merge_exact(fused, q, exact_k, exact_v, prefix_k, prefix_v, scale, mask, g)
             return out.reshape(b, hq, lq, d).astype(queries.dtype)
     if keys is not None and n < key_quantizer.tokens_in(keys):
@@ -78,7 +87,10 @@ def attend_compressed(
     if prefix_k is not None:
         parts.append(q @ mx.swapaxes(prefix_k.astype(mx.float32), -1, -2))
     if keys is not None:
-        parts.append(key_quantizer.scores(q, keys))
+        s_c = key_quantizer.scores(q, keys)
+        if key_mean is not None:
+            s_c = s_c + q @ mx.swapaxes(key_mean, -1, -2)
+        parts.append(s_c)
     parts.append(q @ mx.swapaxes(exact_k.astype(mx.float32), -1, -2))
     s = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)) * scale
     s = s.reshape(b, hkv, g, lq, total)
@@ -87,7 +99,10 @@ def attend_compressed(
 
     out = p[..., s0 + n :] @ exact_v.astype(mx.float32)
     if values is not None:
-        out = out + value_quantizer.weighted_sum(p[..., s0 : s0 + n], values)
+        p_c = p[..., s0 : s0 + n]
+        out = out + value_quantizer.weighted_sum(p_c, values)
+        if value_mean is not None:
+            out = out + p_c.sum(axis=-1, keepdims=True) * value_mean
     if prefix_v is not None:
         out = out + p[..., :s0] @ prefix_v.astype(mx.float32)
     return out.reshape(b, hq, lq, d).astype(queries.dtype)

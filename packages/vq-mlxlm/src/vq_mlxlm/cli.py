@@ -19,7 +19,8 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value-method", default=None, help="value method (default: paired)")
     p.add_argument("--value-bits", type=int, default=None, help="value bits (default: --bits)")
     p.add_argument("--window", type=int, default=0, help="recent tokens kept exact")
-    p.add_argument("--sink", type=int, default=0, help="first tokens kept exact")
+    p.add_argument("--sink", type=int, default=1, help="first tokens kept exact (default 1)")
+    p.add_argument("--no-center", action="store_true", help="do not subtract the mean key/value")
     p.add_argument(
         "--artifacts",
         default=None,

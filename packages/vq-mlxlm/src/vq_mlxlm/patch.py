@@ -45,7 +45,8 @@ def patch(
     value_method: str | None = None,
     value_bits: int | Sequence[int] | None = None,
     window: int = 0,
-    sink: int = 0,
+    sink: int = 1,
+    center: bool = True,
     seed: int = 0,
     artifacts: str | None = None,
     **options: Any,
@@ -57,7 +58,8 @@ def patch(
             default value partner.
         bits, value_bits: one int, or one per layer.
         window: recent tokens kept exact per layer.
-        sink: first tokens kept exact per layer (attention sinks).
+        sink: first tokens kept exact per layer (attention sinks; default 1).
+        center: subtract the per-head mean key/value of the first compressed tokens.
         artifacts: directory from ``vq calibrate``, checked against this model's fingerprint.
             For a calibrated method each layer loads its own keys/values artifact; for any
             other method the directory's RateQuant allocation sets the bits of every layer
@@ -96,7 +98,7 @@ def patch(
                     value_method, head_dim=head_dims[i], bits=vbits, seed=seed + 1000 * i + 1
                 )
             )
-            return CompressedKVCache(keys, values, window=window, sink=sink)
+            return CompressedKVCache(keys, values, window=window, sink=sink, center=center)
         return make_cache(
             method,
             head_dim=head_dims[i],
@@ -105,6 +107,7 @@ def patch(
             value_bits=per_layer_vbits[i],
             window=window,
             sink=sink,
+            center=center,
             seed=seed + 1000 * i,
             **options,
         )
@@ -126,6 +129,7 @@ def patch(
         "value_bits": value_bits,
         "window": window,
         "sink": sink,
+        "center": center,
         "seed": seed,
         "artifacts": artifacts,
         **options,

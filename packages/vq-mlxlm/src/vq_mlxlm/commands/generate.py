@@ -26,6 +26,7 @@ def load_patched(args):
         value_bits=args.value_bits,
         window=args.window,
         sink=args.sink,
+        center=not args.no_center,
         artifacts=args.artifacts,
         seed=args.seed,
     )

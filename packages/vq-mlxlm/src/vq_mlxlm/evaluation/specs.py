@@ -21,7 +21,7 @@ EXACT, MLX_LM = "exact", "mlx_lm"
 MLX_LM_BITS = (8, 4, 2)
 MLX_LM_GROUP = 64
 MAIN_BITS = (2, 3, 4)
-_CACHE_KEYS = ("window", "value_bits", "value_method", "sink", "artifacts")
+_CACHE_KEYS = ("window", "value_bits", "value_method", "sink", "center", "artifacts")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class CacheSpec:
     window: int = 0
     value_bits: int | None = None
     value_method: str | None = None
-    sink: int = 0
+    sink: int = 1
+    center: int = 1
     artifacts: str | None = None
     options: tuple[tuple[str, object], ...] = ()
 
@@ -46,7 +47,7 @@ class CacheSpec:
         extra = [f"{k}={v}" for k, v in self.options]
         for key in _CACHE_KEYS:
             value = getattr(self, key)
-            if value not in (None, 0):
+            if value != type(self).__dataclass_fields__[key].default:
                 extra.insert(0, f"{key}={value}")
         return "+".join([f"{self.method}@{self.bits}", *extra])
 
@@ -65,6 +66,7 @@ class CacheSpec:
                 value_bits=self.value_bits,
                 window=self.window,
                 sink=self.sink,
+                center=bool(self.center),
                 artifacts=self.artifacts,
                 **dict(self.options),
             )
