@@ -32,8 +32,8 @@ def _decoded(cache):
         parts_v.append(
             vq.decode({n[3:]: a for n, a in st.items() if n.startswith("v__")})[:, :, : k.n_comp]
         )
-        parts_k[-1] = parts_k[-1] + st["key_mean"]  # the cache centers what it compresses
-        parts_v[-1] = parts_v[-1] + st["value_mean"]
+        parts_k[-1] = parts_k[-1] + st.get("key_mean", 0)  # when the cache centers
+        parts_v[-1] = parts_v[-1] + st.get("value_mean", 0)
     for view, parts in ((k, parts_k), (v, parts_v)):
         if view.exact is not None:
             parts.append(view.exact)
@@ -132,15 +132,18 @@ def test_used_bytes_match_accounting_without_step_padding():
     cache = _cache(bits=4, step=256)
     cache.update_and_fetch(*_kv(100, h=3))
     bpe = cache.key_quantizer.bits_per_element + cache.value_quantizer.bits_per_element
+    assert cache.used_nbytes == bpe * 3 * 100 * 64 / 8
+    assert cache.nbytes == bpe * 3 * 256 * 64 / 8  # allocated: one 256-token step
+    centered = CompressedKVCache(cache.key_quantizer, cache.value_quantizer, center=True)
+    centered.update_and_fetch(*_kv(100, h=3))
     means = 2 * 3 * 64 * 4  # one fp32 mean key and value per head
-    assert cache.used_nbytes == bpe * 3 * 100 * 64 / 8 + means
-    assert cache.nbytes == bpe * 3 * 256 * 64 / 8 + means  # allocated: one 256-token step
+    assert centered.used_nbytes == cache.used_nbytes + means
 
 
 def test_sink_tokens_stay_exact_and_attention_matches_reference():
     k = create("toy_uniform", head_dim=64, bits=4)
     v = create("toy_uniform", head_dim=64, bits=4, seed=1)
-    cache = CompressedKVCache(k, v, window=2, sink=4)
+    cache = CompressedKVCache(k, v, window=2, sink=4, center=True)
     keys, values = _kv(10)
     cache.update_and_fetch(keys[:, :, :3], values[:, :, :3])  # sink fills across updates
     cache.update_and_fetch(keys[:, :, 3:], values[:, :, 3:])
@@ -170,9 +173,8 @@ def test_fused_kernel_path_merges_exactly_with_exact_tokens(window, sink):
 
     def make(method):
         k = create(method, head_dim=64, bits=4)
-        return CompressedKVCache(
-            k, create("toy_uniform", head_dim=64, bits=4, seed=1), window=window, sink=sink
-        )
+        v = create("toy_uniform", head_dim=64, bits=4, seed=1)
+        return CompressedKVCache(k, v, window=window, sink=sink, center=True)
 
     fused, plain = make("toy_fused"), make("toy_uniform")
     keys, values = _kv(30)

@@ -9,10 +9,12 @@ there, so their errors cost the most) and a window of the most recent ``window``
 It has no ``bits`` attribute and no ``to_quantized`` method on purpose: mlx-lm reroutes or
 replaces caches that have them.
 
-With ``center`` (the default), the per-head mean key and value of the first tokens it
+With ``center`` (on in :func:`~vq_core.make_cache`, together with ``sink=1``), the per-head
+mean key and value of the first tokens it
 compresses are kept (fp32, one vector per head) and subtracted before encoding: on
 SmolLM2-135M about half of a key's energy is that mean, and removing it halves the
-quantization error. Attention adds ``q·mean`` back to the compressed scores (a shift shared
+quantization error; centering needs the sink, since the first token's key is far from the
+mean and draws the most attention. Attention adds ``q·mean`` back to the compressed scores (a shift shared
 by every compressed token) and the mean value to their weighted sum, so it stays exact.
 
 Attention (:meth:`attend`) for a chunk of ``L`` new tokens uses, in token order: the exact
@@ -56,7 +58,7 @@ class CompressedKVCache:
         window: int = 0,
         sink: int = 0,
         step: int = 256,
-        center: bool = True,
+        center: bool = False,
     ):
         if key_quantizer.head_dim != value_quantizer.head_dim:
             raise ConfigError(
