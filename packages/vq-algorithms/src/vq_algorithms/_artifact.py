@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from vq_core import ArtifactError
+from vq_core import ArtifactError, QuantizerConfig, invalid, invalid_choice
 
 FORMAT = 1
 FINGERPRINT_KEYS = ("architecture", "layers", "kv_heads", "head_dim")
@@ -157,3 +158,22 @@ def load_layer(
     if not out:
         raise ArtifactError(f"artifact {path} holds no arrays for layer {layer} kind {kind!r}")
     return out
+
+
+@dataclass(frozen=True)
+class CalibratedConfig(QuantizerConfig):
+    """Config fields every calibrated method shares.
+
+    ``artifact``: dir or file from ``vq calibrate`` ("" = untrained, documented per method);
+    ``layer``: the model layer; ``kind``: ``"k"`` (keys) or ``"v"`` (values).
+    """
+
+    artifact: str = ""
+    layer: int = 0
+    kind: str = "k"
+
+    def validate(self) -> None:
+        super().validate()
+        invalid_choice("kind", self.kind, ("k", "v"))
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise invalid("layer", self.layer, "an integer >= 0")

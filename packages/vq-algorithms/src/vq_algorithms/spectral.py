@@ -29,15 +29,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._artifact import load_layer
+from vq_algorithms._artifact import CalibratedConfig, load_layer
 from vq_core import (
     Codes,
     Quantizer,
-    QuantizerConfig,
     RandomOrthogonal,
     ScalarCodebook,
-    invalid,
-    invalid_choice,
     lloyd_max,
     pack,
     packed_words,
@@ -64,20 +61,13 @@ def allocate_bits(eigenvalues: list[float], bits: int, max_bits: int = MAX_BITS)
 
 
 @dataclass(frozen=True)
-class SpectralConfig(QuantizerConfig):
-    """``artifact``: dir or file from ``vq calibrate --method spectral`` ("" = untrained);
-    ``layer``: the model layer; ``kind``: ``"k"`` (keys) or ``"v"`` (values)."""
+class SpectralConfig(CalibratedConfig):
+    """Artifact from ``vq calibrate --method spectral`` (see :class:`CalibratedConfig`)."""
 
     allowed_bits = (1, 2, 3, 4)
-    artifact: str = ""
-    layer: int = 0
-    kind: str = "k"
 
     def validate(self) -> None:
         super().validate()
-        invalid_choice("kind", self.kind, ("k", "v"))
-        if not isinstance(self.layer, int) or self.layer < 0:
-            raise invalid("layer", self.layer, "an integer >= 0")
 
 
 @register

@@ -26,15 +26,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._artifact import load_layer
+from vq_algorithms._artifact import CalibratedConfig, load_layer
 from vq_core import (
     Codes,
     ConfigError,
     Quantizer,
-    QuantizerConfig,
     RandomizedHadamard,
-    invalid,
-    invalid_choice,
     register,
 )
 from vq_core.preconditioner import hadamard_supported
@@ -43,20 +40,13 @@ CODEBOOK_SIZE = 256
 
 
 @dataclass(frozen=True)
-class VecInferConfig(QuantizerConfig):
-    """``artifact``: dir or file from ``vq calibrate --method vecinfer`` ("" = untrained);
-    ``layer``: the model layer; ``kind``: ``"k"`` (keys) or ``"v"`` (values)."""
+class VecInferConfig(CalibratedConfig):
+    """Artifact from ``vq calibrate --method vecinfer`` (see :class:`CalibratedConfig`)."""
 
     allowed_bits = (1, 2, 4)
-    artifact: str = ""
-    layer: int = 0
-    kind: str = "k"
 
     def validate(self) -> None:
         super().validate()
-        invalid_choice("kind", self.kind, ("k", "v"))
-        if not isinstance(self.layer, int) or self.layer < 0:
-            raise invalid("layer", self.layer, "an integer >= 0")
         if self.head_dim % self.sub_dim or not hadamard_supported(self.head_dim):
             raise ConfigError(
                 f"vecinfer: head_dim={self.head_dim} must be a multiple of {self.sub_dim} "
