@@ -66,9 +66,6 @@ class SpectralConfig(CalibratedConfig):
 
     allowed_bits = (1, 2, 3, 4)
 
-    def validate(self) -> None:
-        super().validate()
-
 
 @register
 class Spectral(Quantizer):
