@@ -43,7 +43,9 @@ def builder(method: str, bits, artifact: str | None = None):
             k = create(method, head_dim=d, bits=b, seed=1000 * i, **ka)
             v = create(method, head_dim=d, bits=b, seed=1000 * i + 1, **va)
             caches[i] = CompressedKVCache(k, v)
-        return caches, k.bits_per_element
+        per_layer = [(c.key_quantizer.bits_per_element + c.value_quantizer.bits_per_element) / 2
+                     for c in caches]  # fmt: skip
+        return caches, sum(per_layer) / len(per_layer)
 
     return build
 
