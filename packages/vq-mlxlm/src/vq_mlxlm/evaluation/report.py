@@ -85,10 +85,14 @@ def write_plot(report: dict, path: str) -> None:
         name = row["label"].replace(f"@{row['bits']}", "")
         lines.setdefault(name, []).append((row["bits_per_element"], max(row["kl"], 1e-6)))
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for name, points in sorted(lines.items()):
+    colors = plt.get_cmap("tab20").colors  # distinct colours (the default cycle repeats at 10)
+    markers = "os^vD<>ph*"
+    for i, (name, points) in enumerate(sorted(lines.items())):
         xs, ys = zip(*sorted(points), strict=True)
-        style = dict(color="black", linestyle="--", linewidth=2) if name == "mlx_lm" else {}
-        ax.plot(xs, ys, marker="o", label=name, **style)
+        style = dict(color=colors[i % len(colors)], marker=markers[i % len(markers)])
+        if name == "mlx_lm":
+            style = dict(color="black", linestyle="--", linewidth=2, marker="o")
+        ax.plot(xs, ys, label=name, **style)
     ax.set_yscale("log")
     ax.set_xlabel("bits per element (keys and values, accounted)")
     ax.set_ylabel("KL(exact || cache), nats per token")
