@@ -12,9 +12,19 @@ query is rotated once and the output once, never the keys or values.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
-from vq_core import Codes, ScalarCodebook, pack, packed_words, unpack_fields
+from vq_core import (
+    Codes,
+    QuantizerConfig,
+    ScalarCodebook,
+    invalid_choice,
+    pack,
+    packed_words,
+    unpack_fields,
+)
 from vq_core.preconditioner import (
     Identity,
     Preconditioner,
@@ -24,6 +34,21 @@ from vq_core.preconditioner import (
 )
 
 ROTATIONS = ("auto", "hadamard", "orthogonal", "identity")
+
+
+@dataclass(frozen=True)
+class RotatedConfig(QuantizerConfig):
+    """Config of a method that rotates before quantizing.
+
+    ``rotation``: ``"auto"`` (Hadamard where the size allows, else dense), ``"hadamard"``,
+    ``"orthogonal"`` or ``"identity"``.
+    """
+
+    rotation: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        invalid_choice("rotation", self.rotation, ROTATIONS)
 
 
 def default_rotation(head_dim: int, rotation: str) -> str:

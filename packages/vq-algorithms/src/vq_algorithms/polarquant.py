@@ -41,14 +41,12 @@ from functools import cache
 
 import mlx.core as mx
 
-from vq_algorithms._rotated_codebook import ROTATIONS, default_rotation
+from vq_algorithms._rotated_codebook import RotatedConfig, default_rotation
 from vq_core import (
     Codes,
     ConfigError,
     Quantizer,
-    QuantizerConfig,
     ScalarCodebook,
-    invalid_choice,
     make_preconditioner,
     pack,
     register,
@@ -113,15 +111,13 @@ def inverse_polar(angles: list[mx.array], radius: mx.array) -> mx.array:
 
 
 @dataclass(frozen=True)
-class PolarQuantConfig(QuantizerConfig):
+class PolarQuantConfig(RotatedConfig):
     """``bits``: 4 (the paper's 3.875-bit split) or 3 (2.9375 bits); see the module doc."""
 
     allowed_bits = (3, 4)
-    rotation: str = "auto"
 
     def validate(self) -> None:
         super().validate()
-        invalid_choice("rotation", self.rotation, ROTATIONS)
         block = 1 << len(SPLITS[self.bits])
         if self.head_dim % block:
             raise ConfigError(

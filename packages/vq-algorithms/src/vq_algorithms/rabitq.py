@@ -42,13 +42,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._rotated_codebook import ROTATIONS, default_rotation
+from vq_algorithms._rotated_codebook import RotatedConfig, default_rotation
 from vq_core import (
     Codes,
     ConfigError,
     Quantizer,
-    QuantizerConfig,
-    invalid_choice,
     pack,
     packed_words,
     register,
@@ -62,7 +60,7 @@ _M1, _M2, _M4 = 0x55555555, 0x33333333, 0x0F0F0F0F
 
 
 @dataclass(frozen=True)
-class RaBitQConfig(QuantizerConfig):
+class RaBitQConfig(RotatedConfig):
     """``rotation`` as in turboquant_mse (default Haar ``"orthogonal"``, as the proofs
     assume); ``binary_query`` scores with a 4-bit query and popcounts (B = 1 only)."""
 
@@ -72,7 +70,6 @@ class RaBitQConfig(QuantizerConfig):
 
     def validate(self) -> None:
         super().validate()
-        invalid_choice("rotation", self.rotation, ROTATIONS)
         if self.rotation == "hadamard" and not hadamard_supported(self.head_dim):
             raise ConfigError(
                 f"rabitq: head_dim={self.head_dim} has no Hadamard rotation; use "

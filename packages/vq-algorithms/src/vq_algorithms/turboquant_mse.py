@@ -16,21 +16,16 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 import vq_kernels
-from vq_algorithms._rotated_codebook import ROTATIONS, RotatedCodebook
-from vq_core import Codes, Quantizer, QuantizerConfig, invalid_choice, register
+from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
+from vq_core import Codes, Quantizer, register
 from vq_kernels.codebook_attention import KERNEL_HEAD_DIMS
 
 
 @dataclass(frozen=True)
-class TurboQuantMSEConfig(QuantizerConfig):
-    """``rotation``: ``"auto"`` (Hadamard where the size allows, else dense), or explicit."""
+class TurboQuantMSEConfig(RotatedConfig):
+    """``rotation``: see :class:`RotatedConfig`."""
 
     allowed_bits = (1, 2, 3, 4)
-    rotation: str = "auto"
-
-    def validate(self) -> None:
-        super().validate()
-        invalid_choice("rotation", self.rotation, ROTATIONS)
 
 
 @register

@@ -17,19 +17,14 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._rotated_codebook import ROTATIONS, RotatedCodebook
+from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
 from vq_algorithms._sign_sketch import SignSketch
-from vq_core import Codes, Quantizer, QuantizerConfig, invalid_choice, register
+from vq_core import Codes, Quantizer, register
 
 
 @dataclass(frozen=True)
-class TurboQuantProdConfig(QuantizerConfig):
+class TurboQuantProdConfig(RotatedConfig):
     allowed_bits = (2, 3, 4)
-    rotation: str = "auto"
-
-    def validate(self) -> None:
-        super().validate()
-        invalid_choice("rotation", self.rotation, ROTATIONS)
 
 
 @register

@@ -23,19 +23,17 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._rotated_codebook import ROTATIONS, RotatedCodebook
-from vq_core import Codes, Quantizer, QuantizerConfig, invalid, invalid_choice, register
+from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
+from vq_core import Codes, Quantizer, invalid, register
 
 
 @dataclass(frozen=True)
-class TurboQuantRVQConfig(QuantizerConfig):
+class TurboQuantRVQConfig(RotatedConfig):
     allowed_bits = (2, 3, 4, 5, 6, 8)
     passes: int = 2
-    rotation: str = "auto"
 
     def validate(self) -> None:
         super().validate()
-        invalid_choice("rotation", self.rotation, ROTATIONS)
         if not isinstance(self.passes, int) or not 2 <= self.passes <= self.bits:
             raise invalid("passes", self.passes, f"an integer in [2, bits={self.bits}]")
         if -(-self.bits // self.passes) > 4:
