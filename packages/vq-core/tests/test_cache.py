@@ -209,3 +209,35 @@ def test_centering_removes_a_shared_offset_before_encoding():
         )
         errs.append(mx.abs(cache.attend(q, scale=0.125) - ref).max().item())
     assert errs[1] < errs[0] / 3
+
+
+def test_position_aware_keys_get_their_positions_and_are_not_centered():
+    """Compressed token i is at position sink + i in encode, scores and trim's decode."""
+    kq = create("toy_positional", head_dim=64, bits=8)
+    vq = create("toy_uniform", head_dim=64, bits=8, seed=1)
+    cache = CompressedKVCache(kq, vq, window=2, sink=3, center=True)
+    keys, values = _kv(20)
+    for lo, hi in ((0, 12), (12, 13), (13, 20)):
+        cache.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
+    st = cache.state
+    assert "key_mean" not in st and "value_mean" in st
+    q = mx.random.normal((1, 4, 1, 64), key=mx.random.key(2))
+    k1, v1 = _kv(1, seed=5)
+    cache.update_and_fetch(k1, v1)
+    ref = mx.fast.scaled_dot_product_attention(
+        q, mx.concatenate([keys, k1], 2), mx.concatenate([values, v1], 2), scale=0.125
+    )
+    # 8-bit codes of x / (1 + position): close to exact only with the right positions
+    assert mx.allclose(cache.attend(q, scale=0.125), ref, atol=2e-2).item()
+    kq.position_aware = False  # the same codes scored as if every token sat at position 0
+    assert not mx.allclose(cache.attend(q, scale=0.125), ref, atol=2e-2).item()
+    del kq.position_aware
+    codes = {n[3:]: a for n, a in cache.state.items() if n.startswith("k__")}
+    assert mx.allclose(kq.decode(codes, start=3), keys[:, :, 3:19], atol=0.05).item()
+    assert not mx.allclose(kq.decode(codes, start=4), keys[:, :, 3:19], atol=0.05).item()
+    assert cache.trim(5) == 5  # 2 exact + 3 compressed; cache stays consistent
+    assert cache.compressed_tokens == 13 and cache.offset == 16
+    with pytest.raises(ConfigError, match="position-aware"):
+        CompressedKVCache(vq, kq)
+    with pytest.raises(ConfigError, match="start"):
+        kq.encode(keys, start=-1)

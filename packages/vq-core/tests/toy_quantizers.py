@@ -89,3 +89,26 @@ class ToyFused(ToyUniform):
         s = (q @ mx.swapaxes(k, -1, -2)) * scale
         lse = mx.logsumexp(s, axis=-1)
         return mx.softmax(s, axis=-1) @ v, lse
+
+
+@register
+class ToyPositional(ToyUniform):
+    """ToyUniform of ``x / (1 + position)``: decoding or scoring at the wrong ``start``
+    gives visibly wrong keys, so it checks that the cache passes every token's position."""
+
+    method = "toy_positional"
+    position_aware = True
+
+    @staticmethod
+    def _factor(n: int, start: int) -> mx.array:
+        return (1.0 + start + mx.arange(n, dtype=mx.float32))[:, None]
+
+    def _encode(self, x, start=0):
+        return super()._encode(x / self._factor(x.shape[-2], start))
+
+    def _decode(self, codes, start=0):
+        y = super()._decode(codes)
+        return y * self._factor(y.shape[-2], start)
+
+    def scores(self, q, codes, *, start=0):
+        return q.astype(mx.float32) @ mx.swapaxes(self.decode(codes, start=start), -1, -2)

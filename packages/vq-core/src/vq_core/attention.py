@@ -46,7 +46,8 @@ def attend_compressed(
         exact_k, exact_v: ``[B, H_kv, m, D]``, the newest ``m`` tokens (the last ``L`` of
             them are the queries' own tokens).
         prefix_k, prefix_v: ``[B, H_kv, s, D]`` exact tokens older than the compressed ones
-            (attention sinks), or None.
+            (attention sinks), or None. Compressed token ``i`` is at position ``s + i``
+            (what a position-aware key quantizer's ``scores`` receives as ``start``).
         key_mean, value_mean: ``[B, H_kv, 1, D]`` subtracted from the compressed tokens
             before encoding (see :class:`CompressedKVCache`), added back here.
         mask: None, ``"causal"`` (causal within the newest ``L`` tokens, history visible),
@@ -72,6 +73,7 @@ def attend_compressed(
             out_c, lse_c = fused
             if key_mean is not None:  # scores of the centered keys miss q·mean for every token
                 lse_c = lse_c + (q @ mx.swapaxes(key_mean, -1, -2))[..., 0] * scale
+            if value_mean is not None:
                 out_c = out_c + value_mean
             fused = (out_c, lse_c)
             out = _merge_exact(fused, q, exact_k, exact_v, prefix_k, prefix_v, scale, mask, g)
@@ -87,7 +89,10 @@ def attend_compressed(
     if prefix_k is not None:
         parts.append(q @ mx.swapaxes(prefix_k.astype(mx.float32), -1, -2))
     if keys is not None:
-        s_c = key_quantizer.scores(q, keys)
+        if key_quantizer.position_aware:
+            s_c = key_quantizer.scores(q, keys, start=s0)
+        else:
+            s_c = key_quantizer.scores(q, keys)
         if key_mean is not None:
             s_c = s_c + q @ mx.swapaxes(key_mean, -1, -2)
         parts.append(s_c)

@@ -16,6 +16,11 @@ SmolLM2-135M about half of a key's energy is that mean, and removing it halves t
 quantization error; centering needs the sink, since the first token's key is far from the
 mean and draws the most attention. Attention adds ``q·mean`` back to the compressed scores (a shift shared
 by every compressed token) and the mean value to their weighted sum, so it stays exact.
+Keys of a position-aware method (RoPE-commuting codebooks) are not centered: their mean in
+the rotated (post-RoPE) basis is not a mean in the basis they are encoded in.
+
+Compressed token ``i`` is at position ``sink + i`` (the sink is full before anything is
+compressed); that is the ``start`` a position-aware key quantizer receives.
 
 Attention (:meth:`attend`) for a chunk of ``L`` new tokens uses, in token order: the exact
 sink, the compressed history, the exact window, and the chunk's own exact keys/values. Tokens are
@@ -71,6 +76,10 @@ class CompressedKVCache:
             raise ConfigError(f"sink={sink!r} is not allowed; expected an integer >= 0")
         if not isinstance(step, int) or step < 1:
             raise ConfigError(f"step={step!r} is not allowed; expected an integer >= 1")
+        if value_quantizer.position_aware:
+            raise ConfigError(
+                f"{value_quantizer.method} is position-aware (RoPE keys); it cannot compress values"
+            )
         self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
         self.window, self.sink, self.step, self.center = window, sink, step, center
         self.block = max(key_quantizer.token_block, value_quantizer.token_block)
@@ -118,12 +127,16 @@ class CompressedKVCache:
         n_move -= n_move % self.block
         if n_move:
             k_old, v_old = all_k[:, :, :n_move], all_v[:, :, :n_move]
-            if self.center and self._key_mean is None:  # fixed by the first tokens compressed
-                self._key_mean = k_old.astype(mx.float32).mean(axis=2, keepdims=True)
+            if self.center and self._value_mean is None:  # fixed by the first tokens compressed
+                if not self.key_quantizer.position_aware:
+                    self._key_mean = k_old.astype(mx.float32).mean(axis=2, keepdims=True)
                 self._value_mean = v_old.astype(mx.float32).mean(axis=2, keepdims=True)
             if self._key_mean is not None:
-                k_old, v_old = k_old - self._key_mean, v_old - self._value_mean
-            kc = self.key_quantizer.encode(k_old, check_finite=False)
+                k_old = k_old - self._key_mean
+            if self._value_mean is not None:
+                v_old = v_old - self._value_mean
+            start = self._comp_start + self._n_comp  # position of k_old's first token
+            kc = self.key_quantizer.encode(k_old, check_finite=False, start=start)
             vc = self.value_quantizer.encode(v_old, check_finite=False)
             self._append(kc, vc, n_move)
         rest = all_k.shape[2] - n_move
@@ -184,10 +197,13 @@ class CompressedKVCache:
             cut = new_n - new_n % self.block
             if cut < new_n:  # a partial block goes back to the exact window, decoded
                 end = cut + self.block
-                k = self.key_quantizer.decode(_slice(self._keys, self.key_quantizer, end))
+                kc = _slice(self._keys, self.key_quantizer, end)
+                k = self.key_quantizer.decode(kc, start=self._comp_start)
                 v = self.value_quantizer.decode(_slice(self._values, self.value_quantizer, end))
                 if self._key_mean is not None:
-                    k, v = k + self._key_mean, v + self._value_mean
+                    k = k + self._key_mean
+                if self._value_mean is not None:
+                    v = v + self._value_mean
                 dt = self._dtype
                 self._exact_k = k[:, :, cut:new_n].astype(dt)
                 self._exact_v = v[:, :, cut:new_n].astype(dt)
@@ -258,7 +274,9 @@ class CompressedKVCache:
         if self._sink_k is not None:
             out["sink_k"], out["sink_v"] = self._sink_k, self._sink_v
         if self._key_mean is not None:
-            out["key_mean"], out["value_mean"] = self._key_mean, self._value_mean
+            out["key_mean"] = self._key_mean
+        if self._value_mean is not None:
+            out["value_mean"] = self._value_mean
         return out
 
     @state.setter
@@ -321,6 +339,11 @@ class CompressedKVCache:
         return cache
 
     # -- internals -------------------------------------------------------------------------
+
+    @property
+    def _comp_start(self) -> int:
+        """Position of the first compressed token: the number of sink tokens held."""
+        return 0 if self._sink_k is None else self._sink_k.shape[2]
 
     @property
     def _dtype(self):

@@ -11,6 +11,11 @@ Attention contract (shapes after grouped-query folding, ``M = queries per KV hea
 * ``weighted_sum(p [B, Hkv, M, L], codes) -> [B, Hkv, M, D]`` (``Σ_i p_i v̂_i``)
 
 The defaults decode then multiply; methods override them with compressed-domain versions.
+
+Position-aware methods (``position_aware = True``, e.g. CommVQ's RoPE-commuting codebooks)
+encode keys in a position-free basis and need each token's position: ``encode``, ``decode``
+and ``scores`` then take ``start``, the position of the first token along the token axis
+(``-2``); token ``t`` is at ``start + t``. Other methods never receive ``start``.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class Quantizer(ABC):
     family: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
     token_block: ClassVar[int] = 1
+    position_aware: ClassVar[bool] = False
     default_value_method: ClassVar[str | None] = None
     # Stated bound on E||x - x̂||² / E||x||² per bit width (Gaussian x, head_dim 128).
     round_trip_bound: ClassVar[dict[int, float]] = {}
@@ -99,20 +105,26 @@ class Quantizer(ABC):
 
     # -- encoding --------------------------------------------------------------------------
 
-    def encode(self, x: mx.array, *, check_finite: bool = True) -> Codes:
+    def encode(self, x: mx.array, *, check_finite: bool = True, start: int = 0) -> Codes:
         """Encode ``x [..., head_dim]`` (fp16/bf16/fp32) into packed codes.
 
         ``check_finite`` forces an evaluation to reject NaN/Inf; the cache turns it off on
-        the decode hot path.
+        the decode hot path. ``start``: position of ``x[..., 0, :]`` (position-aware methods
+        only; ignored by the others).
         """
         self.check_input(x, "x", check_finite=check_finite)
-        return self._encode(x.astype(mx.float32))
+        x = x.astype(mx.float32)
+        if self.position_aware:
+            return self._encode(x, start=_check_start(start))
+        return self._encode(x)
 
-    def decode(self, codes: Codes) -> mx.array:
-        """Reconstruct float32 ``[..., head_dim]`` from codes."""
+    def decode(self, codes: Codes, *, start: int = 0) -> mx.array:
+        """Reconstruct float32 ``[..., head_dim]`` from codes (``start`` as in encode)."""
         missing = set(self.field_layout()) - set(codes)
         if missing:
             raise ShapeError(f"{self.method}: codes lack fields {sorted(missing)}")
+        if self.position_aware:
+            return self._decode(codes, start=_check_start(start))
         return self._decode(codes)
 
     @abstractmethod
@@ -202,3 +214,9 @@ class Quantizer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def _check_start(start: int) -> int:
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise invalid("start", start, "a token position (an integer >= 0)")
+    return start
