@@ -81,3 +81,27 @@ def test_patch_with_artifacts_and_mismatch(tmp_path, tiny):
     assert mx.isfinite(_run(model, caches)).all().item()
     with pytest.raises(ArtifactError, match="another model"):
         patch(build("qwen2"), "spectral", 2, artifacts=str(tmp_path))
+
+
+def test_comm_vq_calibrate_patch_generate_and_rope_mismatch(tmp_path, tiny):
+    import mlx.nn as nn
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from vq_mlxlm import patch
+
+    calibrate(tiny, "comm_vq", 2, out=tmp_path, progress=False, n_sequences=3, seq_len=64,
+              head_samples=256, table_bits=3)  # fmt: skip
+    model = patch(build("llama"), "comm_vq", 2, artifacts=str(tmp_path))
+    caches = make_prompt_cache(model)
+    keys = [c.key_quantizer for c in caches]
+    assert all(k.position_aware and k.config.table_bits == 3 for k in keys)
+    assert {c.value_quantizer.config.kind for c in caches} == {"v"}
+    out = _run(model, caches)
+    exact = _run(model, fresh_caches(model))
+    assert caches[0].compressed_tokens == 47  # sink 1, everything else compressed
+    err = mx.abs(out - exact).max().item()
+    assert 0 < err < 0.5 * mx.abs(exact).max().item()
+    shifted = build("llama")
+    shifted.layers[1].self_attn.rope = nn.RoPE(64, base=500.0)
+    with pytest.raises(ArtifactError, match="layer 1 was calibrated with another RoPE"):
+        patch(shifted, "comm_vq", 2, artifacts=str(tmp_path))

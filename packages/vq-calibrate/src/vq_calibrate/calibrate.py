@@ -1,7 +1,7 @@
 """``calibrate(model, method, bits, text=None, out=DIR)``: capture, train, save atomically.
 
-Methods: ``spectral`` and ``vecinfer`` (quantizers in vq-algorithms, trained from captured
-keys/values) and ``ratequant`` (a per-layer bit allocation over ``base_method``, from probed
+Methods: ``spectral``, ``vecinfer`` and ``comm_vq`` (quantizers in vq-algorithms, trained
+from captured keys/values; comm_vq from per-head pre-RoPE keys) and ``ratequant`` (a per-layer bit allocation over ``base_method``, from probed
 sensitivity). The artifact is ``<out>/<method>.safetensors``; use it with
 ``create(method, artifact=out, layer=i, kind="k"|"v", ...)`` or, for ratequant,
 ``patch(model, base_method, bits=load_allocation(out))``.
@@ -46,6 +46,8 @@ def calibrate(
     seed: int = 0,
     base_method: str = "turboquant_mse",
     probe_sequences: int = 4,
+    head_samples: int = 2048,
+    table_bits: int = 6,
 ) -> Path:
     """Calibrate ``method`` on ``model`` and write ``<out>/<method>.safetensors``.
 
@@ -54,6 +56,8 @@ def calibrate(
         bits: the width the codebooks are trained for (vecinfer), or the average budget
             (ratequant, e.g. 2.5); spectral's artifact serves every width.
         text: calibration text (default :func:`~vq_calibrate.text.calibration_text`).
+        head_samples, table_bits: comm_vq's tokens per layer for EM and table size
+            (``2**table_bits`` entries, ``4**table_bits`` codewords per stage).
     Returns:
         The artifact's path.
     """
@@ -94,6 +98,13 @@ def calibrate(
     else:
         from vq_core import get
 
+        ropes, options = None, {}
+        if method == "comm_vq":
+            from vq_mlxlm.model_shape import model_ropes
+
+            ropes = model_ropes(net, _kv_shape(net)[1])
+            options = {"ropes": ropes, "table_bits": table_bits, "seed": seed}
+            meta["config"] = {"table_bits": table_bits}  # what patch() passes to the quantizer
         cap = capture(
             net,
             sequences,
@@ -101,8 +112,10 @@ def calibrate(
             max_samples=max_samples,
             seed=seed,
             progress=progress,
+            head_samples=head_samples if method == "comm_vq" else 0,
+            ropes=ropes,
         )
-        arrays, extra = TRAINERS[method](cap, int(bits), progress=progress)
+        arrays, extra = TRAINERS[method](cap, int(bits), progress=progress, **options)
         meta |= extra | {
             "method": method,
             "version": get(method).config_class.version,

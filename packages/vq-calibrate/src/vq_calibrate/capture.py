@@ -6,6 +6,12 @@ compressed cache would receive (post-RoPE keys, ``[B, H_kv, L, D]``). Per layer 
 (``"k"``, ``"v"``) it keeps streaming moments (:class:`~vq_calibrate.pca.Moments`, over all
 heads and tokens) and a bounded uniform sample of vectors (reservoir sampling, Vitter's
 Algorithm R, deterministic from ``seed``) for k-means.
+
+Methods with per-head codebooks ask for ``head_samples``: a sample of whole tokens,
+``[n, H·D]`` per layer and kind, so every head keeps its own rows. With ``ropes`` (one
+:class:`~vq_algorithms._rope.RopeGeometry` per layer, from
+:func:`vq_mlxlm.model_shape.model_ropes`) those keys
+are rotated back to their pre-RoPE form, using each token's position (the cache offset).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Capture:
     text_sha256: str
     moments: dict[tuple[int, str], Moments] = field(default_factory=dict)
     samples: dict[tuple[int, str], Reservoir] = field(default_factory=dict)
+    head_samples: dict[tuple[int, str], Reservoir] = field(default_factory=dict)
     tokens: list[list[int]] = field(default_factory=list)
 
     def record(self, layer: int, kind: str, x: np.ndarray, cap: int, seed: int) -> None:
@@ -62,6 +69,15 @@ class Capture:
         self.moments[key].update(x)
         self.samples[key].update(x)
 
+    def record_tokens(self, layer: int, kind: str, x: np.ndarray, cap: int, seed: int) -> None:
+        """``x [B, H, L, D]`` as ``B·L`` token rows of ``H·D`` (heads side by side)."""
+        b, h, n, d = x.shape
+        rows = x.transpose(0, 2, 1, 3).reshape(b * n, h * d)
+        key = (layer, kind)
+        if key not in self.head_samples:
+            self.head_samples[key] = Reservoir(cap, h * d, seed + 7919 + 2 * layer + (kind == "v"))
+        self.head_samples[key].update(rows)
+
 
 class RecordingCache:
     """Forwards the mlx-lm cache protocol to ``inner``; records ``update_and_fetch`` inputs."""
@@ -70,7 +86,7 @@ class RecordingCache:
         self.__dict__.update(_inner=inner, _layer=layer, _sink=sink)
 
     def update_and_fetch(self, keys, values):
-        self._sink(self._layer, keys, values)
+        self._sink(self._layer, keys, values, self._inner.offset)
         return self._inner.update_and_fetch(keys, values)
 
     def __getattr__(self, name):
@@ -121,18 +137,30 @@ def capture(
     max_samples: int = 16384,
     seed: int = 0,
     progress: bool = True,
+    head_samples: int = 0,
+    ropes: list | None = None,
 ) -> Capture:
-    """Run ``model`` on token ``sequences`` (one forward pass each) and record every layer."""
+    """Run ``model`` on token ``sequences`` (one forward pass each) and record every layer;
+    ``head_samples`` > 0 also keeps that many whole tokens per layer and kind (pre-RoPE
+    keys when ``ropes`` is given)."""
     import mlx.core as mx
 
     state: dict[str, Any] = {}
     cap: Capture | None = None
 
-    def sink(layer, keys, values):
+    def sink(layer, keys, values, offset):
         state["shape"] = keys.shape
+        keys, values = keys.astype(mx.float32), values.astype(mx.float32)
+        if head_samples and ropes is not None:
+            g = ropes[layer]
+            pairs = g.rotate_pairs(g.to_pairs(keys), offset, inverse=True)
+            state.setdefault("tokens", []).append((layer, "k", np.array(g.from_pairs(pairs))))
+        elif head_samples:
+            state.setdefault("tokens", []).append((layer, "k", np.array(keys)))
+        if head_samples:
+            state.setdefault("tokens", []).append((layer, "v", np.array(values)))
         for kind, x in (("k", keys), ("v", values)):
-            arr = np.array(x.astype(mx.float32))
-            state.setdefault("batch", []).append((layer, kind, arr))
+            state.setdefault("batch", []).append((layer, kind, np.array(x)))
 
     for i, seq in enumerate(sequences):
         progress_bar("capture", i, len(sequences), progress)
@@ -143,6 +171,8 @@ def capture(
             cap = Capture(model_fingerprint(model, head_dim, kv_heads), text_sha256)
         for layer, kind, arr in state.pop("batch"):
             cap.record(layer, kind, arr, max_samples, seed)
+        for layer, kind, arr in state.pop("tokens", []):
+            cap.record_tokens(layer, kind, arr, head_samples, seed)
     progress_bar("capture", len(sequences), len(sequences), progress)
     cap.tokens = [list(s) for s in sequences]
     return cap

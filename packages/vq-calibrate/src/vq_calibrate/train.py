@@ -7,11 +7,14 @@ plus method-specific metadata.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from vq_calibrate.capture import Capture, progress_bar
+from vq_calibrate.commutative_em import DEFAULT_EM, EMSettings, train_tables
 from vq_calibrate.kmeans import product_kmeans
 from vq_calibrate.pca import pca
 
@@ -67,4 +70,59 @@ def train_vecinfer(
     return arrays, {"bits": bits}
 
 
-TRAINERS = {"spectral": train_spectral, "vecinfer": train_vecinfer}
+def train_comm_vq(
+    cap: Capture,
+    bits: int,
+    *,
+    table_bits: int = 6,
+    ropes: list | None = None,
+    seed: int = 0,
+    settings: EMSettings = DEFAULT_EM,
+    progress: bool = False,
+) -> tuple[dict, dict]:
+    """EM-trained tables ``[H, R, K, P, 2]`` per layer and kind, from ``cap.head_samples``
+    (pre-RoPE keys), plus each layer's RoPE geometry (``rope_perm``, ``rope_freqs``).
+
+    One job per (layer, kind, head), run on every CPU core (numpy releases the GIL).
+    """
+    from vq_algorithms._rope import RopeGeometry
+    from vq_algorithms.comm_vq import CommVQConfig
+
+    if not cap.head_samples:
+        raise ValueError("comm_vq needs per-head samples: capture(..., head_samples=N)")
+    d = cap.fingerprint["head_dim"]
+    config = CommVQConfig(head_dim=d, bits=bits, table_bits=table_bits)
+    jobs = []
+    for (layer, kind), res in sorted(cap.head_samples.items()):
+        g = ropes[layer] if ropes is not None and kind == "k" else RopeGeometry.identity(d)
+        rows = res.sample.reshape(len(res.sample), -1, d)
+        perm = np.array(g.perm)
+        for h in range(rows.shape[1]):
+            jobs.append((layer, kind, h, rows[:, h][:, perm]))
+
+    def run(job):
+        layer, kind, h, x = job
+        job_seed = seed + 1009 * layer + 2 * h + (kind == "v")
+        return train_tables(x, config.stages, table_bits, seed=job_seed, settings=settings)
+
+    results = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for i, out in enumerate(pool.map(run, jobs)):
+            progress_bar("EM", i, len(jobs), progress)
+            results.append(out)
+    progress_bar("EM", len(jobs), len(jobs), progress)
+    arrays: dict[str, Any] = {}
+    errors: dict[str, list[float]] = {}
+    for (layer, kind, _h, _x), (tables, errs) in zip(jobs, results, strict=True):
+        arrays.setdefault(f"layers.{layer}.{kind}.tables", []).append(tables)
+        errors.setdefault(f"{layer}.{kind}", []).append(errs[-1])
+    arrays = {k: np.stack(v).astype(np.float32) for k, v in arrays.items()}
+    for layer in sorted({layer for layer, *_ in jobs}):
+        g = ropes[layer] if ropes is not None else RopeGeometry.identity(d)
+        arrays[f"layers.{layer}.k.rope_perm"] = np.array(g.perm).astype(np.int32)
+        arrays[f"layers.{layer}.k.rope_freqs"] = np.array(g.freqs).astype(np.float32)
+    train_error = {k: float(np.mean(v)) for k, v in errors.items()}
+    return arrays, {"bits": bits, "table_bits": table_bits, "train_error": train_error}
+
+
+TRAINERS = {"spectral": train_spectral, "vecinfer": train_vecinfer, "comm_vq": train_comm_vq}

@@ -71,12 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="train a calibrated method's artifact")
     c.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
-    c.add_argument("--method", required=True, choices=["spectral", "vecinfer", "ratequant"])
+    c.add_argument(
+        "--method", required=True, choices=["spectral", "vecinfer", "comm_vq", "ratequant"]
+    )
     c.add_argument(
         "--bits",
         type=float,
         default=2,
-        help="codebook bits (vecinfer: 1, 2, 4) or average budget (ratequant, e.g. 2.5)",
+        help="codebook bits (vecinfer: 1, 2, 4; comm_vq: 1-4) or average budget (ratequant, "
+        "e.g. 2.5)",
+    )
+    c.add_argument(
+        "--table-bits", type=int, default=6, help="comm_vq: 2**N entries per stage table (1-6)"
+    )
+    c.add_argument(
+        "--head-samples", type=int, default=2048, help="comm_vq: tokens per layer for EM"
     )
     c.add_argument("--base-method", default="turboquant_mse", help="ratequant: per-layer method")
     c.add_argument(

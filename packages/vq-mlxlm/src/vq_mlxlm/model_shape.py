@@ -1,4 +1,5 @@
-"""The KV-cache shape of a model (layers, KV heads, head_dim) without loading its weights."""
+"""The KV-cache shape of a model (layers, KV heads, head_dim) without loading its weights,
+and the RoPE geometry of a loaded one."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def model_kv_shape(model) -> KVShape:
     attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
     kv = getattr(attn, "n_kv_heads", None) or model.args.num_key_value_heads
     return KVShape(len(model.layers), kv, _head_dim(model, layer))
+
+
+def model_ropes(model, head_dim: int) -> list:
+    """Each layer's RoPE geometry (:func:`vq_algorithms._rope.probe_rope` of its ``rope``)."""
+    from vq_algorithms._rope import probe_rope
+    from vq_core import ConfigError
+
+    out = []
+    for i, layer in enumerate(model.layers):
+        attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+        rope = getattr(attn, "rope", None)
+        if rope is None:
+            raise ConfigError(f"layer {i} has no attention 'rope' module to read RoPE from")
+        out.append(probe_rope(rope, head_dim))
+    return out

@@ -78,7 +78,8 @@ def patch(
     head_dims = [_head_dim(model, layer) for layer in layers]
 
     if artifacts is not None and get(method).needs_calibration:
-        _check_artifacts(model, method, artifacts, head_dims[0])
+        meta = _check_artifacts(model, method, artifacts, head_dims[0])
+        options = {**meta.get("config", {}), **options}  # e.g. comm_vq's table_bits
         if value_method is None:
             value_method = method
     elif artifacts is not None:  # a RateQuant allocation: per-layer bits for this method
@@ -91,13 +92,14 @@ def patch(
                 method, bits=per_layer_bits[i], seed=seed + 1000 * i, kind="k", **common, **options
             )
             vbits = per_layer_vbits[i] or per_layer_bits[i]
-            values = (
-                create(value_method, bits=vbits, seed=seed + 1000 * i + 1, kind="v", **common)
-                if get(value_method).needs_calibration
-                else create(
-                    value_method, head_dim=head_dims[i], bits=vbits, seed=seed + 1000 * i + 1
+            vseed = seed + 1000 * i + 1
+            if not get(value_method).needs_calibration:
+                values = create(value_method, head_dim=head_dims[i], bits=vbits, seed=vseed)
+            else:
+                v_options = options if value_method == method else {}
+                values = create(
+                    value_method, bits=vbits, seed=vseed, kind="v", **common, **v_options
                 )
-            )
             return CompressedKVCache(keys, values, window=window, sink=sink, center=center)
         return make_cache(
             method,
@@ -112,7 +114,9 @@ def patch(
             **options,
         )
 
-    layer_cache(0)  # bad configs fail at patch time, not mid-generation
+    first = layer_cache(0)  # bad configs fail at patch time, not mid-generation
+    if first.key_quantizer.position_aware:
+        _check_ropes(model, [layer_cache(i) for i in range(len(layers))], head_dims[0])
 
     def make_vq_cache() -> list:
         caches = _original_caches(model)
@@ -169,12 +173,27 @@ def _fingerprint(model, head_dim: int) -> dict:
     }
 
 
-def _check_artifacts(model, method: str, artifacts: str, head_dim: int) -> None:
+def _check_artifacts(model, method: str, artifacts: str, head_dim: int) -> dict:
     """ArtifactError unless ``artifacts`` holds ``method`` calibrated for this model."""
     from vq_algorithms._artifact import artifact_path, check_meta, verify
 
     path = artifact_path(artifacts, method)
-    check_meta(verify(path), path, method=method, fingerprint=_fingerprint(model, head_dim))
+    meta = verify(path)
+    check_meta(meta, path, method=method, fingerprint=_fingerprint(model, head_dim))
+    return meta
+
+
+def _check_ropes(model, caches: list, head_dim: int) -> None:
+    """ArtifactError unless each layer's RoPE is the one its codebooks were trained with."""
+    from vq_core import ArtifactError
+    from vq_mlxlm.model_shape import model_ropes
+
+    for i, (rope, cache) in enumerate(zip(model_ropes(model, head_dim), caches, strict=True)):
+        if not cache.key_quantizer.geometry.matches(rope, tol=1e-5):
+            raise ArtifactError(
+                f"{cache.key_quantizer.method} artifact: layer {i} was calibrated with another "
+                "RoPE (pairing or frequencies differ from this model's)"
+            )
 
 
 def _ratequant_bits(model, method: str, artifacts: str, head_dim: int) -> list[int]:

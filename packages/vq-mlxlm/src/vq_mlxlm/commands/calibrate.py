@@ -2,7 +2,8 @@
 
 ``vq calibrate --model default --method spectral --out artifacts/`` writes
 ``artifacts/spectral.safetensors``; ``--method ratequant --bits 2.5`` writes a per-layer bit
-allocation over ``--base-method``. Calibration text defaults to the first half of Python's
+allocation over ``--base-method``; ``--method comm_vq`` trains RoPE-commuting codebooks by EM on
+pre-RoPE keys (``--table-bits``, ``--head-samples``). Calibration text defaults to the first half of Python's
 reference manual topics (:func:`vq_calibrate.calibration_text`); evaluation uses the other half.
 """
 
@@ -32,6 +33,8 @@ def calibrate(args) -> int:
         seq_len=args.seq_len,
         base_method=args.base_method,
         seed=args.seed,
+        table_bits=args.table_bits,
+        head_samples=args.head_samples,
     )
     print(json.dumps({"method": args.method, "artifact": str(path)}), file=sys.stdout)
     return 0
