@@ -112,3 +112,44 @@ def test_cli_grid():
         "mlx_lm@2",
         "rabitq@2+window=8",
     ]
+
+
+def test_artifact_rows_run_in_the_harness(tmp_path):
+    """``vq eval --artifacts``: each calibrated method at its trained bits, and RateQuant
+    next to the uniform split of the same mean, all scored in one run."""
+    from vq_calibrate import calibrate
+
+    tok, model = CharTokenizer(), build("llama")
+    text = " ".join(WORDS.split() * 40)
+    common = dict(text=text, out=tmp_path, progress=False, n_sequences=2, seq_len=64)
+    calibrate((model, tok), "spectral", 2, **common)
+    calibrate((model, tok), "comm_vq", 2, head_samples=128, table_bits=2, **common)
+    calibrate((model, tok), "ratequant", 2.5, probe_sequences=1, **common)
+    args = build_parser().parse_args(
+        ["eval", "--methods", "turboquant_mse", "--bits", "2", "--no-baselines",
+         "--artifacts", str(tmp_path)]
+    )  # fmt: skip
+    specs = grid(args)
+    d = str(tmp_path)
+    assert [s.label for s in specs] == [
+        "turboquant_mse@2",
+        f"comm_vq@2+artifacts={d}",
+        f"spectral@2+artifacts={d}",
+        "turboquant_mse@2.5+split=uniform",
+        f"turboquant_mse@2.5+artifacts={d}+split=ratequant",
+    ]
+    rows = run(model, tok, EvalText("tiny", "0" * 64, tok.encode(text * 2)), specs, TINY)["rows"]
+    by_label = {r["label"]: r for r in rows}
+    uniform = by_label["turboquant_mse@2.5+split=uniform"]
+    rq = by_label[f"turboquant_mse@2.5+artifacts={d}+split=ratequant"]
+    n = TINY.context  # sink token at 16 bits; mean 2.5 bits + 16/64 for the norm
+    expected = ((n - 1) * (2.5 + 16 / 64) + 16) / n
+    assert uniform["bits_per_element"] == pytest.approx(expected, abs=1e-4)
+    assert rq["bits_per_element"] == pytest.approx(expected, abs=1e-4)
+    cvq = by_label[f"comm_vq@2+artifacts={d}"]
+    assert cvq["compressed_tokens"] == n - 1 and cvq["bits_per_element"] <= (2 * (n - 1) + 16) / n
+    assert all(r["kl"] > 0 for r in rows[1:])
+    with pytest.raises(ValueError, match=r"mean 2\.5 bits, not 3\.5"):
+        parse_spec(f"turboquant_mse@3.5+split=ratequant+artifacts={d}").make_caches(model)
+    with pytest.raises(ValueError, match="fractional bits need split"):
+        parse_spec("turboquant_mse@2.5")

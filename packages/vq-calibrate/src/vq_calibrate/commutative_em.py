@@ -18,7 +18,7 @@ commutes with RoPE.
   products, never the ``K² × D`` means.
 
 The stage with the lowest hard-assignment error is kept; EM stops once an iteration no
-longer lowers it. Residuals then go to the next stage (greedy additive quantization).
+longer lowers it (each iteration's distances serve both its error and its E-step). Residuals then go to the next stage (greedy additive quantization).
 """
 
 from __future__ import annotations
@@ -56,8 +56,11 @@ def squared_distances(u: np.ndarray, theta: np.ndarray) -> np.ndarray:
     sq = (a * a).sum(1)
     pair = sq[:, None] + sq[None, :] + 2 * (a @ b.T)  # ||c_AB||²
     f, g = u @ a.T, u @ b.T
-    d2 = pair[None] - 2 * (f[:, :, None] + g[:, None, :]) + (u * u).sum(1)[:, None, None]
-    return np.maximum(d2, 0.0)
+    d2 = f[:, :, None] + g[:, None, :]  # in place from here: [N, K, K] is the big array
+    d2 *= -2.0
+    d2 += pair[None]
+    d2 += (u * u).sum(1)[:, None, None]
+    return np.maximum(d2, 0.0, out=d2)
 
 
 def hard_assign(u: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -83,15 +86,6 @@ def m_step(u: np.ndarray, w: np.ndarray, ridge: float) -> np.ndarray:
     return sol.reshape(k, 2, p).transpose(0, 2, 1).astype(np.float32)
 
 
-def soft_assign(u: np.ndarray, theta: np.ndarray, temperature: float) -> np.ndarray:
-    k = theta.shape[0]
-    logits = -np.sqrt(squared_distances(u, theta)).reshape(len(u), k * k) / temperature
-    logits -= logits.max(1, keepdims=True)
-    w = np.exp(logits)
-    w /= w.sum(1, keepdims=True)
-    return w.reshape(len(u), k, k)
-
-
 def train_stage(
     u: np.ndarray, k: int, rng: np.random.Generator, settings: EMSettings = DEFAULT_EM
 ) -> tuple[np.ndarray, float]:
@@ -102,20 +96,26 @@ def train_stage(
     # start: K² random samples as unstructured centers, one soft E-step, one M-step
     centers = u[rng.integers(0, len(u), k * k)]
     d2 = (u * u).sum(1)[:, None] - 2 * u @ centers.T + (centers * centers).sum(1)[None]
-    logits = -np.sqrt(np.maximum(d2, 0)) / temps[0]
-    logits -= logits.max(1, keepdims=True)
-    w = np.exp(logits)
-    w /= w.sum(1, keepdims=True)
+    w = _softmax(np.sqrt(np.maximum(d2, 0)) / -temps[0])
     theta = m_step(u, w.reshape(len(u), k, k).astype(np.float32), s.ridge)
-    best_theta, best = theta, hard_assign(u, theta)[2]
+    best_theta, best = theta, np.inf
     for temperature in temps[: s.steps]:
-        theta = m_step(u, soft_assign(u, theta, float(temperature)), s.ridge)
-        err = hard_assign(u, theta)[2]
-        if err < best * (1 - 1e-4):
-            best_theta, best = theta, err
-        else:
+        d2 = squared_distances(u, theta).reshape(len(u), k * k)  # one pass serves E and error
+        err = float(d2.min(1).mean())
+        if err >= best * (1 - 1e-4):
             break
+        best_theta, best = theta, err
+        logits = np.sqrt(d2, out=d2)
+        logits /= -temperature
+        theta = m_step(u, _softmax(logits).reshape(len(u), k, k), s.ridge)
     return best_theta, best
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits -= logits.max(1, keepdims=True)
+    w = np.exp(logits, out=logits)
+    w /= w.sum(1, keepdims=True)
+    return w
 
 
 def train_tables(

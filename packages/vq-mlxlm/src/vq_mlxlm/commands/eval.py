@@ -4,6 +4,11 @@ Rows: every zero-calibration method at its main bit widths (or ``--methods``), m
 ``QuantizedKVCache`` at 8/4/2 bits and the exact ``KVCache``, all on one model, one text
 and in one run (see :mod:`vq_mlxlm.evaluation`). Prints the Markdown table; ``--json``,
 ``--markdown`` and ``--plot`` write files.
+
+``--artifacts DIR`` (from ``vq calibrate``) adds a row per calibrated method found in
+``DIR`` at the bits it was trained for, and for a RateQuant allocation its row and the
+uniform split at the same mean; without ``--text`` the run then scores the held-out half
+of the default text (calibration used the other half).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import sys
 import time
 from dataclasses import replace
 
-from vq_core import get
+from vq_core import available, get
 from vq_mlxlm.evaluation import report as report_io
 from vq_mlxlm.evaluation.harness import FULL, QUICK, run
 from vq_mlxlm.evaluation.specs import MLX_LM, expand, parse_spec, zero_calibration_methods
@@ -36,7 +41,28 @@ def grid(args) -> list:
             else s
             for s in specs
         ]
+        specs += [s for s in artifact_rows(args.artifacts) if s not in specs]
     return specs
+
+
+def artifact_rows(directory: str) -> list:
+    """Rows for what ``directory`` holds: each calibrated method at its trained bits, and a
+    RateQuant allocation next to the uniform split of the same mean."""
+    from vq_algorithms._artifact import artifact_path, verify
+
+    rows = []
+    for name in available():
+        path = artifact_path(directory, name)
+        if get(name).needs_calibration and path.exists():
+            bits = verify(path).get("bits", 2)
+            rows.append(parse_spec(f"{name}@{int(bits)}+artifacts={directory}"))
+    path = artifact_path(directory, "ratequant")
+    if path.exists():
+        meta = verify(path)
+        mean, base = float(meta["bits"]), meta["base_method"]
+        rows.append(parse_spec(f"{base}@{mean}+split=uniform"))
+        rows.append(parse_spec(f"{base}@{mean}+split=ratequant+artifacts={directory}"))
+    return rows
 
 
 def eval(args) -> int:
@@ -48,7 +74,8 @@ def eval(args) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_model(args.model)
-    text = load_text(tokenizer, args.text, budget.min_text)
+    held_out = args.artifacts is not None and args.text is None
+    text = load_text(tokenizer, args.text, budget.min_text, held_out=held_out)
     print(
         f"{len(specs) + 1} rows ({budget.name}) on {text.source} ({len(text.tokens):,} tokens)",
         file=sys.stderr,

@@ -221,7 +221,7 @@ def _describe(spec: CacheSpec, caches: list, model, context: int) -> dict:
     """The row's settings, bytes held and proof that the compressed cache was used."""
     shape = model_kv_shape(model)
     compressed = [c for c in caches if isinstance(c, CompressedKVCache)]
-    bits = accounted_bits(spec, caches[0])
+    bits = accounted_bits(spec, caches)
     layer = compressed[0] if compressed else None
     return {
         "label": spec.label,

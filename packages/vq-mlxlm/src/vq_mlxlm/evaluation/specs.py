@@ -7,11 +7,18 @@ own ``QuantizedKVCache``, affine, group 64) or ``exact`` (mlx-lm's ``KVCache``: 
 keys and values in the model's compute dtype, float32 on MLX's CPU backend). ``window``,
 ``value_bits`` and ``value_method`` are cache settings; other keys go to the key method's
 config. Bits per element are *accounted* with fp16 side data (norms, scales, biases) and
-fp16 window tokens, as a GPU run holds them.
+fp16 window tokens, as a GPU run holds them, averaged over layers.
+
+Per-layer bits: ``METHOD@2.5+split=uniform`` gives the first half of the layers 3 bits and
+the rest 2 (any mean: ``ceil`` on the first layers, ``floor`` on the others);
+``METHOD@2.5+split=ratequant+artifacts=DIR`` uses the RateQuant allocation in ``DIR``
+(``vq calibrate --method ratequant``), which must have that mean. ``artifacts=DIR`` on a
+calibrated method loads its trained codebooks.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import vq_algorithms  # noqa: F401  (registers the methods)
@@ -21,18 +28,20 @@ EXACT, MLX_LM = "exact", "mlx_lm"
 MLX_LM_BITS = (8, 4, 2)
 MLX_LM_GROUP = 64
 MAIN_BITS = (2, 3, 4)
-_CACHE_KEYS = ("window", "value_bits", "value_method", "sink", "center", "artifacts")
+_CACHE_KEYS = ("window", "value_bits", "value_method", "sink", "center", "split", "artifacts")
+SPLITS = ("uniform", "ratequant")
 
 
 @dataclass(frozen=True)
 class CacheSpec:
     method: str
-    bits: int = 16
+    bits: int | float = 16
     window: int = 0
     value_bits: int | None = None
     value_method: str | None = None
     sink: int = 1
     center: int = 1
+    split: str | None = None
     artifacts: str | None = None
     options: tuple[tuple[str, object], ...] = ()
 
@@ -61,7 +70,7 @@ class CacheSpec:
             patch(
                 model,
                 self.method,
-                self.bits,
+                self.layer_bits(len(model.layers)),
                 value_method=self.value_method,
                 value_bits=self.value_bits,
                 window=self.window,
@@ -71,9 +80,20 @@ class CacheSpec:
                 **dict(self.options),
             )
             try:
-                return model.make_cache()
+                caches = model.make_cache()
             finally:
                 unpatch(model)
+            if self.split == "ratequant":
+                layer_bits = [
+                    c.key_quantizer.config.bits for c in caches if hasattr(c, "key_quantizer")
+                ]
+                mean = sum(layer_bits) / len(layer_bits)
+                if abs(mean - self.bits) > 1e-9:
+                    raise ValueError(
+                        f"{self.label}: the RateQuant allocation in {self.artifacts} has mean "
+                        f"{mean:g} bits, not {self.bits}"
+                    )
+            return caches
         caches = make_prompt_cache(unpatch(model))
         if self.kind == MLX_LM:
             caches = [
@@ -83,6 +103,15 @@ class CacheSpec:
                 for c in caches
             ]
         return caches
+
+    def layer_bits(self, layers: int) -> int | list[int]:
+        """``bits``, or per-layer bits with mean ``bits`` for ``split=uniform``; with
+        ``split=ratequant`` patch() reads the allocation from ``artifacts``."""
+        if self.split != "uniform":
+            return int(self.bits)
+        lo = math.floor(self.bits)
+        high = round((self.bits - lo) * layers)
+        return [lo + 1] * high + [lo] * (layers - high)
 
 
 def parse_spec(text: str) -> CacheSpec:
@@ -104,7 +133,8 @@ def parse_spec(text: str) -> CacheSpec:
             fields[key] = parsed
         else:
             options.append((key, parsed))
-    spec = CacheSpec(method, int(bits), options=tuple(options), **fields)
+    number = float(bits) if "." in bits else int(bits)
+    spec = CacheSpec(method, number, options=tuple(options), **fields)
     _check(spec)
     return spec
 
@@ -137,11 +167,22 @@ def expand(methods: list[str], bits: list[int] | None = None, **settings) -> lis
     return specs
 
 
-def accounted_bits(spec: CacheSpec, cache) -> float:
-    """Bits per cached element (keys and values averaged) of one layer's cache."""
-    if spec.kind == EXACT:
+def accounted_bits(spec: CacheSpec, caches: list) -> float:
+    """Bits per cached element (keys and values averaged), averaged over the compressed
+    layers (layers a method leaves alone, e.g. sliding-window ones, are not counted)."""
+    from vq_core import CompressedKVCache
+
+    if spec.kind == "vq":
+        layers = [c for c in caches if isinstance(c, CompressedKVCache)]
+        return sum(_layer_bits(c) for c in layers) / len(layers)
+    return _layer_bits(caches[0], spec)
+
+
+def _layer_bits(cache, spec: CacheSpec | None = None) -> float:
+    """Bits per cached element of one layer's cache (``spec`` for mlx-lm and exact rows)."""
+    if spec is not None and spec.kind == EXACT:
         return 16.0
-    if spec.kind == MLX_LM:
+    if spec is not None and spec.kind == MLX_LM:
         return spec.bits + 2 * 16 / MLX_LM_GROUP
     key_bpe = cache.key_quantizer.bits_per_element
     value_bpe = cache.value_quantizer.bits_per_element
@@ -160,6 +201,14 @@ def _value(text: str):
 
 
 def _check(spec: CacheSpec) -> None:
+    if spec.split not in (None, *SPLITS):
+        raise ValueError(f"{spec.label}: split={spec.split!r}; choose from {SPLITS}")
+    if spec.split == "ratequant" and not spec.artifacts:
+        raise ValueError(f"{spec.label}: split=ratequant needs artifacts=DIR")
+    if spec.split == "uniform" and spec.artifacts and not get(spec.method).needs_calibration:
+        raise ValueError(f"{spec.label}: artifacts=DIR would replace the uniform split")
+    if isinstance(spec.bits, float) and spec.split is None:
+        raise ValueError(f"{spec.label}: fractional bits need split=uniform or split=ratequant")
     if spec.method == MLX_LM:
         if spec.bits not in (2, 3, 4, 5, 6, 8):
             raise ValueError(f"mlx_lm@{spec.bits}: mlx quantizes to 2, 3, 4, 5, 6 or 8 bits")

@@ -3,7 +3,9 @@
 ``pydoc_data.topics.topics`` is the text behind ``help("topic")``: about 110k tokens of
 real technical English (SmolLM2's tokenizer) in every CPython install, so the default
 needs no download and is the same on every machine with the same Python minor version.
-Its topics are joined in sorted key order with blank lines between them.
+Its topics are joined in sorted key order with blank lines between them. Runs that score
+calibrated methods use only the second half of the topics (``held_out``): vq-calibrate
+calibrates on the first half (:mod:`vq_calibrate.text` splits them the same way).
 """
 
 from __future__ import annotations
@@ -24,17 +26,24 @@ class EvalText:
     tokens: list[int]
 
 
-def default_text() -> str:
-    """The Python reference manual's topics, joined in sorted key order."""
+def default_text(held_out: bool = False) -> str:
+    """The Python reference manual's topics, joined in sorted key order (``held_out``: only
+    ``sorted(keys)[n // 2 :]``, never used for calibration)."""
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    keys = sorted(topics)
+    if held_out:
+        keys = keys[len(keys) // 2 :]
+    return "\n\n".join(topics[key] for key in keys)
 
 
-def load_text(tokenizer, path: str | None = None, min_tokens: int = 0) -> EvalText:
+def load_text(
+    tokenizer, path: str | None = None, min_tokens: int = 0, held_out: bool = False
+) -> EvalText:
     """Tokenize ``path`` (UTF-8) or the default text; fail clearly if it is too short."""
     if path is None:
-        source, text = DEFAULT_TEXT, default_text()
+        source = DEFAULT_TEXT + (" (held-out half)" if held_out else "")
+        text = default_text(held_out)
     else:
         file = Path(path).expanduser()
         if not file.is_file():
