@@ -95,7 +95,7 @@ def test_comm_vq_calibrate_patch_generate_and_rope_mismatch(tmp_path, tiny):
     caches = make_prompt_cache(model)
     keys = [c.key_quantizer for c in caches]
     assert all(k.position_aware and k.config.table_bits == 3 for k in keys)
-    assert {c.value_quantizer.config.kind for c in caches} == {"v"}
+    assert {c.value_quantizer.method for c in caches} == {"turboquant_mse"}
     out = _run(model, caches)
     exact = _run(model, fresh_caches(model))
     assert caches[0].compressed_tokens == 47  # sink 1, everything else compressed

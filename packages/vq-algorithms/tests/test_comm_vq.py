@@ -8,7 +8,7 @@ import pytest
 
 from vq_algorithms._rope import RopeGeometry, probe_rope
 from vq_algorithms.comm_vq import CommVQ, CommVQConfig, untrained_tables
-from vq_core import CompressedKVCache, ConfigError, ShapeError, create
+from vq_core import CompressedKVCache, ConfigError, ShapeError, create, make_cache
 
 
 def _tables(heads, bits=2, d=64, table_bits=6, seed=0):
@@ -17,8 +17,8 @@ def _tables(heads, bits=2, d=64, table_bits=6, seed=0):
                            for h in range(heads)])  # fmt: skip
 
 
-def _quantizer(geometry=None, heads=2, bits=2, d=64, table_bits=6, kind="k"):
-    cfg = CommVQConfig(head_dim=d, bits=bits, table_bits=table_bits, kind=kind)
+def _quantizer(geometry=None, heads=2, bits=2, d=64, table_bits=6):
+    cfg = CommVQConfig(head_dim=d, bits=bits, table_bits=table_bits)
     return CommVQ(cfg, tables=_tables(heads, bits, d, table_bits), geometry=geometry)
 
 
@@ -72,12 +72,13 @@ def test_bits_are_an_exact_upper_bound():
         create("comm_vq", head_dim=8, bits=1)
 
 
-def test_per_head_tables_need_the_head_axis_and_values_ignore_positions():
+def test_per_head_tables_need_the_head_axis_and_values_are_refused():
     q = _quantizer(probe_rope(nn.RoPE(64), 64), heads=2)
     with pytest.raises(ShapeError, match="per KV head"):
         q.encode(mx.random.normal((3, 5, 64)))
-    v = _quantizer(probe_rope(nn.RoPE(64), 64), heads=2, kind="v")
-    assert not v.position_aware
+    with pytest.raises(ConfigError, match="keys only"):
+        create("comm_vq", head_dim=64, bits=2, kind="v")
+    assert make_cache("comm_vq", head_dim=64, bits=2).value_quantizer.method == "turboquant_mse"
     with pytest.raises(ConfigError, match="tables have shape"):
         CommVQ(CommVQConfig(head_dim=64, bits=2), tables=_tables(2, bits=1))
 
@@ -86,7 +87,7 @@ def test_cache_attention_over_commvq_keys_matches_decoded_reference():
     d = 64
     rope = nn.RoPE(d, base=10000)
     kq = _quantizer(probe_rope(rope, d), heads=2)
-    vq = _quantizer(None, heads=2, kind="v")
+    vq = create("turboquant_mse", head_dim=d, bits=4)
     cache = CompressedKVCache(kq, vq, sink=2, window=3, center=True)
     k = rope(mx.random.normal((1, 2, 30, d), key=mx.random.key(4)))
     v = mx.random.normal((1, 2, 30, d), key=mx.random.key(5))

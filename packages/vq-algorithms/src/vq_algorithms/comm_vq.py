@@ -19,8 +19,11 @@ token's position, never a stored fp16 key. Stages per token: as many ``2·table_
 stages as fit in ``bits·D − 16`` bits (the 16 are the norm), stored as whole bytes, so
 ``bits`` is an upper bound on bits per element (``bits_per_element`` is exact).
 
-Values have no RoPE: ``kind="v"`` uses the same additive codebooks without the rotation.
-The paper's value path is a learned encoder fine-tuned with the model; it is not reproduced.
+Keys only: values go to ``turboquant_mse`` (``default_value_method``). The paper compresses
+values with a learned encoder fine-tuned together with the model, which is not reproduced;
+EM-trained additive codebooks for SmolLM2-135M's values generalized worse to held-out text
+than TurboQuant (relative error 0.13–0.16 against 0.11 at 2 bits), while keys, whose
+pre-RoPE form is highly structured, went from 0.10–0.11 to 0.013–0.026 (docs/results.md).
 
 Calibration (``vq calibrate --method comm_vq``) trains ``θ`` per layer, head and stage by
 the paper's EM (soft assignments with an annealed temperature, then the closed-form
@@ -45,13 +48,18 @@ NORM_BITS = 16
 @dataclass(frozen=True)
 class CommVQConfig(CalibratedConfig):
     """``table_bits``: entries per stage table, ``K = 2**table_bits`` (paper: 6, i.e. 4096
-    codewords per stage); see :class:`CalibratedConfig` for ``artifact``/``layer``/``kind``."""
+    codewords per stage); see :class:`CalibratedConfig` for ``artifact``/``layer``; ``kind``
+    must be ``"k"``."""
 
     allowed_bits = (1, 2, 3, 4)
     table_bits: int = 6
 
     def validate(self) -> None:
         super().validate()
+        if self.kind != "k":
+            raise ConfigError(
+                "comm_vq compresses keys only (RoPE-commuting codebooks); values use turboquant_mse"
+            )
         if self.table_bits not in (1, 2, 3, 4, 5, 6):
             raise ConfigError(f"comm_vq: table_bits={self.table_bits!r}; expected 1..6")
         if self.head_dim % 2:
@@ -92,6 +100,7 @@ class CommVQ(Quantizer):
     family = "RoPE-commuting additive VQ (EM-trained codebooks)"
     needs_calibration = True
     position_aware = True
+    default_value_method = "turboquant_mse"
     # Untrained Gaussian tables on Gaussian vectors; calibrated tables do far better.
     round_trip_bound = {1: 0.55, 2: 0.24, 3: 0.11, 4: 0.05}
 
@@ -109,8 +118,7 @@ class CommVQ(Quantizer):
         if tables is None and c.artifact:
             a = load_layer(c.artifact, self.method, c.version, c.layer, c.kind, c.head_dim)
             tables = a["tables"]
-            if c.kind == "k":
-                geometry = RopeGeometry(a["rope_perm"].astype(mx.int32), a["rope_freqs"])
+            geometry = RopeGeometry(a["rope_perm"].astype(mx.int32), a["rope_freqs"])
         tables = untrained_tables(c) if tables is None else tables.astype(mx.float32)
         want = (c.stages, c.table_size, c.head_dim // 2, 2)
         if tables.ndim != 5 or tuple(tables.shape[1:]) != want:
@@ -122,7 +130,7 @@ class CommVQ(Quantizer):
         self.geometry = geometry or RopeGeometry.identity(c.head_dim)
         if self.geometry.perm.shape != (c.head_dim,):
             raise ConfigError(f"comm_vq: RoPE geometry is not for head_dim={c.head_dim}")
-        self.position_aware = c.kind == "k" and bool(mx.any(self.geometry.freqs != 0).item())
+        self.position_aware = bool(mx.any(self.geometry.freqs != 0).item())
         self.tables = tables
         self.heads = tables.shape[0]
         h, r, k, p = self.heads, c.stages, c.table_size, c.head_dim // 2

@@ -7,8 +7,8 @@ compressed cache would receive (post-RoPE keys, ``[B, H_kv, L, D]``). Per layer 
 heads and tokens) and a bounded uniform sample of vectors (reservoir sampling, Vitter's
 Algorithm R, deterministic from ``seed``) for k-means.
 
-Methods with per-head codebooks ask for ``head_samples``: a sample of whole tokens,
-``[n, H·D]`` per layer and kind, so every head keeps its own rows. With ``ropes`` (one
+Methods with per-head key codebooks ask for ``head_samples``: a sample of whole tokens'
+keys, ``[n, H·D]`` per layer, so every head keeps its own rows. With ``ropes`` (one
 :class:`~vq_algorithms._rope.RopeGeometry` per layer, from
 :func:`vq_mlxlm.model_shape.model_ropes`) those keys
 are rotated back to their pre-RoPE form, using each token's position (the cache offset).
@@ -141,8 +141,8 @@ def capture(
     ropes: list | None = None,
 ) -> Capture:
     """Run ``model`` on token ``sequences`` (one forward pass each) and record every layer;
-    ``head_samples`` > 0 also keeps that many whole tokens per layer and kind (pre-RoPE
-    keys when ``ropes`` is given)."""
+    ``head_samples`` > 0 also keeps that many whole tokens' keys per layer (pre-RoPE when
+    ``ropes`` is given)."""
     import mlx.core as mx
 
     state: dict[str, Any] = {}
@@ -151,14 +151,13 @@ def capture(
     def sink(layer, keys, values, offset):
         state["shape"] = keys.shape
         keys, values = keys.astype(mx.float32), values.astype(mx.float32)
-        if head_samples and ropes is not None:
-            g = ropes[layer]
-            pairs = g.rotate_pairs(g.to_pairs(keys), offset, inverse=True)
-            state.setdefault("tokens", []).append((layer, "k", np.array(g.from_pairs(pairs))))
-        elif head_samples:
-            state.setdefault("tokens", []).append((layer, "k", np.array(keys)))
         if head_samples:
-            state.setdefault("tokens", []).append((layer, "v", np.array(values)))
+            if ropes is not None:
+                g = ropes[layer]
+                keys_pre = g.from_pairs(g.rotate_pairs(g.to_pairs(keys), offset, inverse=True))
+            else:
+                keys_pre = keys
+            state.setdefault("tokens", []).append((layer, "k", np.array(keys_pre)))
         for kind, x in (("k", keys), ("v", values)):
             state.setdefault("batch", []).append((layer, kind, np.array(x)))
 

@@ -80,10 +80,11 @@ def train_comm_vq(
     settings: EMSettings = DEFAULT_EM,
     progress: bool = False,
 ) -> tuple[dict, dict]:
-    """EM-trained tables ``[H, R, K, P, 2]`` per layer and kind, from ``cap.head_samples``
+    """EM-trained key tables ``[H, R, K, P, 2]`` per layer, from ``cap.head_samples``
     (pre-RoPE keys), plus each layer's RoPE geometry (``rope_perm``, ``rope_freqs``).
+    Values are left to comm_vq's value partner (see :mod:`vq_algorithms.comm_vq`).
 
-    One job per (layer, kind, head), run on every CPU core (numpy releases the GIL).
+    One job per (layer, head), run on every CPU core (numpy releases the GIL).
     """
     from vq_algorithms._rope import RopeGeometry
     from vq_algorithms.comm_vq import CommVQConfig
@@ -94,15 +95,17 @@ def train_comm_vq(
     config = CommVQConfig(head_dim=d, bits=bits, table_bits=table_bits)
     jobs = []
     for (layer, kind), res in sorted(cap.head_samples.items()):
-        g = ropes[layer] if ropes is not None and kind == "k" else RopeGeometry.identity(d)
+        if kind != "k":
+            continue
+        g = ropes[layer] if ropes is not None else RopeGeometry.identity(d)
         rows = res.sample.reshape(len(res.sample), -1, d)
         perm = np.array(g.perm)
         for h in range(rows.shape[1]):
             jobs.append((layer, kind, h, rows[:, h][:, perm]))
 
     def run(job):
-        layer, kind, h, x = job
-        job_seed = seed + 1009 * layer + 2 * h + (kind == "v")
+        layer, _kind, h, x = job
+        job_seed = seed + 1009 * layer + h
         return train_tables(x, config.stages, table_bits, seed=job_seed, settings=settings)
 
     results = []

@@ -16,8 +16,8 @@ SmolLM2-135M about half of a key's energy is that mean, and removing it halves t
 quantization error; centering needs the sink, since the first token's key is far from the
 mean and draws the most attention. Attention adds ``q·mean`` back to the compressed scores (a shift shared
 by every compressed token) and the mean value to their weighted sum, so it stays exact.
-Keys of a position-aware method (RoPE-commuting codebooks) are not centered: their mean in
-the rotated (post-RoPE) basis is not a mean in the basis they are encoded in.
+A side whose quantizer does not accept centering (:attr:`Quantizer.accepts_centering`:
+calibrated codebooks, position-aware keys) is stored uncentered.
 
 Compressed token ``i`` is at position ``sink + i`` (the sink is full before anything is
 compressed); that is the ``start`` a position-aware key quantizer receives.
@@ -95,6 +95,7 @@ class CompressedKVCache:
         self._sink_v: mx.array | None = None
         self._key_mean: mx.array | None = None
         self._value_mean: mx.array | None = None
+        self._centered = False
         self._view: tuple[_Pending, _Pending] | None = None
 
     # -- protocol --------------------------------------------------------------------------
@@ -127,10 +128,12 @@ class CompressedKVCache:
         n_move -= n_move % self.block
         if n_move:
             k_old, v_old = all_k[:, :, :n_move], all_v[:, :, :n_move]
-            if self.center and self._value_mean is None:  # fixed by the first tokens compressed
-                if not self.key_quantizer.position_aware:
+            if self.center and not self._centered:  # fixed by the first tokens compressed
+                self._centered = True
+                if self.key_quantizer.accepts_centering:
                     self._key_mean = k_old.astype(mx.float32).mean(axis=2, keepdims=True)
-                self._value_mean = v_old.astype(mx.float32).mean(axis=2, keepdims=True)
+                if self.value_quantizer.accepts_centering:
+                    self._value_mean = v_old.astype(mx.float32).mean(axis=2, keepdims=True)
             if self._key_mean is not None:
                 k_old = k_old - self._key_mean
             if self._value_mean is not None:
@@ -293,6 +296,9 @@ class CompressedKVCache:
         self._sink_v = arrays.get("sink_v")
         self._key_mean = arrays.get("key_mean")
         self._value_mean = arrays.get("value_mean")
+        self._centered = (
+            self._n_comp > 0 or self._key_mean is not None or (self._value_mean is not None)
+        )
         n_exact = sum(0 if a is None else a.shape[2] for a in (self._exact_k, self._sink_k))
         self.offset = self._n_comp + n_exact
         self._view = None

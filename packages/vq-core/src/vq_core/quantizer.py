@@ -103,6 +103,13 @@ class Quantizer(ABC):
     def head_dim(self) -> int:
         return self.config.head_dim
 
+    @property
+    def accepts_centering(self) -> bool:
+        """Whether a cache may subtract a per-head mean before encoding. Not for calibrated
+        codebooks (they model the raw vectors they were trained on) nor position-aware ones
+        (a mean of post-RoPE keys is not a mean in the pre-RoPE basis they encode in)."""
+        return not (self.needs_calibration or self.position_aware)
+
     # -- encoding --------------------------------------------------------------------------
 
     def encode(self, x: mx.array, *, check_finite: bool = True, start: int = 0) -> Codes:

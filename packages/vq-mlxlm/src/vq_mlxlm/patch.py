@@ -81,7 +81,7 @@ def patch(
         meta = _check_artifacts(model, method, artifacts, head_dims[0])
         options = {**meta.get("config", {}), **options}  # e.g. comm_vq's table_bits
         if value_method is None:
-            value_method = method
+            value_method = get(method).default_value_method or method
     elif artifacts is not None:  # a RateQuant allocation: per-layer bits for this method
         per_layer_bits = _ratequant_bits(model, method, artifacts, head_dims[0])
 
