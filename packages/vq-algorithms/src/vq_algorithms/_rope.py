@@ -17,10 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import mlx.core as mx
 
 from vq_core import ConfigError
+
+_ANGLE_TABLES: dict[tuple[float, ...], tuple[mx.array, mx.array]] = {}
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,25 @@ class RopeGeometry:
         flat = z.reshape(*z.shape[:-2], 2 * self.pairs)
         return mx.take(flat, self.inverse_perm, axis=-1)
 
+    @cached_property
+    def _key(self) -> tuple[float, ...]:
+        return tuple(self.freqs.tolist())
+
     def cos_sin(self, n: int, start: int) -> tuple[mx.array, mx.array]:
-        """``cos, sin [n, P]`` of the angles ``(start + t)·ω`` for ``t < n``."""
-        pos = mx.arange(start, start + n, dtype=mx.float32)[:, None]
-        angle = pos * self.freqs[None, :]
-        return mx.cos(angle), mx.sin(angle)
+        """``cos, sin [n, P]`` of the angles ``(start + t)·ω`` for ``t < n``.
+
+        Read from a table shared by every geometry with these frequencies (every layer of a
+        model, usually), grown in powers of two: the trigonometry was most of a decode step.
+        """
+        end = start + n
+        table = _ANGLE_TABLES.get(self._key)
+        if table is None or table[0].shape[0] < end:
+            size = max(1024, 1 << max(end - 1, 1).bit_length())
+            angle = mx.arange(size, dtype=mx.float32)[:, None] * self.freqs[None, :]
+            table = (mx.cos(angle), mx.sin(angle))
+            mx.eval(table)
+            _ANGLE_TABLES[self._key] = table
+        return table[0][start:end], table[1][start:end]
 
     def rotate_pairs(self, z: mx.array, start: int, inverse: bool = False) -> mx.array:
         """Rotate pairs ``z [..., n, P, 2]`` of tokens at ``start, start+1, ...``."""

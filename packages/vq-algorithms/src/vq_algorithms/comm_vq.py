@@ -196,14 +196,24 @@ class CommVQ(Quantizer):
             row = row + head * (stages * 2 * k)
         return row
 
-    def _decode(self, codes: Codes, start: int = 0) -> mx.array:
+    def _fields(self, idx: mx.array) -> mx.array:
+        """Packed bytes ``[..., code_bytes]`` -> stage fields ``A | B << table_bits`` ``[..., R]``."""
+        c = self.config
+        if c.table_bits == 6:  # 12-bit fields: every 3 bytes hold two
+            pairs = -(-c.stages // 2)
+            b = _pad_last(idx, 3 * pairs).astype(mx.uint16).reshape(*idx.shape[:-1], pairs, 3)
+            lo = b[..., 0] | ((b[..., 1] & 0xF) << 8)
+            hi = (b[..., 1] >> 4) | (b[..., 2] << 4)
+            both = mx.stack([lo, hi], axis=-1).reshape(*idx.shape[:-1], 2 * pairs)
+            return both[..., : c.stages].astype(mx.uint32)
+        words = _pad_last(idx, 4 * packed_words(2 * c.stages, c.table_bits)).view(mx.uint32)
+        return unpack_fields(words, 2 * c.table_bits, c.stages)
+
+    def _decoded_pairs(self, codes: Codes, start: int) -> mx.array:
+        """Keys ``[..., L, P, 2]`` in pair order, rotated to their positions."""
         c = self.config
         k, stages = c.table_size, c.stages
-        idx = codes["idx"]
-        pad = 4 * packed_words(2 * stages, c.table_bits) - idx.shape[-1]
-        if pad:
-            idx = mx.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, pad)])
-        fields = unpack_fields(idx.view(mx.uint32), 2 * c.table_bits, stages)  # [..., L, R]
+        fields = self._fields(codes["idx"])  # [..., L, R]
         self._heads_axis(fields)
         r = mx.arange(stages, dtype=mx.uint32)
         rows = mx.concatenate(
@@ -215,7 +225,10 @@ class CommVQ(Quantizer):
         z = z.reshape(*z.shape[:-1], c.head_dim // 2, 2)
         if self.position_aware:
             z = self.geometry.rotate_pairs(z, start)
-        return self.geometry.from_pairs(z)
+        return z
+
+    def _decode(self, codes: Codes, start: int = 0) -> mx.array:
+        return self.geometry.from_pairs(self._decoded_pairs(codes, start))
 
     def scores(self, q: mx.array, codes: Codes, *, start: int = 0) -> mx.array:
         """``q [B, H, M, D]`` · keys ``[B, H, L]`` at positions ``start + t``.
@@ -225,5 +238,13 @@ class CommVQ(Quantizer):
         ``K``-entry tables per query first (the paper's GPU formulation) needs ``M×`` the
         gathers, which is slower on a CPU.
         """
-        k_hat = self.decode(codes, start=start)
-        return q.astype(mx.float32) @ mx.swapaxes(k_hat, -1, -2)
+        z = self._decoded_pairs(codes, start)
+        k_hat = z.reshape(*z.shape[:-2], self.config.head_dim)  # pair order
+        q_pairs = mx.take(q.astype(mx.float32), self.geometry.perm, axis=-1)
+        return q_pairs @ mx.swapaxes(k_hat, -1, -2)
+
+
+def _pad_last(x: mx.array, size: int) -> mx.array:
+    """Zero-pad the last axis of ``x`` to ``size``."""
+    extra = size - x.shape[-1]
+    return x if extra <= 0 else mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
