@@ -1,0 +1,6 @@
+import os
+
+# Full float32 matmuls: MLX runs them at TF32-class precision by default on CUDA GPUs and on
+# Apple M5 (MLX_ENABLE_TF32 defaults to 1; relative error ~3e-4 measured on an H200), and
+# these tests compare fp32 paths to each other. MLX's own test harness pins the same flag.
+os.environ["MLX_ENABLE_TF32"] = "0"
