@@ -62,6 +62,9 @@ def test_methods_and_estimate_json():
     assert est["fp16_bytes"] == 2 * 30 * 3 * 64 * 2 * 4096
     row = next(r for r in est["methods"] if r["method"] == "turboquant_mse" and r["bits"] == 4)
     assert row["ratio"] == pytest.approx(16 / (4 + 16 / 64), abs=0.01)
+    cvq = next(r for r in est["methods"] if r["method"] == "comm_vq" and r["bits"] == 2)
+    assert cvq["needs_calibration"] and cvq["values"] == "turboquant_mse@2"
+    assert cvq["bits_per_element"] == pytest.approx((2 + 2 + 16 / 64) / 2)
 
 
 def _free_port():

@@ -1,4 +1,7 @@
-"""``vq estimate``: KV-cache memory at a context length for fp16 and every method."""
+"""``vq estimate``: KV-cache memory at a context length for fp16 and every method.
+
+Calibrated methods (marked ``*``) are included: their bits per element do not depend on
+what calibration learns, only on the config (the artifact must match it)."""
 
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ def estimate_rows(model: str, context: int) -> tuple[dict, list[dict]]:
     rows = []
     for name in available():
         cls = get(name)
-        if cls.needs_calibration:
-            continue
         for bits in cls.config_class.allowed_bits:
-            cache = make_cache(name, head_dim=shape.head_dim, bits=bits)
+            try:
+                cache = make_cache(name, head_dim=shape.head_dim, bits=bits)
+            except ValueError:  # this width does not exist at this head_dim
+                continue
             k, v = cache.key_quantizer, cache.value_quantizer
             bpe = (k.bits_per_element + v.bits_per_element) / 2
             nbytes = round(elements * 2 * bpe / 8)
@@ -33,6 +37,7 @@ def estimate_rows(model: str, context: int) -> tuple[dict, list[dict]]:
                     "bits_per_element": round(bpe, 4),
                     "bytes": nbytes,
                     "ratio": round(fp16 / nbytes, 2),
+                    "needs_calibration": cls.needs_calibration,
                 }
             )
     info = {
@@ -57,9 +62,10 @@ def estimate(args) -> int:
     )
     print(f"{'fp16':<24} {'16.0':>8} {info['fp16_bytes'] / 2**20:>12.2f} MiB {'1.00x':>8}")
     for r in rows:
-        label = f"{r['method']}@{r['bits']}"
+        label = f"{r['method']}@{r['bits']}{'*' if r['needs_calibration'] else ''}"
         print(
             f"{label:<24} {r['bits_per_element']:>8} {r['bytes'] / 2**20:>12.2f} MiB "
             f"{r['ratio']:>7.2f}x"
         )
+    print("* needs a `vq calibrate` artifact; values as `vq generate` stores them by default")
     return 0
