@@ -4,3 +4,8 @@ import os
 # Apple M5 (MLX_ENABLE_TF32 defaults to 1; relative error ~3e-4 measured on an H200), and
 # these tests compare fp32 paths to each other. MLX's own test harness pins the same flag.
 os.environ["MLX_ENABLE_TF32"] = "0"
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
