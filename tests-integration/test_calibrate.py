@@ -101,6 +101,14 @@ def test_comm_vq_calibrate_patch_generate_and_rope_mismatch(tmp_path, tiny):
     assert caches[0].compressed_tokens == 47  # sink 1, everything else compressed
     err = mx.abs(out - exact).max().item()
     assert 0 < err < 0.5 * mx.abs(exact).max().item()
+    # prompt-cache save/load keeps every token's position: it continues identically
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    save_prompt_cache(str(tmp_path / "c.safetensors"), caches)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    nxt = mx.array([[7, 8, 9]])
+    a, b = model(nxt, cache=caches), model(nxt, cache=loaded)
+    assert mx.array_equal(a, b).item()
     shifted = build("llama")
     shifted.layers[1].self_attn.rope = nn.RoPE(64, base=500.0)
     with pytest.raises(ArtifactError, match="layer 1 was calibrated with another RoPE"):
