@@ -107,3 +107,20 @@ def test_serve_answers_an_openai_request():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_calibrate_comm_vq_then_generate_with_the_artifact(tmp_path):
+    """`vq calibrate --method comm_vq` on the default model (tiny settings), then `vq
+    generate --artifacts`: RoPE-commuting 2-bit keys still answer the question."""
+    out = _vq("calibrate", "--method", "comm_vq", "--bits", "2", "--out", str(tmp_path),
+              "--sequences", "2", "--seq-len", "128", "--table-bits", "3",
+              "--head-samples", "128", "--quiet")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["artifact"].endswith("comm_vq.safetensors")
+    gen = _vq("generate", "--json", "--max-tokens", "8", "--method", "comm_vq", "--bits", "2",
+              "--artifacts", str(tmp_path))  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
+    r = json.loads(gen.stdout.strip().splitlines()[-1])
+    assert r["method"] == "comm_vq" and r["compressed_layers"] == 30
+    bad = _vq("generate", "--method", "comm_vq", "--bits", "3", "--artifacts", str(tmp_path))
+    assert bad.returncode != 0 and "calibrate with these settings" in bad.stderr
