@@ -76,7 +76,10 @@ class Affine(Quantizer):
     def _args(self, codes: Codes) -> tuple[mx.array, mx.array, mx.array]:
         """``(w, scales, biases)`` with float32 side info, for (de)quantized matmuls."""
         f32 = mx.float32
-        return codes["w"], codes["scales"].astype(f32), codes["biases"].astype(f32)
+        w = codes["w"]
+        if mx.default_device() == mx.gpu:  # MLX CUDA's quantized_matmul refuses strided codes
+            w = mx.contiguous(w)  # (the cache hands over a slice of its step-grown buffer)
+        return w, codes["scales"].astype(f32), codes["biases"].astype(f32)
 
     def _decode(self, codes: Codes) -> mx.array:
         c = self.config
