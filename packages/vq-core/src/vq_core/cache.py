@@ -95,7 +95,6 @@ class CompressedKVCache:
         self._sink_v: mx.array | None = None
         self._key_mean: mx.array | None = None
         self._value_mean: mx.array | None = None
-        self._centered = False
         self._view: tuple[_Pending, _Pending] | None = None
 
     # -- protocol --------------------------------------------------------------------------
@@ -128,8 +127,8 @@ class CompressedKVCache:
         n_move -= n_move % self.block
         if n_move:
             k_old, v_old = all_k[:, :, :n_move], all_v[:, :, :n_move]
-            if self.center and not self._centered:  # fixed by the first tokens compressed
-                self._centered = True
+            if self.center and self._key_mean is None and self._value_mean is None:
+                # fixed by the first tokens compressed (for the sides that accept it)
                 if self.key_quantizer.accepts_centering:
                     self._key_mean = k_old.astype(mx.float32).mean(axis=2, keepdims=True)
                 if self.value_quantizer.accepts_centering:
@@ -296,9 +295,6 @@ class CompressedKVCache:
         self._sink_v = arrays.get("sink_v")
         self._key_mean = arrays.get("key_mean")
         self._value_mean = arrays.get("value_mean")
-        self._centered = (
-            self._n_comp > 0 or self._key_mean is not None or (self._value_mean is not None)
-        )
         n_exact = sum(0 if a is None else a.shape[2] for a in (self._exact_k, self._sink_k))
         self.offset = self._n_comp + n_exact
         self._view = None
