@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from vq_algorithms._byte_fields import twelve_bit_fields
 from vq_core import (
     Codes,
     QuantizerConfig,
@@ -93,8 +94,8 @@ class RotatedCodebook:
         width, n = group * self.bits, self.head_dim // group
         if width == 16:
             fields = packed.view(mx.uint16)[..., :n]
-        elif width == 12 and n % 2 == 0:
-            fields = _twelve_bit_fields(packed, n)
+        elif width == 12:
+            fields = twelve_bit_fields(packed, n)
         else:
             fields = unpack_fields(packed, width, n)
         return table[fields].reshape(*packed.shape[:-1], self.head_dim)
@@ -143,15 +144,6 @@ def _fused_encode(*args):
     if mx.default_device() == mx.gpu:
         return _compiled_encode_graph(*args)
     return _encode_graph(*args)
-
-
-def _twelve_bit_fields(packed: mx.array, n: int) -> mx.array:
-    """``n`` 12-bit fields of a little-endian stream: every 3 bytes hold two of them."""
-    b = packed.view(mx.uint8)[..., : n * 3 // 2].astype(mx.uint16)
-    b = b.reshape(*b.shape[:-1], n // 2, 3)
-    lo = b[..., 0] | ((b[..., 1] & 0xF) << 8)
-    hi = (b[..., 1] >> 4) | (b[..., 2] << 4)
-    return mx.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], n)
 
 
 _TABLES: dict[tuple[tuple[float, ...], int, int], mx.array] = {}

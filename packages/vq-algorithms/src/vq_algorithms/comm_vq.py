@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from vq_algorithms._artifact import CalibratedConfig, load_layer
+from vq_algorithms._byte_fields import pad_last, twelve_bit_fields
 from vq_algorithms._rope import RopeGeometry
 from vq_core import Codes, ConfigError, Quantizer, ShapeError, pack, packed_words, register
 from vq_core.packing import unpack_fields
@@ -199,14 +200,9 @@ class CommVQ(Quantizer):
     def _fields(self, idx: mx.array) -> mx.array:
         """Packed bytes ``[..., code_bytes]`` -> stage fields ``A | B << table_bits`` ``[..., R]``."""
         c = self.config
-        if c.table_bits == 6:  # 12-bit fields: every 3 bytes hold two
-            pairs = -(-c.stages // 2)
-            b = _pad_last(idx, 3 * pairs).astype(mx.uint16).reshape(*idx.shape[:-1], pairs, 3)
-            lo = b[..., 0] | ((b[..., 1] & 0xF) << 8)
-            hi = (b[..., 1] >> 4) | (b[..., 2] << 4)
-            both = mx.stack([lo, hi], axis=-1).reshape(*idx.shape[:-1], 2 * pairs)
-            return both[..., : c.stages].astype(mx.uint32)
-        words = _pad_last(idx, 4 * packed_words(2 * c.stages, c.table_bits)).view(mx.uint32)
+        if c.table_bits == 6:
+            return twelve_bit_fields(idx, c.stages).astype(mx.uint32)
+        words = pad_last(idx, 4 * packed_words(2 * c.stages, c.table_bits)).view(mx.uint32)
         return unpack_fields(words, 2 * c.table_bits, c.stages)
 
     def _decoded_pairs(self, codes: Codes, start: int) -> mx.array:
@@ -242,9 +238,3 @@ class CommVQ(Quantizer):
         k_hat = z.reshape(*z.shape[:-2], self.config.head_dim)  # pair order
         q_pairs = mx.take(q.astype(mx.float32), self.geometry.perm, axis=-1)
         return q_pairs @ mx.swapaxes(k_hat, -1, -2)
-
-
-def _pad_last(x: mx.array, size: int) -> mx.array:
-    """Zero-pad the last axis of ``x`` to ``size``."""
-    extra = size - x.shape[-1]
-    return x if extra <= 0 else mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
