@@ -89,22 +89,22 @@ def train_comm_vq(
     from vq_algorithms._rope import RopeGeometry
     from vq_algorithms.comm_vq import CommVQConfig
 
-    if not cap.head_samples:
+    keys = {layer: res for (layer, kind), res in cap.head_samples.items() if kind == "k"}
+    if not keys:
         raise ValueError("comm_vq needs per-head samples: capture(..., head_samples=N)")
     d = cap.fingerprint["head_dim"]
     config = CommVQConfig(head_dim=d, bits=bits, table_bits=table_bits)
-    jobs = []
-    for (layer, kind), res in sorted(cap.head_samples.items()):
-        if kind != "k":
-            continue
-        g = ropes[layer] if ropes is not None else RopeGeometry.identity(d)
-        rows = res.sample.reshape(len(res.sample), -1, d)
-        perm = np.array(g.perm)
-        for h in range(rows.shape[1]):
-            jobs.append((layer, kind, h, rows[:, h][:, perm]))
+    geometry = {
+        layer: ropes[layer] if ropes is not None else RopeGeometry.identity(d) for layer in keys
+    }
+    jobs = []  # (layer, head, pre-RoPE keys in pair order [n, D])
+    for layer in sorted(keys):
+        rows = keys[layer].sample.reshape(len(keys[layer].sample), -1, d)
+        perm = np.array(geometry[layer].perm)
+        jobs += [(layer, h, rows[:, h][:, perm]) for h in range(rows.shape[1])]
 
     def run(job):
-        layer, _kind, h, x = job
+        layer, h, x = job
         job_seed = seed + 1009 * layer + h
         return train_tables(x, config.stages, table_bits, seed=job_seed, settings=settings)
 
@@ -114,16 +114,16 @@ def train_comm_vq(
             progress_bar("EM", i, len(jobs), progress)
             results.append(out)
     progress_bar("EM", len(jobs), len(jobs), progress)
-    arrays: dict[str, Any] = {}
+    tables: dict[int, list[np.ndarray]] = {}
     errors: dict[str, list[float]] = {}
-    for (layer, kind, _h, _x), (tables, errs) in zip(jobs, results, strict=True):
-        arrays.setdefault(f"layers.{layer}.{kind}.tables", []).append(tables)
-        errors.setdefault(f"{layer}.{kind}", []).append(errs[-1])
-    arrays = {k: np.stack(v).astype(np.float32) for k, v in arrays.items()}
-    for layer in sorted({layer for layer, *_ in jobs}):
-        g = ropes[layer] if ropes is not None else RopeGeometry.identity(d)
-        arrays[f"layers.{layer}.k.rope_perm"] = np.array(g.perm).astype(np.int32)
-        arrays[f"layers.{layer}.k.rope_freqs"] = np.array(g.freqs).astype(np.float32)
+    for (layer, _h, _x), (layer_tables, errs) in zip(jobs, results, strict=True):
+        tables.setdefault(layer, []).append(layer_tables)
+        errors.setdefault(f"{layer}.k", []).append(errs[-1])
+    arrays: dict[str, Any] = {}
+    for layer, per_head in tables.items():
+        arrays[f"layers.{layer}.k.tables"] = np.stack(per_head).astype(np.float32)
+        arrays[f"layers.{layer}.k.rope_perm"] = np.array(geometry[layer].perm).astype(np.int32)
+        arrays[f"layers.{layer}.k.rope_freqs"] = np.array(geometry[layer].freqs).astype(np.float32)
     train_error = {k: float(np.mean(v)) for k, v in errors.items()}
     return arrays, {"bits": bits, "table_bits": table_bits, "train_error": train_error}
 
