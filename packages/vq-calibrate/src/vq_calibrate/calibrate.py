@@ -1,8 +1,8 @@
 """``calibrate(model, method, bits, text=None, out=DIR)``: capture, train, save atomically.
 
 Methods: ``spectral``, ``vecinfer`` and ``comm_vq`` (quantizers in vq-algorithms, trained
-from captured keys/values; comm_vq from per-head pre-RoPE keys) and ``ratequant`` (a per-layer bit allocation over ``base_method``, from probed
-sensitivity). The artifact is ``<out>/<method>.safetensors``; use it with
+from captured keys/values; comm_vq from per-head pre-RoPE keys) and ``ratequant`` (a
+per-layer bit allocation over ``base_method``, from probed sensitivity). The artifact is ``<out>/<method>.safetensors``; use it with
 ``create(method, artifact=out, layer=i, kind="k"|"v", ...)`` or, for ratequant,
 ``patch(model, base_method, bits=load_allocation(out))``.
 """
