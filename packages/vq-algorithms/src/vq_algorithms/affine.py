@@ -76,10 +76,7 @@ class Affine(Quantizer):
     def _args(self, codes: Codes) -> tuple[mx.array, mx.array, mx.array]:
         """``(w, scales, biases)`` with float32 side info, for (de)quantized matmuls."""
         f32 = mx.float32
-        w = codes["w"]
-        if mx.default_device() == mx.gpu:  # MLX CUDA's quantized_matmul refuses strided codes
-            w = mx.contiguous(w)  # (the cache hands over a slice of its step-grown buffer)
-        return w, codes["scales"].astype(f32), codes["biases"].astype(f32)
+        return codes["w"], codes["scales"].astype(f32), codes["biases"].astype(f32)
 
     def _decode(self, codes: Codes) -> mx.array:
         c = self.config
@@ -95,22 +92,23 @@ class Affine(Quantizer):
 
     def scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``q [B, H, M, D] @ k̂ᵀ`` straight from the codes (``mx.quantized_matmul``)."""
-        c = self.config
-        return mx.quantized_matmul(
-            q.astype(mx.float32),
-            *self._args(codes),
-            transpose=True,
-            group_size=c.group_size,
-            bits=c.bits,
-        )
+        return self._matmul(q, codes, transpose=True)
 
     def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         """``p [B, H, M, L] @ v̂`` straight from the codes (``mx.quantized_matmul``)."""
+        return self._matmul(p, codes, transpose=False)
+
+    def _matmul(self, x: mx.array, codes: Codes, *, transpose: bool) -> mx.array:
+        w, scales, biases = self._args(codes)
+        if mx.default_device() == mx.gpu:  # MLX CUDA's quantized_matmul refuses strided codes
+            w = mx.contiguous(w)  # (the cache hands over a slice of its step-grown buffer)
         c = self.config
         return mx.quantized_matmul(
-            p.astype(mx.float32),
-            *self._args(codes),
-            transpose=False,
+            x.astype(mx.float32),
+            w,
+            scales,
+            biases,
+            transpose=transpose,
             group_size=c.group_size,
             bits=c.bits,
         )
