@@ -72,6 +72,43 @@ def reduce_partials(
     return out, lse
 
 
+def split_attention(
+    kernel: str,
+    backend: str,
+    inputs: list[mx.array],
+    template: list[tuple[str, int]],
+    *,
+    heads: int,
+    rows: int,
+    tile: int,
+    length: int,
+    lbuf: int,
+    d: int,
+) -> tuple[mx.array, mx.array]:
+    """Launch a flash-decoding ``kernel`` and merge its partials.
+
+    ``inputs`` are the kernel's arrays (the split parameters are appended); the kernel takes
+    ``template`` plus ``G`` (query rows per kv head) and ``GT`` (rows per thread group).
+    Returns out [heads, rows, D] and natural lse [heads, rows].
+    """
+    chunk, splits = plan_splits(length, heads * (rows // tile))
+    pm, pl, pacc = launch(
+        kernel,
+        backend,
+        [*inputs, params(length, lbuf, chunk, splits)],
+        template=[*template, ("G", rows), ("GT", tile)],
+        grid=(splits * 128, heads, rows // tile),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(heads, rows, splits)] * 2 + [(heads, rows, splits, d)],
+        output_dtypes=[mx.float32] * 3,
+    )
+    nrow = heads * rows
+    out, lse = reduce_partials(
+        pm.reshape(nrow, splits), pl.reshape(nrow, splits), pacc.reshape(nrow, splits, d), backend
+    )
+    return out.reshape(heads, rows, d), lse.reshape(heads, rows)
+
+
 def softmax_attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float
 ) -> tuple[mx.array, mx.array]:

@@ -13,13 +13,12 @@ import mlx.core as mx
 from vq_kernels._attention import (
     LOG2E,
     gqa_groups,
-    plan_splits,
-    reduce_partials,
     row_tile,
     softmax_attention,
+    split_attention,
     valid_length,
 )
-from vq_kernels._backend import launch, params, resolve_backend
+from vq_kernels._backend import resolve_backend
 from vq_kernels.codebook import codebook_dequantize_reference, n_words
 
 MAX_ROW_TILE = 4  # query rows per thread group; more would spill registers
@@ -91,30 +90,18 @@ def codebook_decode_attention(
     if d not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the codebook kernel needs head_dim in {KERNEL_HEAD_DIMS}, got {d}")
     rows = g * lq
-    gt = row_tile(rows, MAX_ROW_TILE)
-    chunk, splits = plan_splits(n, b * hkv * (rows // gt))
     q = (q_rot.astype(mx.float32) * (scale * LOG2E)).reshape(b * hkv, rows, d)
-    pm, pl, pacc = launch(
-        "codebook_attn_partial",
-        be,
-        [
-            q,
-            k_packed.reshape(b * hkv, lbuf, wk),
-            k_norm.astype(mx.float16).reshape(b * hkv, lbuf),
-            k_centroids.astype(mx.float32),
-            v_packed.reshape(b * hkv, lbuf, v_packed.shape[-1]),
-            v_norm.astype(mx.float16).reshape(b * hkv, lbuf),
-            v_centroids.astype(mx.float32),
-            params(n, lbuf, chunk, splits),
-        ],
-        template=[("D", d), ("KB", k_bits), ("VB", v_bits), ("G", rows), ("GT", gt)],
-        grid=(splits * 128, b * hkv, rows // gt),
-        threadgroup=(128, 1, 1),
-        output_shapes=[(b * hkv, rows, splits)] * 2 + [(b * hkv, rows, splits, d)],
-        output_dtypes=[mx.float32] * 3,
-    )
-    nrow = b * hkv * rows
-    out, lse = reduce_partials(
-        pm.reshape(nrow, splits), pl.reshape(nrow, splits), pacc.reshape(nrow, splits, d), be
-    )
+    inputs = [
+        q,
+        k_packed.reshape(b * hkv, lbuf, wk),
+        k_norm.astype(mx.float16).reshape(b * hkv, lbuf),
+        k_centroids.astype(mx.float32),
+        v_packed.reshape(b * hkv, lbuf, v_packed.shape[-1]),
+        v_norm.astype(mx.float16).reshape(b * hkv, lbuf),
+        v_centroids.astype(mx.float32),
+    ]
+    out, lse = split_attention(
+        "codebook_attn_partial", be, inputs, [("D", d), ("KB", k_bits), ("VB", v_bits)],
+        heads=b * hkv, rows=rows, tile=row_tile(rows, MAX_ROW_TILE), length=n, lbuf=lbuf, d=d,
+    )  # fmt: skip
     return out.reshape(b, hq, lq, d), lse.reshape(b, hq, lq)

@@ -13,13 +13,12 @@ import mlx.core as mx
 from vq_kernels._attention import (
     LOG2E,
     gqa_groups,
-    plan_splits,
-    reduce_partials,
     row_tile,
     softmax_attention,
+    split_attention,
     valid_length,
 )
-from vq_kernels._backend import launch, params, resolve_backend
+from vq_kernels._backend import resolve_backend
 
 LUT_FLOATS = 8192  # shared-memory budget of the lookup table (32 KiB)
 
@@ -85,28 +84,17 @@ def pq_decode_attention(
     if m * kc > LUT_FLOATS or kc > 256:
         raise ValueError(f"M * K = {m * kc} exceeds the kernel's table of {LUT_FLOATS} floats")
     rows = g * lq
-    gt = row_tile(rows, min(4, LUT_FLOATS // (m * kc)))
-    chunk, splits = plan_splits(n, b * hkv * (rows // gt))
     qs = (q.astype(mx.float32) * (scale * LOG2E)).reshape(b * hkv, rows, d)
-    pm, pl, pacc = launch(
-        "pq_attn_partial",
-        be,
-        [
-            qs,
-            k_codes.astype(mx.uint8).reshape(b * hkv, lbuf, m),
-            k_centroids.astype(mx.float32),
-            v_codes.astype(mx.uint8).reshape(b * hkv, lbuf, m),
-            v_centroids.astype(mx.float32),
-            params(n, lbuf, chunk, splits),
-        ],
-        template=[("D", d), ("M", m), ("KC", kc), ("G", rows), ("GT", gt)],
-        grid=(splits * 128, b * hkv, rows // gt),
-        threadgroup=(128, 1, 1),
-        output_shapes=[(b * hkv, rows, splits)] * 2 + [(b * hkv, rows, splits, d)],
-        output_dtypes=[mx.float32] * 3,
-    )
-    nrow = b * hkv * rows
-    out, lse = reduce_partials(
-        pm.reshape(nrow, splits), pl.reshape(nrow, splits), pacc.reshape(nrow, splits, d), be
-    )
+    inputs = [
+        qs,
+        k_codes.astype(mx.uint8).reshape(b * hkv, lbuf, m),
+        k_centroids.astype(mx.float32),
+        v_codes.astype(mx.uint8).reshape(b * hkv, lbuf, m),
+        v_centroids.astype(mx.float32),
+    ]
+    tile = row_tile(rows, min(4, LUT_FLOATS // (m * kc)))
+    out, lse = split_attention(
+        "pq_attn_partial", be, inputs, [("D", d), ("M", m), ("KC", kc)],
+        heads=b * hkv, rows=rows, tile=tile, length=n, lbuf=lbuf, d=d,
+    )  # fmt: skip
     return out.reshape(b, hq, lq, d), lse.reshape(b, hq, lq)
