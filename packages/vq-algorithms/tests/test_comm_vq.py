@@ -63,11 +63,11 @@ def test_each_stage_picks_the_nearest_of_all_k_squared_codewords():
 
 def test_bits_are_an_exact_upper_bound():
     for d, bits in ((64, 1), (64, 2), (128, 2), (96, 3), (128, 4)):
-        q = create("comm_vq", head_dim=d, bits=bits)
+        q = create("comm_vq", head_dim=d, bits=bits, untrained=True)
         assert q.bits_per_element <= bits
         codes = q.encode(mx.random.normal((5, d)))
         assert codes.nbytes * 8 == q.bits_per_element * 5 * d
-    assert create("comm_vq", head_dim=128, bits=2).config.stages == 20  # paper: 2-bit, 21
+    assert CommVQConfig(head_dim=128, bits=2).stages == 20  # paper: 2-bit, 21
     with pytest.raises(ConfigError, match="no room"):
         create("comm_vq", head_dim=8, bits=1)
 
@@ -78,7 +78,8 @@ def test_per_head_tables_need_the_head_axis_and_values_are_refused():
         q.encode(mx.random.normal((3, 5, 64)))
     with pytest.raises(ConfigError, match="keys only"):
         create("comm_vq", head_dim=64, bits=2, kind="v")
-    assert make_cache("comm_vq", head_dim=64, bits=2).value_quantizer.method == "turboquant_mse"
+    cache = make_cache("comm_vq", head_dim=64, bits=2, untrained=True)
+    assert cache.value_quantizer.method == "turboquant_mse"
     with pytest.raises(ConfigError, match="tables have shape"):
         CommVQ(CommVQConfig(head_dim=64, bits=2), tables=_tables(2, bits=1))
 

@@ -81,7 +81,7 @@ def test_trained_beats_untrained_and_turboquant_rvq_on_rope_keys(tmp_path, bits)
     art = str(tmp_path)
     trained = create("comm_vq", head_dim=d, bits=bits, table_bits=4, artifact=art, kind="k")
     assert trained.position_aware and trained.geometry.matches(geometry)
-    untrained = create("comm_vq", head_dim=d, bits=bits, table_bits=4)
+    untrained = create("comm_vq", head_dim=d, bits=bits, table_bits=4, untrained=True)
     # calibration-free neighbours, at more bits per element (their fp16 norms)
     neighbours = [create("turboquant_mse", head_dim=d, bits=bits)]
     if bits >= 2:

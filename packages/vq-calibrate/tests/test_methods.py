@@ -48,7 +48,7 @@ def test_spectral_beats_untrained_and_turboquant_on_anisotropic_keys(tmp_path, b
     cap = _capture(_anisotropic(8192, d, 0))
     art = _save(tmp_path, "spectral", cap, train_spectral(cap, bits)[0])
     trained = create("spectral", head_dim=d, bits=bits, artifact=art, layer=0, kind="k")
-    untrained = create("spectral", head_dim=d, bits=bits)
+    untrained = create("spectral", head_dim=d, bits=bits, untrained=True)
     tq = create("turboquant_mse", head_dim=d, bits=bits)
     assert trained.bits_per_element == tq.bits_per_element == bits + 16 / d
     x = mx.array(_anisotropic(2048, d, 0)[:2048])  # same distribution (same basis)
@@ -79,7 +79,7 @@ def test_vecinfer_trained_beats_untrained(tmp_path):
     arrays, extra = train_vecinfer(cap, bits, iters=8)
     art = _save(tmp_path, "vecinfer", cap, arrays, extra)
     trained = create("vecinfer", head_dim=d, bits=bits, artifact=art, layer=0, kind="v")
-    untrained = create("vecinfer", head_dim=d, bits=bits)
+    untrained = create("vecinfer", head_dim=d, bits=bits, untrained=True)
     x = mx.array(_outliers_and_clusters(2048, d, 1))
     assert trained.bits_per_element == untrained.bits_per_element == bits
     e_trained, e_untrained = _rel_err(trained, x), _rel_err(untrained, x)

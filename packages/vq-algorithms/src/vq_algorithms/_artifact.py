@@ -24,7 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from vq_core import ArtifactError, QuantizerConfig, invalid, invalid_choice
+from vq_core import ArtifactError, ConfigError, QuantizerConfig, invalid, invalid_choice
 
 FORMAT = 1
 FINGERPRINT_KEYS = ("architecture", "layers", "kv_heads", "head_dim")
@@ -164,16 +164,36 @@ def load_layer(
 class CalibratedConfig(QuantizerConfig):
     """Config fields every calibrated method shares.
 
-    ``artifact``: dir or file from ``vq calibrate`` ("" = untrained, documented per method);
-    ``layer``: the model layer; ``kind``: ``"k"`` (keys) or ``"v"`` (values).
+    ``artifact``: dir or file from ``vq calibrate``; ``layer``: the model layer; ``kind``:
+    ``"k"`` (keys) or ``"v"`` (values). ``untrained=True`` asks by name for the method's
+    untrained neighbour (documented per method; for tests and demos): without it, a
+    quantizer built with no artifact is refused (:func:`require_artifact`), never silently
+    untrained.
     """
 
     artifact: str = ""
     layer: int = 0
     kind: str = "k"
+    untrained: bool = False
 
     def validate(self) -> None:
         super().validate()
         invalid_choice("kind", self.kind, ("k", "v"))
         if not isinstance(self.layer, int) or self.layer < 0:
             raise invalid("layer", self.layer, "an integer >= 0")
+        if not isinstance(self.untrained, bool):
+            raise invalid("untrained", self.untrained, "True or False")
+        if self.untrained and self.artifact:
+            raise ConfigError(
+                f"artifact={self.artifact!r} and untrained=True exclude each other; pass one"
+            )
+
+
+def require_artifact(method: str, config: CalibratedConfig) -> None:
+    """ConfigError unless ``config`` names an artifact or asks for ``untrained=True``."""
+    if not config.artifact and not config.untrained:
+        raise ConfigError(
+            f"{method} is calibrated and needs its artifact: pass artifact=<dir or file "
+            f"from `vq calibrate --method {method}`>, or untrained=True for its untrained "
+            "codebooks (tests and demos only)"
+        )

@@ -28,7 +28,8 @@ pre-RoPE form is highly structured, went from 0.10–0.11 to 0.013–0.026 (docs
 Calibration (``vq calibrate --method comm_vq``) trains ``θ`` per layer, head and stage by
 the paper's EM (soft assignments with an annealed temperature, then the closed-form
 structured M-step) on pre-RoPE keys, and saves the model's RoPE geometry with it.
-``artifact=""`` is the untrained neighbour: Gaussian tables shared by every head, no RoPE.
+``untrained=True`` (and no artifact) asks for the untrained neighbour: Gaussian tables shared
+by every head, no RoPE; with neither (nor ``tables``) the quantizer is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._artifact import CalibratedConfig, load_layer
+from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
 from vq_algorithms._byte_fields import pad_last, twelve_bit_fields
 from vq_algorithms._rope import RopeGeometry
 from vq_core import Codes, ConfigError, Quantizer, ShapeError, pack, packed_words, register
@@ -102,6 +103,7 @@ class CommVQ(Quantizer):
     needs_calibration = True
     position_aware = True
     default_value_method = "turboquant_mse"
+    keys_only = True
     # Untrained Gaussian tables on Gaussian vectors; calibrated tables do far better.
     round_trip_bound = {1: 0.55, 2: 0.24, 3: 0.11, 4: 0.05}
 
@@ -120,6 +122,8 @@ class CommVQ(Quantizer):
             a = load_layer(c.artifact, self.method, c.version, c.layer, c.kind, c.head_dim)
             tables = a["tables"]
             geometry = RopeGeometry(a["rope_perm"].astype(mx.int32), a["rope_freqs"])
+        if tables is None:
+            require_artifact(self.method, c)
         tables = untrained_tables(c) if tables is None else tables.astype(mx.float32)
         want = (c.stages, c.table_size, c.head_dim // 2, 2)
         if tables.ndim != 5 or tuple(tables.shape[1:]) != want:

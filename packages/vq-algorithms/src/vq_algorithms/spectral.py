@@ -17,9 +17,10 @@ Codes: ``norm = ||y||`` (float16) and ``idx`` uint32 ``[..., ceil(bits·D/32)]``
 (ascending), each index written least-significant bit first, as one bit stream packed with
 ``pack(bits=1)``. Bits per element: ``bits + 16/D`` exactly, like ``turboquant_mse``.
 
-``artifact=""`` (the default) is the *untrained* neighbour: a random orthogonal rotation from
-``seed`` and a flat spectrum (every coordinate gets ``bits`` bits, μ = 0). It exists for unit
-use and tests; with a flat spectrum SpectralQuant is a random-rotation scalar quantizer.
+``untrained=True`` (and no artifact) asks for the *untrained* neighbour: a random orthogonal
+rotation from ``seed`` and a flat spectrum (every coordinate gets ``bits`` bits, μ = 0). It
+exists for unit use and tests; with a flat spectrum SpectralQuant is a random-rotation scalar
+quantizer. With neither an artifact nor ``untrained=True`` the quantizer is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._artifact import CalibratedConfig, load_layer
+from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
 from vq_core import (
     Codes,
     Quantizer,
@@ -86,6 +87,7 @@ class Spectral(Quantizer):
             self.rotation, self.mean = a["rotation"], a["mean"]
             lam = a["eigenvalues"].tolist()
         else:
+            require_artifact(self.method, config)
             self.rotation = RandomOrthogonal(d, config.seed).matrix
             self.mean, lam = mx.zeros((d,)), [1.0] * d
         self.alloc = allocate_bits(lam, config.bits)

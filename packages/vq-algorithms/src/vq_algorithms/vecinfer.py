@@ -15,9 +15,10 @@ fp16 reconstruction and no norm. The layout is vq-kernels' ``pq_decode_attention
 Scores use a per-query lookup table: ``q' = H(q ⊙ s)``, ``LUT[s, k] = q'_s · centroids[s, k]``
 and ``q·k̂ = Σ_s LUT[s, idx_s]`` (``⟨q, H⁻¹(ĉ) ⊙ s⟩ = ⟨H(q ⊙ s), ĉ⟩``).
 
-``artifact=""`` (the default) is the *untrained* neighbour: smoothing 1 and codebooks of
-standard-normal samples drawn from ``seed`` (suited only to unit-variance inputs). It exists
-for unit use and tests.
+``untrained=True`` (and no artifact) asks for the *untrained* neighbour: smoothing 1 and
+codebooks of standard-normal samples drawn from ``seed`` (suited only to unit-variance
+inputs). It exists for unit use and tests; with neither an artifact nor ``untrained=True``
+the quantizer is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._artifact import CalibratedConfig, load_layer
+from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
 from vq_core import (
     Codes,
     ConfigError,
@@ -86,6 +87,7 @@ class VecInfer(Quantizer):
                     "these bits)"
                 )
         else:
+            require_artifact(self.method, config)
             self.smooth = mx.ones((d,))
             key = mx.random.key(config.seed)
             self.centroids = mx.random.normal((n_sub, CODEBOOK_SIZE, sub), key=key)

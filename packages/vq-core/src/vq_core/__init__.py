@@ -20,7 +20,7 @@ from vq_core.errors import (
     invalid,
     invalid_choice,
 )
-from vq_core.factory import make_cache
+from vq_core.factory import check_value_method, make_cache
 from vq_core.packing import pack, packed_words, unpack, unpack_fields
 from vq_core.preconditioner import (
     Identity,
@@ -57,6 +57,7 @@ __all__ = [
     "VectorCodebook",
     "attend_compressed",
     "available",
+    "check_value_method",
     "create",
     "from_description",
     "get",

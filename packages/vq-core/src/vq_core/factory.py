@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from vq_core.cache import CompressedKVCache
+from vq_core.errors import ConfigError
 from vq_core.registry import create, get
+
+
+def check_value_method(value_method: str) -> None:
+    """ConfigError if ``value_method`` compresses keys only (``Quantizer.keys_only``)."""
+    cls = get(value_method)
+    if cls.keys_only:
+        raise ConfigError(
+            f"value_method={value_method!r} compresses keys only; use it as the key method "
+            f"(its values then go to {cls.default_value_method!r}) or pick another value method"
+        )
 
 
 def make_cache(
@@ -32,6 +43,8 @@ def make_cache(
 
     Values get ``seed + 1`` so their rotation differs from the keys'.
     """
+    if value_method is not None:
+        check_value_method(value_method)
     keys = create(method, head_dim=head_dim, bits=bits, seed=seed, **options)
     if value_method is None:  # the built key quantizer may choose its partner per config
         value_method = keys.default_value_method or method

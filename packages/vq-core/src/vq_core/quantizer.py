@@ -80,8 +80,9 @@ class Quantizer(ABC):
 
     Class attributes a method sets: ``method`` (registry name), ``config_class``, and
     optionally ``token_block`` (tokens that must be encoded together, e.g. KIVI's
-    per-channel key groups; a cache flushes whole blocks) and ``default_value_method``
-    (for key-only methods: what compresses the values next to them).
+    per-channel key groups; a cache flushes whole blocks), ``default_value_method`` (what
+    compresses the values next to these keys) and ``keys_only`` (the method cannot compress
+    values at all, e.g. RoPE-commuting key codebooks).
     """
 
     method: ClassVar[str]
@@ -91,6 +92,7 @@ class Quantizer(ABC):
     token_block: ClassVar[int] = 1
     position_aware: ClassVar[bool] = False
     default_value_method: ClassVar[str | None] = None
+    keys_only: ClassVar[bool] = False
     # Stated bound on E||x - x̂||² / E||x||² per bit width (Gaussian x, head_dim 128).
     round_trip_bound: ClassVar[dict[int, float]] = {}
 

@@ -45,6 +45,36 @@ def kv_shape(model: str) -> KVShape:
     return KVShape(cfg["num_hidden_layers"], cfg.get("num_key_value_heads", heads), head_dim)
 
 
+def layer_windows(model: str) -> list[int | None]:
+    """Per layer of ``model`` (as :func:`kv_shape` takes it): ``None`` where mlx-lm builds a
+    full-attention ``KVCache`` (the layers :func:`vq_mlxlm.patch` compresses), else the
+    tokens the layer's own bounded cache keeps exact (a sliding window's ``max_size``; 0
+    for a cache that holds no keys and values).
+
+    GGUF files are llama models (every layer full attention); a model directory's
+    architecture is built from its ``config.json`` with lazy, never evaluated weights, and
+    its ``make_cache`` is asked.
+    """
+    from vq_mlxlm.default_model import DEFAULT, default_model_path
+
+    path = default_model_path() if model == DEFAULT else Path(model).expanduser()
+    if path.is_file():
+        return [None] * kv_shape(model).layers
+    from mlx_lm.models.cache import KVCache
+    from mlx_lm.utils import load_model
+
+    try:
+        net, _ = load_model(path, lazy=True, strict=False)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--model: cannot build {path}/config.json's architecture ({e})") from e
+    maker = getattr(net, "make_cache", None)
+    caches = maker() if maker is not None else [KVCache() for _ in net.layers]
+    return [
+        None if type(c).__name__ == "KVCache" else int(getattr(c, "max_size", 0) or 0)
+        for c in caches
+    ]
+
+
 def model_kv_shape(model) -> KVShape:
     """The same for a loaded mlx-lm model."""
     from vq_mlxlm.patch import _head_dim

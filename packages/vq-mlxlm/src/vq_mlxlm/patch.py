@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import vq_algorithms  # noqa: F401  (registers the methods even without installed entry points)
-from vq_core import CompressedKVCache, ConfigError, create, get, make_cache
+from vq_core import CompressedKVCache, ConfigError, check_value_method, create, get, make_cache
 from vq_mlxlm.routing import check_routable, route
 
 
@@ -67,6 +67,13 @@ def patch(
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
     check_routable(model)
+    if value_method is not None:
+        check_value_method(value_method)
+    if artifacts is None and get(method).needs_calibration and not options.get("untrained"):
+        raise ConfigError(
+            f"{method} is calibrated and needs its artifact: patch(..., artifacts=<dir from "
+            f"`vq calibrate --method {method}`>), or untrained=True (tests and demos only)"
+        )
     layers = list(model.layers)
     per_layer_bits = _per_layer("bits", bits, len(layers))
     per_layer_vbits = _per_layer("value_bits", value_bits, len(layers))

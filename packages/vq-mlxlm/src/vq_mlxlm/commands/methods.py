@@ -14,11 +14,15 @@ def method_table(head_dim: int = HEAD_DIM) -> list[dict]:
     rows = []
     for name in available():
         cls = get(name)
+        # Bits per element follow from the config alone, so a calibrated method's untrained
+        # neighbour gives its accounting.
+        untrained = {"untrained": True} if cls.needs_calibration else {}
         bpe = {}
         for bits in cls.config_class.allowed_bits:
             try:
-                bpe[bits] = round(create(name, head_dim=head_dim, bits=bits).bits_per_element, 4)
-            except ValueError:  # needs calibration artifacts to build
+                quant = create(name, head_dim=head_dim, bits=bits, **untrained)
+                bpe[bits] = round(quant.bits_per_element, 4)
+            except ValueError:  # this width does not exist at this head_dim
                 bpe[bits] = None
         rows.append(
             {
