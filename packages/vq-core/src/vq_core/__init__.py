@@ -11,6 +11,7 @@ from vq_core.cache import CompressedKVCache
 from vq_core.codebook import LloydMax, ScalarCodebook, VectorCodebook, lloyd_max
 from vq_core.errors import (
     ArtifactError,
+    CacheStateError,
     ConfigError,
     DTypeError,
     NonFiniteError,
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError",
     "ArtifactStore",
+    "CacheStateError",
     "Codes",
     "CompressedKVCache",
     "ConfigError",

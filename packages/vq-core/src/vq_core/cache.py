@@ -34,11 +34,20 @@ import json
 import mlx.core as mx
 
 from vq_core.attention import attend_compressed
-from vq_core.errors import ConfigError, ShapeError
+from vq_core.cache_integrity import (
+    CHECKSUM,
+    META,
+    SEP,
+    check_arrays,
+    parse_meta,
+    state_checksum,
+    verify_state,
+)
+from vq_core.errors import CacheStateError, ConfigError, ShapeError, VQError
 from vq_core.quantizer import Codes, Quantizer
 from vq_core.registry import from_description
 
-_SEP = "__"
+_SEP = SEP
 
 
 class _Pending:
@@ -258,32 +267,35 @@ class CompressedKVCache:
 
     @property
     def state(self) -> dict[str, mx.array | str]:
-        """Packed codes of the compressed tokens, the exact window, and ``"meta"`` (JSON).
+        """Packed codes of the compressed tokens, the exact window, ``"meta"`` (JSON) and
+        ``"checksum"`` (see :mod:`vq_core.cache_integrity`, computed lazily in the graph).
 
         The meta string makes the state self-describing, so loaders that keep only
-        ``state`` (mlx-lm's ``load_prompt_cache`` calls ``from_state(state)``) work.
+        ``state`` (mlx-lm's ``load_prompt_cache`` calls ``from_state(state)``) work, and the
+        checksum makes them refuse a corrupt one.
         """
-        out: dict[str, mx.array | str] = {"meta": self.meta_state[0]}
+        arrays: dict[str, mx.array] = {}
         for tag, codes, q in (
             ("k", self._keys, self.key_quantizer),
             ("v", self._values, self.value_quantizer),
         ):
             if codes is not None and self._n_comp:
                 for name, arr in _slice(codes, q, self._n_comp).items():
-                    out[f"{tag}{_SEP}{name}"] = arr
+                    arrays[f"{tag}{_SEP}{name}"] = arr
         if self._exact_k is not None:
-            out["exact_k"], out["exact_v"] = self._exact_k, self._exact_v
+            arrays["exact_k"], arrays["exact_v"] = self._exact_k, self._exact_v
         if self._sink_k is not None:
-            out["sink_k"], out["sink_v"] = self._sink_k, self._sink_v
+            arrays["sink_k"], arrays["sink_v"] = self._sink_k, self._sink_v
         if self._key_mean is not None:
-            out["key_mean"] = self._key_mean
+            arrays["key_mean"] = self._key_mean
         if self._value_mean is not None:
-            out["value_mean"] = self._value_mean
-        return out
+            arrays["value_mean"] = self._value_mean
+        meta = self.meta_state[0]
+        return {META: meta, **arrays, CHECKSUM: state_checksum(meta, arrays)}
 
     @state.setter
     def state(self, arrays: dict) -> None:
-        arrays = {k: v for k, v in arrays.items() if k != "meta"}
+        arrays = {k: v for k, v in arrays.items() if k not in (META, CHECKSUM)}
         keys = Codes({k[3:]: v for k, v in arrays.items() if k.startswith("k" + _SEP)})
         values = Codes({k[3:]: v for k, v in arrays.items() if k.startswith("v" + _SEP)})
         self._keys = keys or None
@@ -318,27 +330,44 @@ class CompressedKVCache:
 
     @classmethod
     def from_state(cls, state: dict, meta_state=None) -> CompressedKVCache:
-        state = dict(state)
-        saved_meta = state.pop("meta", None)
-        if meta_state is None:
-            if saved_meta is None:
-                raise ShapeError("cache state has no 'meta' entry and no meta_state was given")
-            meta_state = (saved_meta,)
-        meta = json.loads(meta_state[0])
-        cache = cls(
-            from_description(meta["key"]),
-            from_description(meta["value"]),
-            window=meta["window"],
-            sink=meta.get("sink", 0),
-            center=meta.get("center", False),
-            step=meta["step"],
-        )
-        cache.state = state
-        if cache.offset != meta["offset"]:
-            raise ShapeError(
-                f"saved cache says offset {meta['offset']} but its arrays hold {cache.offset} tokens"
+        """Rebuild a cache from :attr:`state`, refusing (:class:`CacheStateError`) one whose
+        checksum, meta, code shapes/dtypes or offset do not match."""
+        meta_json, arrays = verify_state(state, meta_state)
+        meta = parse_meta(meta_json)
+        try:
+            keys, values = from_description(meta["key"]), from_description(meta["value"])
+            cache = cls(
+                keys,
+                values,
+                window=meta["window"],
+                sink=meta["sink"],
+                center=meta["center"],
+                step=meta["step"],
             )
+        except (VQError, KeyError, TypeError) as e:
+            raise CacheStateError(f"cache state meta describes no valid cache ({e})") from None
+        check_arrays(keys, values, arrays, meta)
+        cache.state = arrays
         return cache
+
+    def __deepcopy__(self, memo) -> CompressedKVCache:
+        """An independent copy of the tokens held (mlx-lm's server copies cached prompts).
+
+        Every array is a new array object, because appending codes assigns into the code
+        buffers in place; the quantizers are shared, since they hold only their config and
+        arrays derived from it, never tokens. The view of the last update is not copied:
+        a copy is attended only after an update of its own.
+        """
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            if isinstance(value, mx.array):
+                value = mx.array(value)
+            elif isinstance(value, Codes):
+                value = value.map(lambda _, a: mx.array(a))
+            setattr(new, name, value)
+        new._view = None
+        return new
 
     # -- internals -------------------------------------------------------------------------
 

@@ -38,6 +38,11 @@ class ArtifactError(VQError):
     """A saved artifact is missing, corrupt, or belongs to another model/method/version."""
 
 
+class CacheStateError(VQError, ValueError):
+    """A saved cache state (e.g. a prompt-cache file) is corrupt, truncated, or does not
+    match the model or the cache configuration it is loaded into."""
+
+
 def invalid(name: str, value: object, allowed: str) -> ConfigError:
     """Build a ConfigError that names the argument, the bad value and what is allowed."""
     return ConfigError(f"{name}={value!r} is not allowed; expected {allowed}")
