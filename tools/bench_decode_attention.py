@@ -1,11 +1,17 @@
-"""Decode-attention timing: fp16 SDPA vs mlx-lm-style quantized attention vs vq's fused kernel.
+"""Decode-attention timing: fp16 SDPA and mlx-lm-style quantized attention against vq's kernels.
 
-B=1, 32 query heads, 8 KV heads, head_dim 128, one query token, contexts 4k / 32k / 128k, all
-in one run so the ratios compare like with like. Times are medians in microseconds; each
-sample calls the op and blocks on ``mx.eval`` (``--per-sync N`` runs N calls per eval and
-divides, which hides the per-eval overhead).
+32 query heads, 8 KV heads, head_dim 128, one query token, contexts 4k / 32k / 128k, all in
+one run so the ratios compare like with like. Rows: fp16 ``mx.fast.scaled_dot_product_attention``;
+mlx-lm's two-``quantized_matmul`` path at 2/4/8 bits; vq's scalar-codebook kernel
+(turboquant_mse / rvq / prod values) at 1-4 bits, with per-row lengths on the device
+(``lengths=``, what a cache passes) and with an int ``length`` (a host array per call), and
+with the splits merged by a second launch instead of inside the first; vq's product-VQ
+lookup-table kernel (vecinfer / comm_vq); vq's affine path (kivi / affine: dequantize, then
+SDPA). Times are medians in microseconds; each sample runs ``--per-sync`` calls and blocks
+on one ``mx.eval``. ``GB/s`` counts the bytes an op must read (codes, norms, scales) over
+its time.
 
-    PYTHONPATH=packages/vq-kernels/src python tools/bench_decode_attention.py
+    PYTHONPATH=packages/vq-kernels/src python tools/bench_decode_attention.py --per-sync 20
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import vq_kernels as vk
+from vq_kernels import codebook_attention
 
-B, HQ, HKV, D = 1, 32, 8, 128
+HQ, HKV, D = 32, 8, 128
 SCALE = D**-0.5
 
 
@@ -47,31 +54,81 @@ def time_us(fn: Callable[[], object], iters: int, per_sync: int) -> float:
     return statistics.median(samples)
 
 
-def cases(length: int) -> dict[str, Callable[[], object]]:
-    ks = mx.random.split(mx.random.key(length), 4)
-    q16 = mx.random.normal((B, HQ, 1, D), key=ks[0]).astype(mx.float16)
-    k16 = mx.random.normal((B, HKV, length, D), key=ks[1]).astype(mx.float16)
-    v16 = mx.random.normal((B, HKV, length, D), key=ks[2]).astype(mx.float16)
-    out: dict[str, Callable[[], object]] = {
-        "fp16 sdpa": lambda: mx.fast.scaled_dot_product_attention(q16, k16, v16, scale=SCALE)
+def _with_merge(merge_in_kernel: bool, fn: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        saved = codebook_attention.MERGE_IN_KERNEL
+        codebook_attention.MERGE_IN_KERNEL = merge_in_kernel
+        try:
+            return fn()
+        finally:
+            codebook_attention.MERGE_IN_KERNEL = saved
+
+    return run
+
+
+Case = tuple[Callable[[], object], int]  # (op, bytes it must read)
+
+
+def cases(b: int, length: int) -> dict[str, Case]:
+    ks = mx.random.split(mx.random.key(length), 8)
+    q16 = mx.random.normal((b, HQ, 1, D), key=ks[0]).astype(mx.float16)
+    k16 = mx.random.normal((b, HKV, length, D), key=ks[1]).astype(mx.float16)
+    v16 = mx.random.normal((b, HKV, length, D), key=ks[2]).astype(mx.float16)
+    tokens = b * HKV * length
+    out: dict[str, Case] = {
+        "fp16 sdpa": (
+            lambda: mx.fast.scaled_dot_product_attention(q16, k16, v16, scale=SCALE),
+            tokens * D * 4,
+        )
     }
-    for bits in (4, 8):
+    for bits in (2, 4, 8):
         qk = mx.quantize(k16, group_size=64, bits=bits)
         qv = mx.quantize(v16, group_size=64, bits=bits)
         mx.eval(qk, qv)
-        out[f"mlx-lm q{bits}"] = lambda qk=qk, qv=qv, bits=bits: mlx_lm_quantized_sdpa(
-            q16, qk, qv, group_size=64, bits=bits
+        out[f"mlx-lm q{bits}"] = (
+            lambda qk=qk, qv=qv, bits=bits: mlx_lm_quantized_sdpa(
+                q16, qk, qv, group_size=64, bits=bits
+            ),
+            tokens * 2 * (D * bits // 8 + 2 * 2 * D // 64),
         )
+        if bits == 4:
+            out["vq affine q4"] = (
+                lambda qk=qk, qv=qv: vk.affine_decode_attention(
+                    q32, qk, qv, scale=SCALE, group_size=64, bits=4
+                ),
+                tokens * 2 * (D * bits // 8 + 2 * 2 * D // 64),
+            )
     q32 = q16.astype(mx.float32)
-    norms = mx.random.uniform(0.5, 2.0, (B, HKV, length), key=ks[3]).astype(mx.float16)
-    for bits in (2, 3, 4):
+    norms = mx.random.uniform(0.5, 2.0, (b, HKV, length), key=ks[3]).astype(mx.float16)
+    lens = mx.array([length] * b, dtype=mx.int32)
+    for bits in (1, 2, 3, 4):
         w = vk.n_words(D, bits)
-        kp = mx.random.randint(0, 2**31, (B, HKV, length, w), key=ks[1]).astype(mx.uint32)
-        vp = mx.random.randint(0, 2**31, (B, HKV, length, w), key=ks[2]).astype(mx.uint32)
+        kp = mx.random.randint(0, 2**31, (b, HKV, length, w), key=ks[4]).astype(mx.uint32)
+        vp = mx.random.randint(0, 2**31, (b, HKV, length, w), key=ks[5]).astype(mx.uint32)
         cb = mx.sort(mx.random.normal((1 << bits,)) * 0.09)
-        mx.eval(kp, vp, cb, norms)
-        out[f"vq {bits}-bit"] = lambda kp=kp, vp=vp, cb=cb, bits=bits: vk.codebook_decode_attention(
-            q32, kp, norms, cb, bits, vp, norms, cb, bits, scale=SCALE
+        mx.eval(kp, vp, cb, norms, lens)
+        args = (q32, kp, norms, cb, bits, vp, norms, cb, bits)
+        nbytes = tokens * 2 * (w * 4 + 2)
+
+        def dev(args=args):
+            return vk.codebook_decode_attention(*args, scale=SCALE, lengths=lens)
+
+        def host(args=args):
+            return vk.codebook_decode_attention(*args, scale=SCALE, length=length)
+
+        out[f"vq cb{bits}"] = (dev, nbytes)
+        if bits in (2, 4):
+            out[f"vq cb{bits} int len"] = (host, nbytes)
+            out[f"vq cb{bits} 2 launches"] = (_with_merge(False, dev), nbytes)
+    for m, kc in ((16, 256), (32, 256)):
+        cent = mx.random.normal((m, kc, D // m), key=ks[6]) * 0.3
+        codes = mx.random.randint(0, kc, (b, HKV, length, m), key=ks[7]).astype(mx.uint8)
+        mx.eval(cent, codes)
+        out[f"vq pq M{m}"] = (
+            lambda cent=cent, codes=codes: vk.pq_decode_attention(
+                q32, codes, cent, codes, cent, scale=SCALE
+            ),
+            tokens * 2 * m,
         )
     return out
 
@@ -79,30 +136,38 @@ def cases(length: int) -> dict[str, Callable[[], object]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="4096,32768,131072")
-    ap.add_argument("--iters", type=int, default=100)
-    ap.add_argument("--per-sync", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--per-sync", type=int, default=20)
     args = ap.parse_args()
     print(f"mlx {mx.__version__}, device {mx.default_device()}, backend {vk.available_backend()}")
-    print(f"B={B} Hq={HQ} Hkv={HKV} D={D}, median of {args.iters}, {args.per_sync} call(s)/eval")
-    results: dict[int, dict[str, float]] = {}
+    print(
+        f"B={args.batch} Hq={HQ} Hkv={HKV} D={D}, median of {args.iters}, "
+        f"{args.per_sync} call(s)/eval"
+    )
+    results: dict[int, dict[str, tuple[float, int]]] = {}
     for length in (int(x) for x in args.contexts.split(",")):
         results[length] = {
-            n: time_us(f, args.iters, args.per_sync) for n, f in cases(length).items()
+            n: (time_us(f, args.iters, args.per_sync), nbytes)
+            for n, (f, nbytes) in cases(args.batch, length).items()
         }
         mx.clear_cache()
     names = list(next(iter(results.values())))
-    head = f"{'op':<14}" + "".join(f"{f'{n // 1024}k µs':>10}{'vs fp16':>9}" for n in results)
+    head = f"{'op':<22}" + "".join(
+        f"{f'{n // 1024}k µs':>10}{'vs fp16':>9}{'GB/s':>7}" for n in results
+    )
     print(head)
     for name in names:
-        row = f"{name:<14}"
+        row = f"{name:<22}"
         for r in results.values():
-            row += f"{r[name]:>10.1f}{r['fp16 sdpa'] / r[name]:>8.2f}x"
+            us, nbytes = r[name]
+            row += f"{us:>10.1f}{r['fp16 sdpa'][0] / us:>8.2f}x{nbytes / us / 1e3:>7.0f}"
         print(row)
     for length, r in results.items():
-        for bits in (4,):
+        for bits in (2, 4):
             print(
-                f"{length // 1024}k: vq {bits}-bit is {r[f'mlx-lm q{bits}'] / r[f'vq {bits}-bit']:.1f}x "
-                f"faster than mlx-lm q{bits}; vq 2-bit {r['fp16 sdpa'] / r['vq 2-bit']:.1f}x fp16"
+                f"{length // 1024}k: vq cb{bits} {r['fp16 sdpa'][0] / r[f'vq cb{bits}'][0]:.2f}x "
+                f"fp16, {r[f'mlx-lm q{bits}'][0] / r[f'vq cb{bits}'][0]:.1f}x mlx-lm q{bits}"
             )
     for rec in vk.compile_report():
         print(

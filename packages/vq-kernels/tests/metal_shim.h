@@ -14,7 +14,10 @@ struct half {
   operator float() const { return v; }
 };
 struct uint3 { uint x, y, z; };
-enum class mem_flags { mem_threadgroup };
+enum class mem_flags { mem_threadgroup, mem_device };
+typedef int atomic_int;
+enum memory_order { memory_order_relaxed };
+template <class T, class S> T as_type(S x) { T t; __builtin_memcpy(&t, &x, sizeof(T)); return t; }
 namespace metal {
 inline float exp2(float x) { return std::exp2(x); }
 inline float log2(float x) { return std::log2(x); }
@@ -27,4 +30,6 @@ inline uint popcount(uint x) { return __builtin_popcount(x); }
 inline float simd_shuffle_xor(float v, ushort) { return v; }
 inline float simd_shuffle(float v, ushort) { return v; }
 inline void threadgroup_barrier(mem_flags) {}
+inline int atomic_fetch_add_explicit(atomic_int* p, int v, memory_order) { int o = *p; *p += v; return o; }
+inline void atomic_store_explicit(atomic_int* p, int v, memory_order) { *p = v; }
 }  // namespace metal

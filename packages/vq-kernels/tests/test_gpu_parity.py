@@ -61,14 +61,14 @@ def test_codebook_quantize_dequantize(bits: int, d: int) -> None:
     assert not mx.any(mx.isnan(rec)).item()
 
 
-def _codebook_case(d: int, hkv: int, g: int, lq: int, lbuf: int, kb: int, vb: int):
-    ks = mx.random.split(mx.random.key(d * 7 + g * 3 + lbuf + kb * 11 + vb), 6)
+def _codebook_case(d: int, hkv: int, g: int, lq: int, lbuf: int, kb: int, vb: int, batch: int = 2):
+    ks = mx.random.split(mx.random.key(d * 7 + g * 3 + lbuf + kb * 11 + vb + batch), 6)
     ck, cv = _codebook(kb, kb + 10), _codebook(vb, vb + 20)
-    kp = vk.pack_bits(mx.random.randint(0, 1 << kb, (2, hkv, lbuf, d), key=ks[0]), kb)
-    vp = vk.pack_bits(mx.random.randint(0, 1 << vb, (2, hkv, lbuf, d), key=ks[1]), vb)
-    kn = (mx.random.uniform(4.0, 16.0, (2, hkv, lbuf), key=ks[2])).astype(mx.float16)
-    vn = mx.random.uniform(0.5, 2.0, (2, hkv, lbuf), key=ks[3]).astype(mx.float16)
-    q = mx.random.normal((2, hkv * g, lq, d), key=ks[4])
+    kp = vk.pack_bits(mx.random.randint(0, 1 << kb, (batch, hkv, lbuf, d), key=ks[0]), kb)
+    vp = vk.pack_bits(mx.random.randint(0, 1 << vb, (batch, hkv, lbuf, d), key=ks[1]), vb)
+    kn = (mx.random.uniform(4.0, 16.0, (batch, hkv, lbuf), key=ks[2])).astype(mx.float16)
+    vn = mx.random.uniform(0.5, 2.0, (batch, hkv, lbuf), key=ks[3]).astype(mx.float16)
+    q = mx.random.normal((batch, hkv * g, lq, d), key=ks[4])
     return q, kp, kn, ck, vp, vn, cv
 
 
@@ -76,7 +76,7 @@ BITS = [(1, 1), (2, 2), (3, 3), (4, 4), (4, 2), (2, 4), (3, 4)]
 
 
 @pytest.mark.parametrize(("kb", "vb"), BITS)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize(("g", "lq"), [(1, 1), (3, 1), (4, 1), (8, 1), (4, 2)])
 def test_codebook_decode_attention(kb: int, vb: int, d: int, g: int, lq: int) -> None:
     lbuf = 1500
@@ -88,6 +88,31 @@ def test_codebook_decode_attention(kb: int, vb: int, d: int, g: int, lq: int) ->
         rout, rlse = vk.codebook_decode_attention(*args, scale=scale, length=length, backend=REF)
         _close(out, rout)
         _close(lse, rlse)
+
+
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
+@pytest.mark.parametrize(("d", "g", "kb", "vb"), [(64, 1, 4, 4), (128, 4, 2, 2), (256, 8, 3, 4)])
+def test_codebook_decode_attention_ragged_batch(
+    d: int, g: int, kb: int, vb: int, merge_in_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B = 4 rows of different valid lengths (0, 1, 777, the whole buffer) from a device array;
+    a poisoned output proves every element is written."""
+    from vq_kernels import codebook_attention
+
+    monkeypatch.setattr(codebook_attention, "MERGE_IN_KERNEL", merge_in_kernel)
+    lbuf = 1500
+    q, kp, kn, ck, vp, vn, cv = _codebook_case(d, 2, g, 1, lbuf, kb, vb, batch=4)
+    lengths = mx.array([0, 1, 777, lbuf], dtype=mx.int32)
+    args = (q, kp, kn, ck, kb, vp, vn, cv, vb)
+    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=GPU)
+    rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=REF)
+    assert not mx.any(mx.isnan(out)).item()
+    _close(out, rout)
+    _close(lse, rlse)
+    for i, n in enumerate(lengths.tolist()):  # each row equals its own single-row call
+        one = (q[i : i + 1], kp[i : i + 1], kn[i : i + 1], ck, kb, vp[i : i + 1], vn[i : i + 1])
+        o1, _ = vk.codebook_decode_attention(*one, cv, vb, scale=d**-0.5, length=n, backend=GPU)
+        _close(o1, rout[i : i + 1])
 
 
 def test_codebook_decode_attention_long_and_empty() -> None:

@@ -109,6 +109,29 @@ def test_codebook_attention_reference_matches_naive(g: int, lq: int, length: int
     assert mx.allclose(lse, want_lse, atol=1e-5).item()
 
 
+def test_codebook_attention_per_row_lengths() -> None:
+    """lengths [B]: row b attends to its own first lengths[b] tokens; bad lengths are refused."""
+    q, kp, kn, ck, vp, vn, cv = _codebook_case(3, 16, 2, 2, 1, 40, 2, 3)
+    args = (q, kp, kn, ck, 2, vp, vn, cv, 3)
+    out, lse = vk.codebook_decode_attention(
+        *args, scale=0.25, lengths=mx.array([5, 40], dtype=mx.int32), backend=REF
+    )
+    for i, n in enumerate((5, 40)):
+        one = (q[i : i + 1], kp[i : i + 1], kn[i : i + 1], ck, 2, vp[i : i + 1], vn[i : i + 1])
+        o1, l1 = vk.codebook_decode_attention(*one, cv, 3, scale=0.25, length=n, backend=REF)
+        assert (
+            mx.array_equal(out[i : i + 1], o1).item() and mx.array_equal(lse[i : i + 1], l1).item()
+        )
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        vk.codebook_decode_attention(*args, scale=0.25, lengths=mx.array([5]), backend=REF)
+    with pytest.raises(ValueError, match="not both"):
+        vk.codebook_decode_attention(
+            *args, scale=0.25, length=3, lengths=mx.array([5, 4]), backend=REF
+        )
+    with pytest.raises(ValueError, match="integers"):
+        vk.codebook_decode_attention(*args, scale=0.25, lengths=mx.array([5.0, 4.0]), backend=REF)
+
+
 def test_attention_over_zero_tokens_is_empty() -> None:
     q, kp, kn, ck, vp, vn, cv = _codebook_case(1, 16, 1, 2, 1, 8, 2, 2)
     out, lse = vk.codebook_decode_attention(

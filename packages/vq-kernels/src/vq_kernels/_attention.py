@@ -9,6 +9,7 @@ Flash-decoding: the ``length`` valid tokens of each KV head are cut into S split
 from __future__ import annotations
 
 import math
+import struct
 
 import mlx.core as mx
 
@@ -35,6 +36,26 @@ def valid_length(length: int | None, lbuf: int) -> int:
     if not 0 <= n <= lbuf:
         raise ValueError(f"length {n} is outside the buffer of {lbuf} tokens")
     return n
+
+
+def batch_lengths(lengths: mx.array, batch: int, lbuf: int) -> mx.array:
+    """``lengths`` checked as int32 [B] (values are clamped to [0, Lbuf] by the kernels)."""
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
+    if not mx.issubdtype(lengths.dtype, mx.integer):
+        raise ValueError(f"lengths must be integers, got {lengths.dtype}")
+    return lengths.astype(mx.int32)
+
+
+def float_bits(x: float) -> int:
+    """The bits of fp32 ``x`` as a signed int (a compile-time constant of a kernel)."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def plan_split_count(length: int, step: int, groups: int) -> int:
+    """Splits S along the sequence: about TARGET_GROUPS thread groups, at least a step each."""
+    steps = max(1, math.ceil(length / step))
+    return max(1, min(math.ceil(TARGET_GROUPS / max(groups, 1)), steps))
 
 
 def row_tile(rows: int, cap: int) -> int:

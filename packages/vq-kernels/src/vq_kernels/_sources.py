@@ -62,7 +62,7 @@ SPECS: dict[str, KernelSpec] = {
             (("D", 128), ("BITS", 3)),
         ),
         KernelSpec(
-            "codebook_attn_partial",
+            "codebook_attn",
             (
                 ("q", "float32"),
                 ("kw", "uint32"),
@@ -71,10 +71,20 @@ SPECS: dict[str, KernelSpec] = {
                 ("vw", "uint32"),
                 ("vn", "float16"),
                 ("vc", "float32"),
-                _P,
+                ("lengths", "int32"),
+                ("sem", "int32"),
             ),
-            _ATTN_OUT,
-            (("D", 128), ("KB", 3), ("VB", 4), ("G", 4), ("GT", 4)),
+            (("out", "float32"), ("lse", "float32"), *_ATTN_OUT),
+            (
+                ("D", 128),
+                ("KB", 4),
+                ("VB", 4),
+                ("G", 4),
+                ("GT", 4),
+                ("NT", 4),
+                ("SCALE", 1035098454),
+                ("FUSED", 1),
+            ),
         ),
         KernelSpec(
             "pq_attn_partial",
@@ -132,7 +142,11 @@ _METAL_TYPES = {
     "uint8": "uint8_t",
     "int32": "int32_t",
 }
+_CUDA_SHAPE = (  # stands in for MLX's Shape (cuda::std::array<int32_t, 8>, passed by value)
+    "struct VqShape {\n  int v[8];\n  __device__ int operator[](int i) const { return v[i]; }\n};\n"
+)
 _METAL_ATTRS = {
+    "threadgroups_per_grid": "uint3",
     "thread_position_in_threadgroup": "uint3",
     "thread_index_in_simdgroup": "uint",
     "threadgroup_position_in_grid": "uint3",
@@ -144,22 +158,30 @@ def standin_source(spec: KernelSpec, backend: str) -> str:
     """A whole translation unit wrapping ``spec``'s body the way MLX does, for offline compilers.
 
     CUDA: MLX emits ``__global__ void name(const T* in..., T* out...)`` with the template ints as
-    ``constexpr int`` at the top; Metal: a ``[[kernel]]`` function with ``[[buffer(i)]]``
-    arguments and the thread-position attributes the body mentions.
+    ``constexpr int`` at the top, and an input's shape (``name_shape``, 8 ints by value) after
+    it when the body mentions it; Metal: a ``[[kernel]]`` function with ``[[buffer(i)]]``
+    arguments (a shape as ``constant int*``) and the thread-position attributes the body
+    mentions.
     """
     consts = "".join(f"  constexpr int {n} = {v};\n" for n, v in spec.template)
     src = body(spec.name, backend)
+    shaped = {n for n, _ in spec.inputs if f"{n}_shape" in src}
     if backend == "cuda":
-        args = [f"const {_CUDA_TYPES[t]}* {n}" for n, t in spec.inputs]
+        args = []
+        for n, t in spec.inputs:
+            args.append(f"const {_CUDA_TYPES[t]}* {n}")
+            if n in shaped:
+                args.append(f"const __grid_constant__ VqShape {n}_shape")
         args += [f"{_CUDA_TYPES[t]}* {n}" for n, t in spec.outputs]
         sig = f'extern "C" __global__ void {spec.name}(\n    ' + ",\n    ".join(args) + ") {\n"
-        return "#include <cstdint>\n" + header("cuda") + sig + consts + src + "\n}\n"
-    args = [
-        f"const device {_METAL_TYPES[t]}* {n} [[buffer({i})]]"
-        for i, (n, t) in enumerate(spec.inputs)
-    ]
+        return "#include <cstdint>\n" + header("cuda") + _CUDA_SHAPE + sig + consts + src + "\n}\n"
+    args = []
+    for n, t in spec.inputs:
+        args.append(f"const device {_METAL_TYPES[t]}* {n} [[buffer({len(args)})]]")
+        if n in shaped:
+            args.append(f"const constant int* {n}_shape [[buffer({len(args)})]]")
     args += [
-        f"device {_METAL_TYPES[t]}* {n} [[buffer({len(spec.inputs) + i})]]"
+        f"device {_METAL_TYPES[t]}* {n} [[buffer({len(args) + i})]]"
         for i, (n, t) in enumerate(spec.outputs)
     ]
     args += [f"{t} {a} [[{a}]]" for a, t in _METAL_ATTRS.items() if a in src]

@@ -2,8 +2,9 @@
 
 Scores: s_i = scale * norm_k,i * sum_j q_j c_k[idx_ij] (inner products survive the rotation);
 values: out = sum_i p_i norm_v,i c_v[idx_i] / sum_i p_i, returned in the rotated basis for the
-caller to rotate back. The kernel streams packed words (online softmax, flash-decoding
-splits, one reduce); keys and values may use different bits.
+caller to rotate back. The kernel streams packed words (online softmax in base 2,
+flash-decoding splits merged inside the same launch on CUDA); keys and values may use
+different bits; batch rows may have different valid lengths.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ import mlx.core as mx
 
 from vq_kernels._attention import (
     LOG2E,
+    batch_lengths,
+    float_bits,
     gqa_groups,
+    plan_split_count,
+    reduce_partials,
     row_tile,
     softmax_attention,
-    split_attention,
     valid_length,
 )
-from vq_kernels._backend import resolve_backend
+from vq_kernels._backend import launch, resolve_backend
 from vq_kernels.codebook import codebook_dequantize_reference, n_words
 
-MAX_ROW_TILE = 4  # query rows per thread group; more would spill registers
+MAX_ROW_TILE = 4  # query rows per thread group (128 registers a thread at 4; 227 at 8)
+TOKENS_PER_LANE = 4  # tokens a lane scores per loop step (NT); 8 needs 168 registers
+MERGE_IN_KERNEL = True  # CUDA: the last thread group merges the splits (else attn_reduce)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per token, <= 32
 
 
@@ -38,9 +44,20 @@ def codebook_decode_attention_reference(
     *,
     scale: float,
     length: int | None = None,
+    lengths: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
-    """Pure-MLX :func:`codebook_decode_attention`: dequantize, then exact softmax attention."""
+    """Pure-MLX :func:`codebook_decode_attention`: dequantize, then exact softmax attention.
+
+    With ``lengths`` each batch row is computed on its own valid tokens (a host read).
+    """
     d = q_rot.shape[-1]
+    if lengths is not None:
+        rows = []
+        for i, n in enumerate(batch_lengths(lengths, q_rot.shape[0], k_packed.shape[2]).tolist()):
+            one = (q_rot[i : i + 1], k_packed[i : i + 1], k_norm[i : i + 1], k_centroids, k_bits)
+            one += (v_packed[i : i + 1], v_norm[i : i + 1], v_centroids, v_bits)
+            rows.append(codebook_decode_attention_reference(*one, scale=scale, length=n))
+        return mx.concatenate([o for o, _ in rows]), mx.concatenate([s for _, s in rows])
     n = valid_length(length, k_packed.shape[2])
     k = codebook_dequantize_reference(k_packed[:, :, :n], k_norm[:, :, :n], k_centroids, k_bits, d)
     v = codebook_dequantize_reference(v_packed[:, :, :n], v_norm[:, :, :n], v_centroids, v_bits, d)
@@ -60,48 +77,83 @@ def codebook_decode_attention(
     *,
     scale: float,
     length: int | None = None,
+    lengths: mx.array | None = None,
     backend: str | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Decode attention of rotated queries over scalar-codebook codes.
 
     Args:
-        q_rot: fp32 [B, Hq, Lq, D], already rotated; Hq = g * Hkv (GQA).
+        q_rot: fp32 (or fp16) [B, Hq, Lq, D], already rotated; Hq = g * Hkv (GQA).
         k_packed, v_packed: uint32 [B, Hkv, Lbuf, ceil(D*bits/32)] packed codes.
         k_norm, v_norm: float16 [B, Hkv, Lbuf].
         k_centroids, v_centroids: sorted fp32 [2**bits]; k_bits, v_bits in {1, 2, 3, 4}.
-        scale: softmax scale. length: valid tokens at the front of the buffer (default Lbuf).
+        scale: softmax scale.
+        length: valid tokens at the front of the buffer for every batch row (default Lbuf);
+            sent to the GPU as a fresh [B] array each call.
+        lengths: int32 [B] valid tokens per batch row, already on the device (ragged batches;
+            no host copy per call). At most one of ``length`` and ``lengths``.
 
     Returns:
         out_rot fp32 [B, Hq, Lq, D] (softmax over these tokens, rotated basis) and
         lse fp32 [B, Hq, Lq], the natural log-sum-exp of the scaled scores.
+
+    On a GPU one launch (``codebook_attn``) reads every kv head's codes once for all its
+    query rows (up to ``MAX_ROW_TILE``), in flash-decoding splits that its last thread group
+    merges; Metal merges them in a second launch (``attn_reduce``).
     """
     b, hq, lq, d = q_rot.shape
     _, hkv, lbuf, wk = k_packed.shape
     g = gqa_groups(q_rot, hkv)
-    n = valid_length(length, lbuf)
+    if length is not None and lengths is not None:
+        raise ValueError("pass length or lengths, not both")
+    n = None if lengths is not None else valid_length(length, lbuf)
     if wk != n_words(d, k_bits) or v_packed.shape[-1] != n_words(d, v_bits):
         raise ValueError("packed K/V widths do not match head_dim and bits")
     be = resolve_backend(backend)
     if be == "reference":
         return codebook_decode_attention_reference(
             q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
-            scale=scale, length=n,
+            scale=scale, length=n, lengths=lengths,
         )  # fmt: skip
     if d not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the codebook kernel needs head_dim in {KERNEL_HEAD_DIMS}, got {d}")
+    lens = (
+        batch_lengths(lengths, b, lbuf)
+        if lengths is not None
+        else mx.array([n] * b, dtype=mx.int32)
+    )
     rows = g * lq
-    q = (q_rot.astype(mx.float32) * (scale * LOG2E)).reshape(b * hkv, rows, d)
+    tile = row_tile(rows, MAX_ROW_TILE)
+    nt = min(TOKENS_PER_LANE, d // 8)
+    step = (128 // (d // 8)) * nt
+    groups = b * hkv * (rows // tile)
+    splits = plan_split_count(lbuf if n is None else n, step, groups)
+    fused = be == "cuda" and MERGE_IN_KERNEL
+    q = q_rot if q_rot.dtype in (mx.float32, mx.float16) else q_rot.astype(mx.float32)
+    nrow = b * hkv * rows
     inputs = [
         q,
-        k_packed.reshape(b * hkv, lbuf, wk),
-        k_norm.astype(mx.float16).reshape(b * hkv, lbuf),
+        k_packed,
+        k_norm.astype(mx.float16),
         k_centroids.astype(mx.float32),
-        v_packed.reshape(b * hkv, lbuf, v_packed.shape[-1]),
-        v_norm.astype(mx.float16).reshape(b * hkv, lbuf),
+        v_packed,
+        v_norm.astype(mx.float16),
         v_centroids.astype(mx.float32),
+        lens,
+        mx.zeros((groups,), mx.int32) if fused else lens,
     ]
-    out, lse = split_attention(
-        "codebook_attn_partial", be, inputs, [("D", d), ("KB", k_bits), ("VB", v_bits)],
-        heads=b * hkv, rows=rows, tile=row_tile(rows, MAX_ROW_TILE), length=n, lbuf=lbuf, d=d,
-    )  # fmt: skip
+    template = [("D", d), ("KB", k_bits), ("VB", v_bits), ("G", rows), ("GT", tile)]
+    template += [("NT", nt), ("SCALE", float_bits(scale * LOG2E)), ("FUSED", int(fused))]
+    out, lse, pm, pl, pacc = launch(
+        "codebook_attn",
+        be,
+        inputs,
+        template=template,
+        grid=(splits * 128, b * hkv, rows // tile),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(b, hq, lq, d), (b, hq, lq), *[(nrow, splits)] * 2, (nrow, splits, d)],
+        output_dtypes=[mx.float32] * 5,
+    )
+    if not fused:
+        out, lse = reduce_partials(pm, pl, pacc, be)
     return out.reshape(b, hq, lq, d), lse.reshape(b, hq, lq)

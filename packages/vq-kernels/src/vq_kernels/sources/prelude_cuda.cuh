@@ -11,6 +11,7 @@ typedef __half vq_half;
 #define VQ_BARRIER() __syncthreads()
 #define VQ_INLINE __device__ __forceinline__
 #define VQ_UNROLL _Pragma("unroll")
+#define VQ_DEVICE
 
 VQ_INLINE int vq_popcount(vq_u32 x) { return __popc(x); }
 VQ_INLINE float vq_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
@@ -24,6 +25,12 @@ VQ_INLINE float vq_inf() { return __int_as_float(0x7f800000); }
 VQ_INLINE float vq_to_float(vq_half x) { return __half2float(x); }
 VQ_INLINE float vq_to_float(float x) { return x; }
 VQ_INLINE vq_half vq_to_half(float x) { return __float2half_rn(x); }
+VQ_INLINE float vq_bits_to_float(int x) { return __int_as_float(x); }
+
+// Cross-group hand-off (the last group of a launch merges the others' partials).
+VQ_INLINE void vq_fence_device() { __threadfence(); }
+VQ_INLINE int vq_atomic_inc(const int* p) { return atomicAdd(const_cast<int*>(p), 1); }
+VQ_INLINE float vq_load_cg(const float* p) { return __ldcg(p); }
 
 // Thread and group ids, spelled out at the top of every body.
 #define VQ_IDS                                              \
@@ -33,4 +40,6 @@ VQ_INLINE vq_half vq_to_half(float x) { return __float2half_rn(x); }
   const vq_u32 vq_gy = blockIdx.y;                          \
   const vq_u32 vq_gz = blockIdx.z;                          \
   const vq_u32 vq_gtid = blockIdx.x * blockDim.x + threadIdx.x; \
-  (void)vq_tid; (void)vq_lane; (void)vq_gx; (void)vq_gy; (void)vq_gz; (void)vq_gtid;
+  const vq_u32 vq_ngx = gridDim.x;                          \
+  (void)vq_tid; (void)vq_lane; (void)vq_gx; (void)vq_gy; (void)vq_gz; (void)vq_gtid; \
+  (void)vq_ngx;

@@ -12,6 +12,7 @@ typedef half vq_half;
 #define VQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define VQ_INLINE inline
 #define VQ_UNROLL _Pragma("unroll")
+#define VQ_DEVICE device
 
 VQ_INLINE int vq_popcount(vq_u32 x) { return int(popcount(x)); }
 VQ_INLINE float vq_shfl_xor(float v, int m) { return simd_shuffle_xor(v, ushort(m)); }
@@ -25,3 +26,11 @@ VQ_INLINE float vq_inf() { return INFINITY; }
 VQ_INLINE float vq_to_float(vq_half x) { return float(x); }
 VQ_INLINE float vq_to_float(float x) { return x; }
 VQ_INLINE vq_half vq_to_half(float x) { return vq_half(x); }
+VQ_INLINE float vq_bits_to_float(int x) { return as_type<float>(x); }
+
+// Cross-group hand-off. Metal runs the two-launch path (FUSED = 0): these compile, unused.
+VQ_INLINE void vq_fence_device() { threadgroup_barrier(mem_flags::mem_device); }
+VQ_INLINE int vq_atomic_inc(const device int* p) {
+  return atomic_fetch_add_explicit((device atomic_int*)p, 1, memory_order_relaxed);
+}
+VQ_INLINE float vq_load_cg(const device float* p) { return *p; }
