@@ -54,14 +54,18 @@ def time_us(fn: Callable[[], object], iters: int, per_sync: int) -> float:
     return statistics.median(samples)
 
 
-def _with_merge(merge_in_kernel: bool, fn: Callable[[], object]) -> Callable[[], object]:
+def _with(fn: Callable[[], object], **settings: object) -> Callable[[], object]:
+    """``fn`` run with some of codebook_attention's module settings changed (restored after)."""
+
     def run() -> object:
-        saved = codebook_attention.MERGE_IN_KERNEL
-        codebook_attention.MERGE_IN_KERNEL = merge_in_kernel
+        saved = {k: getattr(codebook_attention, k) for k in settings}
+        for k, v in settings.items():
+            setattr(codebook_attention, k, v)
         try:
             return fn()
         finally:
-            codebook_attention.MERGE_IN_KERNEL = saved
+            for k, v in saved.items():
+                setattr(codebook_attention, k, v)
 
     return run
 
@@ -69,7 +73,7 @@ def _with_merge(merge_in_kernel: bool, fn: Callable[[], object]) -> Callable[[],
 Case = tuple[Callable[[], object], int]  # (op, bytes it must read)
 
 
-def cases(b: int, length: int) -> dict[str, Case]:
+def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
     ks = mx.random.split(mx.random.key(length), 8)
     q16 = mx.random.normal((b, HQ, 1, D), key=ks[0]).astype(mx.float16)
     k16 = mx.random.normal((b, HKV, length, D), key=ks[1]).astype(mx.float16)
@@ -119,7 +123,12 @@ def cases(b: int, length: int) -> dict[str, Case]:
         out[f"vq cb{bits}"] = (dev, nbytes)
         if bits in (2, 4):
             out[f"vq cb{bits} int len"] = (host, nbytes)
-            out[f"vq cb{bits} 2 launches"] = (_with_merge(False, dev), nbytes)
+            out[f"vq cb{bits} 2 launches"] = (_with(dev, MERGE_IN_KERNEL=False), nbytes)
+            if variants:
+                out[f"vq cb{bits} NT=2"] = (_with(dev, TOKENS_PER_LANE=2), nbytes)
+                out[f"vq cb{bits} NT=8"] = (_with(dev, TOKENS_PER_LANE=8), nbytes)
+                out[f"vq cb{bits} GT=2"] = (_with(dev, MAX_ROW_TILE=2), nbytes)
+                out[f"vq cb{bits} GT=1"] = (_with(dev, MAX_ROW_TILE=1), nbytes)
     for m, kc in ((16, 256), (32, 256)):
         cent = mx.random.normal((m, kc, D // m), key=ks[6]) * 0.3
         codes = mx.random.randint(0, kc, (b, HKV, length, m), key=ks[7]).astype(mx.uint8)
@@ -139,6 +148,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--per-sync", type=int, default=20)
+    ap.add_argument("--variants", action="store_true", help="also time kernel tunings")
     args = ap.parse_args()
     print(f"mlx {mx.__version__}, device {mx.default_device()}, backend {vk.available_backend()}")
     print(
@@ -149,7 +159,7 @@ def main() -> None:
     for length in (int(x) for x in args.contexts.split(",")):
         results[length] = {
             n: (time_us(f, args.iters, args.per_sync), nbytes)
-            for n, (f, nbytes) in cases(args.batch, length).items()
+            for n, (f, nbytes) in cases(args.batch, length, args.variants).items()
         }
         mx.clear_cache()
     names = list(next(iter(results.values())))

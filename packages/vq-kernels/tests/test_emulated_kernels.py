@@ -1,0 +1,128 @@
+"""Every kernel body run on the CPU (``kernel_emulator.py``, the ``emulated`` fixture) against
+the references.
+
+The Python wrappers run unchanged (their grid, template values and shapes), with MLX's CUDA
+launch replaced by the host emulator; outputs start poisoned, so an element left unwritten
+fails. Tolerances are those of ``test_gpu_parity.py``: packing, codes and sign scores are
+bit-exact, attention within 2e-4 absolute + 2e-4 relative (only summation order differs).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+import vq_kernels as vk
+
+REF = "reference"
+TOL = 2e-4
+
+
+@pytest.fixture(autouse=True)
+def _cpu() -> None:
+    with mx.stream(mx.cpu):
+        yield
+
+
+def _close(a: mx.array, b: mx.array) -> None:
+    assert a.shape == b.shape
+    assert not mx.any(mx.isnan(a)).item(), "unwritten (poisoned) or NaN output"
+    assert mx.array_equal(mx.isinf(a), mx.isinf(b)).item()
+    excess = mx.where(mx.isinf(b), 0.0, mx.abs(a - b) - TOL * mx.abs(b))
+    assert mx.max(excess).item() <= TOL, f"max excess error {mx.max(excess).item()}"
+
+
+def _codebook_case(
+    seed: int, b: int, hkv: int, rows: int, lq: int, lbuf: int, d: int, kb: int, vb: int
+):
+    ks = mx.random.split(mx.random.key(seed), 7)
+    ck = mx.sort(mx.random.normal((1 << kb,), key=ks[0]) * 0.09)
+    cv = mx.sort(mx.random.normal((1 << vb,), key=ks[1]) * 0.09)
+    kp = vk.pack_bits(mx.random.randint(0, 1 << kb, (b, hkv, lbuf, d), key=ks[2]), kb, backend=REF)
+    vp = vk.pack_bits(mx.random.randint(0, 1 << vb, (b, hkv, lbuf, d), key=ks[3]), vb, backend=REF)
+    kn = mx.random.uniform(4.0, 16.0, (b, hkv, lbuf), key=ks[4]).astype(mx.float16)
+    vn = mx.random.uniform(0.5, 2.0, (b, hkv, lbuf), key=ks[5]).astype(mx.float16)
+    q = mx.random.normal((b, hkv * rows, lq, d), key=ks[6])
+    return (q, kp, kn, ck, kb, vp, vn, cv, vb)
+
+
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
+@pytest.mark.parametrize(
+    ("d", "hkv", "g", "lq", "kb", "vb"),
+    [(64, 2, 1, 1, 4, 4), (128, 1, 4, 1, 2, 3), (32, 1, 3, 2, 3, 1), (256, 1, 2, 1, 1, 2)],
+)
+def test_codebook_attention_ragged(
+    d: int, hkv: int, g: int, lq: int, kb: int, vb: int, merge_in_kernel: bool,
+    emulated: list[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Batch rows of lengths 0, 1, 77 and the whole buffer, passed as a device array."""
+    from vq_kernels import codebook_attention
+
+    monkeypatch.setattr(codebook_attention, "MERGE_IN_KERNEL", merge_in_kernel)
+    lbuf = 150
+    args = _codebook_case(d + g + kb, 4, hkv, g, lq, lbuf, d, kb, vb)
+    lengths = mx.array([0, 1, 77, lbuf], dtype=mx.int32)
+    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths)
+    rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+    want = ["codebook_attn"] if merge_in_kernel else ["codebook_attn", "attn_reduce"]
+    assert emulated == want
+
+
+def test_codebook_attention_int_length_and_row_tiles(emulated: list[str]) -> None:
+    """An int length; 8 query rows per kv head take two row tiles of 4."""
+    args = _codebook_case(5, 1, 2, 8, 1, 300, 64, 4, 2)
+    for n in (299, 300):
+        out, lse = vk.codebook_decode_attention(*args, scale=0.125, length=n)
+        rout, rlse = vk.codebook_decode_attention(*args, scale=0.125, length=n, backend=REF)
+        _close(out, rout)
+        _close(lse, rlse)
+    assert emulated == ["codebook_attn"] * 2
+
+
+def test_pq_attention(emulated: list[str]) -> None:
+    ks = mx.random.split(mx.random.key(3), 5)
+    d, m, kc, hkv, g, lbuf = 64, 16, 16, 2, 2, 200
+    cent_k = mx.random.normal((m, kc, d // m), key=ks[0]) * 0.3
+    cent_v = mx.random.normal((m, kc, d // m), key=ks[1])
+    kcodes = mx.random.randint(0, kc, (2, hkv, lbuf, m), key=ks[2]).astype(mx.uint8)
+    vcodes = mx.random.randint(0, kc, (2, hkv, lbuf, m), key=ks[3]).astype(mx.uint8)
+    q = mx.random.normal((2, hkv * g, 1, d), key=ks[4])
+    a = (q, kcodes, cent_k, vcodes, cent_v)
+    out, lse = vk.pq_decode_attention(*a, scale=d**-0.5, length=133)
+    rout, rlse = vk.pq_decode_attention(*a, scale=d**-0.5, length=133, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+    assert emulated == ["pq_attn_partial", "attn_reduce"]
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_pack_unpack_bit_exact(bits: int, emulated: list[str]) -> None:
+    codes = mx.random.randint(0, 1 << bits, (3, 37), key=mx.random.key(bits))
+    words = vk.pack_bits(codes, bits)
+    assert mx.array_equal(words, vk.pack_bits(codes, bits, backend=REF)).item()
+    assert mx.array_equal(vk.unpack_bits(words, bits, 37), codes.astype(mx.uint32)).item()
+    assert emulated == ["pack_bits", "unpack_bits"]
+
+
+def test_codebook_quantize_dequantize(emulated: list[str]) -> None:
+    c = mx.sort(mx.random.normal((8,), key=mx.random.key(1)) * 0.09)
+    y = mx.random.normal((5, 64), key=mx.random.key(2))
+    packed, norm = vk.codebook_quantize(y, c, 3)
+    rpacked, rnorm = vk.codebook_quantize(y, c, 3, backend=REF)
+    assert mx.array_equal(norm, rnorm).item() and mx.array_equal(packed, rpacked).item()
+    rec = vk.codebook_dequantize(rpacked, rnorm, c, 3, 64)
+    assert mx.array_equal(rec, vk.codebook_dequantize(rpacked, rnorm, c, 3, 64, backend=REF)).item()
+    assert emulated == ["codebook_quantize", "codebook_dequantize"]
+
+
+def test_sign_kernels_bit_exact(emulated: list[str]) -> None:
+    ks = mx.random.split(mx.random.key(9), 3)
+    q = vk.pack_bits(mx.random.randint(0, 2, (1, 4, 2, 100), key=ks[0]), 1, backend=REF)
+    k = vk.pack_bits(mx.random.randint(0, 2, (1, 2, 33, 100), key=ks[1]), 1, backend=REF)
+    assert mx.array_equal(vk.sign_scores(q, k, 100), vk.sign_scores(q, k, 100, backend=REF)).item()
+    planes = vk.pack_bits(mx.random.randint(0, 2, (1, 4, 2, 4, 100), key=ks[2]), 1, backend=REF)
+    got = vk.sign_dot_planes(planes, k, 100)
+    assert mx.array_equal(got, vk.sign_dot_planes(planes, k, 100, backend=REF)).item()
+    assert emulated == ["sign_scores", "sign_dot_planes"]
