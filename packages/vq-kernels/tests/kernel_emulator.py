@@ -84,7 +84,7 @@ def _library(name: str, template: tuple[tuple[str, int], ...], dtypes: tuple[str
     if not lib.exists():
         cpp = _BUILD / f"{name}_{tag}.cpp"
         cpp.write_text(src)
-        cmd = [compiler(), "-std=c++17", "-O1", "-shared", "-fPIC", "-w", str(cpp), "-o", str(lib)]
+        cmd = [compiler(), "-std=c++17", "-O0", "-shared", "-fPIC", "-w", str(cpp), "-o", str(lib)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode:
             raise RuntimeError(f"emulated {name} failed to compile:\n{res.stderr}")
