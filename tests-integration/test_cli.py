@@ -45,15 +45,6 @@ def test_generate_prints_text_then_memory_line():
     assert "[vq] cache:" in out.stdout and "fp16" in out.stdout and "tok/s" in out.stdout
 
 
-def test_bad_flags_name_the_problem():
-    out = _vq("generate", "--bits", "7", "--max-tokens", "2")
-    assert out.returncode == 2 and "bits=7" in out.stderr
-    out = _vq("generate", "--method", "nope", "--max-tokens", "2")
-    assert out.returncode == 2 and "nope" in out.stderr
-    out = _vq("generate", "--model", "/does/not/exist")
-    assert out.returncode == 2 and "/does/not/exist" in out.stderr
-
-
 def test_methods_and_estimate_json():
     rows = json.loads(_vq("methods", "--json").stdout)
     names = {r["method"] for r in rows}

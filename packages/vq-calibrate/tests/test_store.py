@@ -1,11 +1,14 @@
 """The artifact store: round trip, mismatch and corruption errors, atomic writes."""
 
+import json
 import os
+import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from vq_algorithms import _artifact as artifact_mod
 from vq_calibrate import SafetensorsStore, check_model
 from vq_calibrate import store as store_mod
 from vq_core import ArtifactError, ArtifactStore
@@ -138,3 +141,92 @@ def test_crash_mid_write_leaves_nothing_loadable(tmp_path, monkeypatch):
     assert s.names() == []
     with pytest.raises(ArtifactError):
         s.load("spectral")
+
+
+def _rewrite_header(path, edit):
+    """Replace the safetensors header of ``path`` by ``edit(header)`` (JSON), data kept."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = edit(json.loads(raw[8 : 8 + n]))
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+
+
+ENTRY = "layers.0.k.rotation"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda h: h | {ENTRY: 5}, f"entry '{ENTRY}' is a int, not a tensor description"),
+        (lambda h: h | {ENTRY: [1, 2]}, f"entry '{ENTRY}' is a list"),
+        (
+            lambda h: h | {ENTRY: {k: v for k, v in h[ENTRY].items() if k != "data_offsets"}},
+            f"entry '{ENTRY}' lacks \\['data_offsets'\\]",
+        ),
+        (lambda h: h | {ENTRY: h[ENTRY] | {"dtype": "Q7"}}, "unknown dtype 'Q7'"),
+        (lambda h: h | {ENTRY: h[ENTRY] | {"shape": "8x8"}}, "not a list of sizes"),
+        (lambda h: h | {ENTRY: h[ENTRY] | {"data_offsets": [0]}}, "not \\[start, end\\]"),
+        (lambda h: h | {ENTRY: h[ENTRY] | {"shape": [8, 9]}}, "not the size of F32 \\[8, 9\\]"),
+        (lambda h: list(h), "its header is a list"),
+        (lambda h: h | {"__metadata__": {"vq_format": 1}}, "__metadata__ is not a string table"),
+    ],
+)
+def test_malformed_header_names_the_file_and_entry(tmp_path, edit, message):
+    s = SafetensorsStore(tmp_path)
+    s.save("spectral", _arrays(), _meta())
+    _rewrite_header(s.path("spectral"), edit)
+    with pytest.raises(ArtifactError, match=message) as err:
+        s.load("spectral")
+    assert str(s.path("spectral")) in str(err.value)
+
+
+def _count_verifications(monkeypatch):
+    calls = []
+    real = artifact_mod._verified
+    monkeypatch.setattr(artifact_mod, "_verified", lambda p: calls.append(p) or real(p))
+    return calls
+
+
+def test_in_place_corruption_after_a_good_read_is_caught(tmp_path, monkeypatch):
+    """Even with the mtime set back: the cache key holds the ctime, which utime cannot set."""
+    monkeypatch.setattr(artifact_mod, "_RACY_NS", 0)  # cache even a file written just now
+    calls = _count_verifications(monkeypatch)
+    s = SafetensorsStore(tmp_path)
+    s.save("spectral", _arrays(), _meta())
+    path = s.path("spectral")
+    s.load("spectral")
+    s.load("spectral")
+    assert len(calls) == 1  # the second read came from the cache
+    st = path.stat()
+    time.sleep(0.01)
+    with open(path, "r+b") as f:  # flip one data byte in place, same size
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        s.load("spectral")
+
+
+def test_replaced_file_is_read_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifact_mod, "_RACY_NS", 0)
+    s = SafetensorsStore(tmp_path)
+    s.save("spectral", _arrays(0), _meta())
+    st = s.path("spectral").stat()
+    s.load("spectral")
+    s.save("spectral", _arrays(1), _meta())  # same size; a new inode
+    os.utime(s.path("spectral"), ns=(st.st_atime_ns, st.st_mtime_ns))
+    arrays, _ = s.load("spectral")
+    assert np.array_equal(np.array(arrays[ENTRY]), _arrays(1)[ENTRY])
+
+
+def test_a_file_changed_just_now_is_not_cached(tmp_path, monkeypatch):
+    calls = _count_verifications(monkeypatch)
+    s = SafetensorsStore(tmp_path)
+    s.save("spectral", _arrays(), _meta())
+    s.load("spectral")
+    s.load("spectral")
+    assert len(calls) == 2

@@ -2,7 +2,7 @@
 and the safetensors artifact store. ``calibrate(model, method, bits, out=DIR)`` does it all.
 """
 
-from vq_calibrate.calibrate import METHODS, calibrate
+from vq_calibrate.calibrate import METHODS, calibrate, check_options
 from vq_calibrate.ratequant import allocate, load_allocation
 from vq_calibrate.store import SafetensorsStore, check_model
 from vq_calibrate.text import calibration_text, evaluation_text
@@ -16,6 +16,7 @@ __all__ = [
     "calibrate",
     "calibration_text",
     "check_model",
+    "check_options",
     "evaluation_text",
     "load_allocation",
 ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vq_mlxlm.commands.flags import SEED_LIMIT, Parser, integer
+
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name two sights."
 
 
@@ -18,25 +20,25 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, help="key bits per element (default 4)")
     p.add_argument("--value-method", default=None, help="value method (default: paired)")
     p.add_argument("--value-bits", type=int, default=None, help="value bits (default: --bits)")
-    p.add_argument("--window", type=int, default=0, help="recent tokens kept exact")
-    p.add_argument("--sink", type=int, default=1, help="first tokens kept exact (default 1)")
+    p.add_argument("--window", type=integer(0), default=0, help="recent tokens kept exact")
+    p.add_argument("--sink", type=integer(0), default=1, help="first tokens kept exact (default 1)")
     p.add_argument("--no-center", action="store_true", help="do not subtract the mean key/value")
     p.add_argument(
         "--artifacts",
         default=None,
         help="vq calibrate output dir (calibrated methods, or a RateQuant per-layer allocation)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(0, SEED_LIMIT), default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vq", description="KV-cache compression for MLX")
+    parser = Parser(prog="vq", description="KV-cache compression for MLX")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text with a compressed KV cache")
     _cache_args(g)
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
-    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--max-tokens", type=integer(1), default=64)
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt raw")
     g.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("estimate", help="KV-cache memory for fp16 and every method")
     e.add_argument("--model", default="default")
-    e.add_argument("--context", type=int, required=True, help="tokens in the cache")
+    e.add_argument("--context", type=integer(1), required=True, help="tokens in the cache")
     e.add_argument("--json", action="store_true")
 
     s = sub.add_parser("serve", help="mlx-lm's OpenAI-compatible server with vq caches")
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
     v.add_argument("--methods", default=None, help="a,b,... names or specs (method@bits+k=v)")
     v.add_argument("--bits", default=None, help="2,3,4 (default: each method's main widths)")
-    v.add_argument("--window", type=int, default=None, help="recent tokens kept exact")
+    v.add_argument("--window", type=integer(0), default=None, help="recent tokens kept exact")
     v.add_argument("--value-bits", type=int, default=None, help="value bits (default: --bits)")
     v.add_argument("--add", default=None, help="extra rows as specs, e.g. rabitq@3+window=64")
     v.add_argument("--no-baselines", action="store_true", help="skip mlx-lm's 8/4/2-bit rows")
@@ -82,19 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 2.5)",
     )
     c.add_argument(
-        "--table-bits", type=int, default=6, help="comm_vq: 2**N entries per stage table (1-6)"
+        "--table-bits",
+        type=integer(1, 7),
+        default=6,
+        help="comm_vq: 2**N entries per stage table (1-6)",
     )
     c.add_argument(
-        "--head-samples", type=int, default=2048, help="comm_vq: tokens per layer for EM"
+        "--head-samples", type=integer(1), default=2048, help="comm_vq: tokens per layer for EM"
     )
     c.add_argument("--base-method", default="turboquant_mse", help="ratequant: per-layer method")
     c.add_argument(
         "--text", default=None, help="calibration text file (default: Python topics, first half)"
     )
     c.add_argument("--out", required=True, help="artifact directory")
-    c.add_argument("--sequences", type=int, default=64)
-    c.add_argument("--seq-len", type=int, default=512)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--sequences", type=integer(1), default=64)
+    c.add_argument("--seq-len", type=integer(2), default=512)
+    c.add_argument("--seed", type=integer(0, SEED_LIMIT), default=0)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -109,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return getattr(commands, args.command.replace("-", "_"))(args) or 0
-    except (ValueError, FileNotFoundError, KeyError, VQError, ImportError) as err:
-        print(f"vq {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, VQError, ImportError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        print(f"vq {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

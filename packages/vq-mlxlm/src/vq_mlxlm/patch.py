@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import vq_algorithms  # noqa: F401  (registers the methods even without installed entry points)
-from vq_core import CompressedKVCache, ConfigError, check_value_method, create, get, make_cache
+from vq_core import CompressedKVCache, ConfigError
+from vq_mlxlm.layer_caches import plan
 from vq_mlxlm.routing import check_routable, route
 
 
@@ -67,59 +67,30 @@ def patch(
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
     check_routable(model)
-    if value_method is not None:
-        check_value_method(value_method)
-    if artifacts is None and get(method).needs_calibration and not options.get("untrained"):
-        raise ConfigError(
-            f"{method} is calibrated and needs its artifact: patch(..., artifacts=<dir from "
-            f"`vq calibrate --method {method}`>), or untrained=True (tests and demos only)"
-        )
     layers = list(model.layers)
-    per_layer_bits = _per_layer("bits", bits, len(layers))
-    per_layer_vbits = _per_layer("value_bits", value_bits, len(layers))
+    head_dims = [_head_dim(model, layer) for layer in layers]
+    resolved = plan(
+        _fingerprint(model, head_dims[0]),
+        method,
+        bits,
+        value_method=value_method,
+        value_bits=value_bits,
+        window=window,
+        sink=sink,
+        center=center,
+        seed=seed,
+        artifacts=artifacts,
+        options=options,
+    )
+    value_method = resolved.value_method
     if "_vq_original_make_cache" not in model.__dict__:
         original = getattr(model, "make_cache", None)
         model._vq_original_make_cache = original
     route()
     _register_cache_class()
-    head_dims = [_head_dim(model, layer) for layer in layers]
-
-    if artifacts is not None and get(method).needs_calibration:
-        meta = _check_artifacts(model, method, artifacts, head_dims[0])
-        options = {**meta.get("config", {}), **options}  # e.g. comm_vq's table_bits
-        if value_method is None:
-            value_method = get(method).default_value_method or method
-    elif artifacts is not None:  # a RateQuant allocation: per-layer bits for this method
-        per_layer_bits = _ratequant_bits(model, method, artifacts, head_dims[0])
 
     def layer_cache(i: int) -> CompressedKVCache:
-        if artifacts is not None and get(method).needs_calibration:
-            common = dict(head_dim=head_dims[i], artifact=artifacts, layer=i)
-            keys = create(
-                method, bits=per_layer_bits[i], seed=seed + 1000 * i, kind="k", **common, **options
-            )
-            vbits = per_layer_vbits[i] or per_layer_bits[i]
-            vseed = seed + 1000 * i + 1
-            if not get(value_method).needs_calibration:
-                values = create(value_method, head_dim=head_dims[i], bits=vbits, seed=vseed)
-            else:
-                v_options = options if value_method == method else {}
-                values = create(
-                    value_method, bits=vbits, seed=vseed, kind="v", **common, **v_options
-                )
-            return CompressedKVCache(keys, values, window=window, sink=sink, center=center)
-        return make_cache(
-            method,
-            head_dim=head_dims[i],
-            bits=per_layer_bits[i],
-            value_method=value_method,
-            value_bits=per_layer_vbits[i],
-            window=window,
-            sink=sink,
-            center=center,
-            seed=seed + 1000 * i,
-            **options,
-        )
+        return resolved.layer_cache(i, head_dims[i])
 
     first = layer_cache(0)  # bad configs fail at patch time, not mid-generation
     if first.key_quantizer.position_aware:
@@ -143,7 +114,7 @@ def patch(
         "center": center,
         "seed": seed,
         "artifacts": artifacts,
-        **options,
+        **resolved.options,
     }
     return model
 
@@ -159,15 +130,6 @@ def unpatch(model):
     return model
 
 
-def _per_layer(name: str, value, n: int) -> list:
-    if value is None or isinstance(value, int):
-        return [value] * n
-    values = list(value)
-    if len(values) != n:
-        raise ConfigError(f"{name} has {len(values)} entries but the model has {n} layers")
-    return values
-
-
 def _fingerprint(model, head_dim: int) -> dict:
     from vq_mlxlm.model_shape import model_kv_shape
 
@@ -178,16 +140,6 @@ def _fingerprint(model, head_dim: int) -> dict:
         "kv_heads": shape.kv_heads,
         "head_dim": head_dim,
     }
-
-
-def _check_artifacts(model, method: str, artifacts: str, head_dim: int) -> dict:
-    """ArtifactError unless ``artifacts`` holds ``method`` calibrated for this model."""
-    from vq_algorithms._artifact import artifact_path, check_meta, verify
-
-    path = artifact_path(artifacts, method)
-    meta = verify(path)
-    check_meta(meta, path, method=method, fingerprint=_fingerprint(model, head_dim))
-    return meta
 
 
 def _check_ropes(model, caches: list, head_dim: int) -> None:
@@ -201,26 +153,6 @@ def _check_ropes(model, caches: list, head_dim: int) -> None:
                 f"{cache.key_quantizer.method} artifact: layer {i} was calibrated with another "
                 "RoPE (pairing or frequencies differ from this model's)"
             )
-
-
-def _ratequant_bits(model, method: str, artifacts: str, head_dim: int) -> list[int]:
-    """Per-layer bits from ``vq calibrate --method ratequant`` (for ``method``)."""
-    from vq_algorithms._artifact import artifact_path, check_meta, read
-
-    path = artifact_path(artifacts, "ratequant")
-    if not path.exists():
-        raise ConfigError(
-            f"{method} needs no calibration; artifacts={artifacts!r} must then hold a RateQuant "
-            f"allocation (vq calibrate --method ratequant), but {path} does not exist"
-        )
-    arrays, meta = read(path)
-    check_meta(meta, path, method="ratequant", fingerprint=_fingerprint(model, head_dim))
-    if meta.get("base_method") != method:
-        raise ConfigError(
-            f"RateQuant allocation {path} was probed for {meta.get('base_method')!r}, "
-            f"not {method!r}"
-        )
-    return [int(b) for b in arrays["allocation"].tolist()]
 
 
 def _register_cache_class() -> None:

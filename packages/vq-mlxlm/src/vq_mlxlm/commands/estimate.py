@@ -13,6 +13,7 @@ import json
 
 import vq_algorithms  # noqa: F401  (registers the methods)
 from vq_core import available, get, make_cache
+from vq_mlxlm.commands.flags import check_model
 from vq_mlxlm.model_shape import kv_shape, layer_windows
 
 
@@ -64,6 +65,7 @@ def estimate_rows(model: str, context: int) -> tuple[dict, list[dict]]:
 
 
 def estimate(args) -> int:
+    check_model(args.model)
     info, rows = estimate_rows(args.model, args.context)
     if args.json:
         print(json.dumps({**info, "methods": rows}, indent=2))

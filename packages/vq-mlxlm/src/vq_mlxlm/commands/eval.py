@@ -16,15 +16,72 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from vq_core import available, get
+from vq_mlxlm.commands.flags import FlagError, check_input_file, check_model, check_output_file
+from vq_mlxlm.commands.generate import load_checked
 from vq_mlxlm.evaluation import report as report_io
 from vq_mlxlm.evaluation.harness import FULL, QUICK, run
 from vq_mlxlm.evaluation.specs import MLX_LM, expand, parse_spec, zero_calibration_methods
 
 
 def _ints(text: str | None) -> list[int] | None:
-    return None if not text else [int(x) for x in text.split(",")]
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise FlagError("--bits", f"{text!r} is not a comma-separated list of integers") from None
+
+
+def check_flags(args) -> list:
+    """Every flag of ``vq eval``, and every row built as patch() would build it for the
+    model's shape, before the model loads; returns the rows."""
+    from vq_core import VQError
+    from vq_mlxlm.layer_caches import check_config
+
+    _ints(args.bits)
+    check_input_file("--text", args.text)
+    for flag in ("json", "markdown", "plot"):
+        check_output_file(f"--{flag}", getattr(args, flag))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise FlagError("--plot", "needs matplotlib (pip install matplotlib)") from None
+    if args.artifacts is not None and not Path(args.artifacts).is_dir():
+        raise FlagError("--artifacts", f"{args.artifacts} is not a directory")
+    try:
+        specs = grid(args)
+    except (ValueError, VQError) as e:
+        raise FlagError("--methods/--bits/--add", str(e)) from None
+    shape = check_model(args.model)
+    for spec in specs:
+        if spec.kind != "vq":
+            continue
+        if get(spec.method).needs_calibration and not spec.artifacts:
+            raise FlagError(
+                "--artifacts",
+                f"row {spec.label}: {spec.method} is calibrated and needs its artifact; pass "
+                f"--artifacts DIR from `vq calibrate --method {spec.method} --out DIR`",
+            )
+        try:
+            check_config(
+                shape,
+                spec.method,
+                spec.layer_bits(shape.layers),
+                value_method=spec.value_method,
+                value_bits=spec.value_bits,
+                window=spec.window,
+                sink=spec.sink,
+                center=bool(spec.center),
+                artifacts=spec.artifacts,
+                options=dict(spec.options),
+            )
+        except (ValueError, VQError) as e:
+            raise FlagError(f"--methods/--bits/--add row {spec.label}", str(e)) from None
+    return specs
 
 
 def grid(args) -> list:
@@ -66,14 +123,13 @@ def artifact_rows(directory: str) -> list:
 
 
 def eval(args) -> int:
-    from vq_mlxlm.default_model import load_model
     from vq_mlxlm.evaluation.text import load_text
 
-    specs = grid(args)
+    specs = check_flags(args)
     budget = FULL if args.full else QUICK
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_checked(args.model)
     held_out = args.artifacts is not None and args.text is None
     text = load_text(tokenizer, args.text, budget.min_text, held_out=held_out)
     print(

@@ -6,17 +6,29 @@ import json
 import sys
 import time
 
+from vq_mlxlm.commands.flags import FlagError, check_cache_flags
 from vq_mlxlm.model_shape import model_kv_shape
 
 
-def load_patched(args):
-    """Load ``args.model`` and patch it with the cache flags; prints progress to stderr."""
+def load_checked(model: str):
+    """``load_model(model)``; a model that cannot be read is a FlagError naming ``--model``."""
     from vq_mlxlm.default_model import load_model
+
+    try:
+        return load_model(model)
+    except (RuntimeError, FileNotFoundError) as e:
+        raise FlagError("--model", f"{model} cannot be loaded ({e})") from None
+
+
+def load_patched(args):
+    """Check the cache flags (FlagError before anything loads), load ``args.model`` and
+    patch it; prints progress to stderr."""
     from vq_mlxlm.patch import patch
 
+    check_cache_flags(args)
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_checked(args.model)
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     patch(
         model,
@@ -41,14 +53,14 @@ def format_prompt(tokenizer, prompt: str, raw: bool = False) -> str:
 
 
 def generate(args) -> int:
+    if not args.prompt:
+        raise FlagError("--prompt", "is empty")
+    model, tokenizer = load_patched(args)
     from mlx_lm import stream_generate
     from mlx_lm.models.cache import make_prompt_cache
 
     from vq_core import CompressedKVCache
 
-    if args.max_tokens < 1:
-        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    model, tokenizer = load_patched(args)
     cache = make_prompt_cache(model)
     text, last = [], None
     for resp in stream_generate(
