@@ -129,6 +129,32 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
                 out[f"vq cb{bits} NT=8"] = (_with(dev, TOKENS_PER_LANE=8), nbytes)
                 out[f"vq cb{bits} GT=2"] = (_with(dev, MAX_ROW_TILE=2), nbytes)
                 out[f"vq cb{bits} GT=1"] = (_with(dev, MAX_ROW_TILE=1), nbytes)
+    # RaBitQ 1-bit keys (grid ±1/2, norm / <ō,o>, unit codes) with 4-bit codebook values;
+    # QJL keys are the plain 1-bit case (codebook ±1, norm), timed as "vq cb1".
+    kp1 = mx.random.randint(0, 2**31, (b, HKV, length, vk.n_words(D, 1)), key=ks[4])
+    vp4 = mx.random.randint(0, 2**31, (b, HKV, length, vk.n_words(D, 4)), key=ks[5])
+    kp1, vp4 = kp1.astype(mx.uint32), vp4.astype(mx.uint32)
+    grid, cb4 = mx.array([-0.5, 0.5]), mx.sort(mx.random.normal((16,)) * 0.09)
+    ip = mx.random.uniform(0.7, 0.9, norms.shape, key=ks[6]).astype(mx.float16)
+    mx.eval(kp1, vp4, grid, cb4, ip)
+    out["vq rabitq1 k / cb4 v"] = (
+        lambda: vk.codebook_decode_attention(
+            q32,
+            kp1,
+            norms,
+            grid,
+            1,
+            vp4,
+            norms,
+            cb4,
+            4,
+            scale=SCALE,
+            lengths=lens,
+            k_divisor=ip,
+            k_unit=True,
+        ),
+        tokens * (16 + 4 + 64 + 2),
+    )
     for m, kc in ((16, 256), (32, 256)):
         cent = mx.random.normal((m, kc, D // m), key=ks[6]) * 0.3
         codes = mx.random.randint(0, kc, (b, HKV, length, m), key=ks[7]).astype(mx.uint8)

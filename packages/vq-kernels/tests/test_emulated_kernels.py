@@ -81,6 +81,23 @@ def test_codebook_attention_int_length_and_row_tiles(emulated: list[str]) -> Non
     assert emulated == ["codebook_attn"] * 2
 
 
+@pytest.mark.parametrize(("kb", "d"), [(1, 64), (3, 32)])
+def test_codebook_attention_rabitq_style_keys(kb: int, d: int, emulated: list[str]) -> None:
+    """Keys norm / divisor * grid / ||grid code|| (RaBitQ's estimator), ragged batch."""
+    args = _codebook_case(kb, 2, 1, 4, 1, 100, d, kb, 2)
+    half = ((1 << kb) - 1) / 2
+    grid = mx.arange(1 << kb, dtype=mx.float32) - half
+    args = (args[0], args[1], args[2], grid, *args[4:])
+    div = mx.random.uniform(0.6, 0.9, args[2].shape, key=mx.random.key(4)).astype(mx.float16)
+    lengths = mx.array([37, 100], dtype=mx.int32)
+    kw = {"scale": d**-0.5, "lengths": lengths, "k_divisor": div, "k_unit": True}
+    out, lse = vk.codebook_decode_attention(*args, **kw)
+    rout, rlse = vk.codebook_decode_attention(*args, **kw, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+    assert emulated == ["codebook_attn"]
+
+
 def test_pq_attention(emulated: list[str]) -> None:
     ks = mx.random.split(mx.random.key(3), 5)
     d, m, kc, hkv, g, lbuf = 64, 16, 16, 2, 2, 200

@@ -115,6 +115,21 @@ def test_codebook_decode_attention_ragged_batch(
         _close(o1, rout[i : i + 1])
 
 
+@pytest.mark.parametrize(("kb", "d"), [(1, 128), (2, 128), (4, 64)])
+def test_codebook_decode_attention_rabitq_style_keys(kb: int, d: int) -> None:
+    """Keys norm / divisor * grid / ||grid code|| (RaBitQ), values 4-bit, ragged B = 2."""
+    q, kp, kn, _, vp, vn, cv = _codebook_case(d, 2, 4, 1, 1500, kb, 4)
+    grid = mx.arange(1 << kb, dtype=mx.float32) - ((1 << kb) - 1) / 2
+    div = mx.random.uniform(0.6, 0.9, kn.shape, key=mx.random.key(kb)).astype(mx.float16)
+    kw = {"scale": d**-0.5, "lengths": mx.array([999, 1500], dtype=mx.int32)}
+    kw |= {"k_divisor": div, "k_unit": True}
+    args = (q, kp, kn, grid, kb, vp, vn, cv, 4)
+    out, lse = vk.codebook_decode_attention(*args, **kw, backend=GPU)
+    rout, rlse = vk.codebook_decode_attention(*args, **kw, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+
+
 def test_codebook_decode_attention_long_and_empty() -> None:
     q, kp, kn, ck, vp, vn, cv = _codebook_case(128, 2, 4, 1, 40000, 4, 4)
     args = (q, kp, kn, ck, 4, vp, vn, cv, 4)

@@ -132,6 +132,24 @@ def test_codebook_attention_per_row_lengths() -> None:
         vk.codebook_decode_attention(*args, scale=0.25, lengths=mx.array([5.0, 4.0]), backend=REF)
 
 
+def test_codebook_attention_divisor_and_unit_keys() -> None:
+    """k_divisor and k_unit give keys norm / divisor * c[idx] / ||c[idx]||."""
+    q, kp, kn, ck, vp, vn, cv = _codebook_case(4, 16, 1, 2, 1, 30, 2, 2)
+    div = mx.random.uniform(0.5, 1.0, kn.shape, key=mx.random.key(1)).astype(mx.float16)
+    out, lse = vk.codebook_decode_attention(
+        q, kp, kn, ck, 2, vp, vn, cv, 2, scale=0.3, k_divisor=div, k_unit=True, backend=REF
+    )
+    levels = vk.codebook_dequantize(kp, mx.ones(kn.shape), ck, 2, 16, backend=REF)
+    w = kn.astype(mx.float32) / div.astype(mx.float32) / mx.linalg.norm(levels, axis=-1)
+    v = vk.codebook_dequantize(vp, vn, cv, 2, 16, backend=REF)
+    want, want_lse = _naive_attention(q, levels * w[..., None], v, 0.3)
+    assert mx.allclose(out, want, atol=1e-5).item() and mx.allclose(lse, want_lse, atol=1e-5).item()
+    with pytest.raises(ValueError, match="k_divisor must have"):
+        vk.codebook_decode_attention(
+            q, kp, kn, ck, 2, vp, vn, cv, 2, scale=0.3, k_divisor=div[:, :, :3], backend=REF
+        )
+
+
 def test_attention_over_zero_tokens_is_empty() -> None:
     q, kp, kn, ck, vp, vn, cv = _codebook_case(1, 16, 1, 2, 1, 8, 2, 2)
     out, lse = vk.codebook_decode_attention(

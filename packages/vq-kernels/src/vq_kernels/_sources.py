@@ -71,6 +71,7 @@ SPECS: dict[str, KernelSpec] = {
                 ("vw", "uint32"),
                 ("vn", "float16"),
                 ("vc", "float32"),
+                ("kd", "float16"),
                 ("lengths", "int32"),
                 ("sem", "int32"),
             ),
@@ -84,6 +85,8 @@ SPECS: dict[str, KernelSpec] = {
                 ("NT", 4),
                 ("SCALE", 1035098454),
                 ("FUSED", 1),
+                ("KDIV", 0),
+                ("KUNIT", 0),
             ),
         ),
         KernelSpec(

@@ -45,6 +45,8 @@ def codebook_decode_attention_reference(
     scale: float,
     length: int | None = None,
     lengths: mx.array | None = None,
+    k_divisor: mx.array | None = None,
+    k_unit: bool = False,
 ) -> tuple[mx.array, mx.array]:
     """Pure-MLX :func:`codebook_decode_attention`: dequantize, then exact softmax attention.
 
@@ -56,10 +58,23 @@ def codebook_decode_attention_reference(
         for i, n in enumerate(batch_lengths(lengths, q_rot.shape[0], k_packed.shape[2]).tolist()):
             one = (q_rot[i : i + 1], k_packed[i : i + 1], k_norm[i : i + 1], k_centroids, k_bits)
             one += (v_packed[i : i + 1], v_norm[i : i + 1], v_centroids, v_bits)
-            rows.append(codebook_decode_attention_reference(*one, scale=scale, length=n))
+            div = None if k_divisor is None else k_divisor[i : i + 1]
+            rows.append(
+                codebook_decode_attention_reference(
+                    *one, scale=scale, length=n, k_divisor=div, k_unit=k_unit
+                )
+            )
         return mx.concatenate([o for o, _ in rows]), mx.concatenate([s for _, s in rows])
     n = valid_length(length, k_packed.shape[2])
-    k = codebook_dequantize_reference(k_packed[:, :, :n], k_norm[:, :, :n], k_centroids, k_bits, d)
+    kp = k_packed[:, :, :n]
+    weight = k_norm[:, :, :n].astype(mx.float32)
+    if k_divisor is not None:
+        weight = weight / k_divisor[:, :, :n].astype(mx.float32)
+    if k_unit:
+        levels = codebook_dequantize_reference(kp, mx.ones(weight.shape), k_centroids, k_bits, d)
+        cn = mx.linalg.norm(levels, axis=-1)
+        weight = mx.where(cn > 0, weight / mx.where(cn > 0, cn, 1.0), 0.0)
+    k = codebook_dequantize_reference(kp, weight, k_centroids, k_bits, d)
     v = codebook_dequantize_reference(v_packed[:, :, :n], v_norm[:, :, :n], v_centroids, v_bits, d)
     return softmax_attention(q_rot, k, v, scale)
 
@@ -78,6 +93,8 @@ def codebook_decode_attention(
     scale: float,
     length: int | None = None,
     lengths: mx.array | None = None,
+    k_divisor: mx.array | None = None,
+    k_unit: bool = False,
     backend: str | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Decode attention of rotated queries over scalar-codebook codes.
@@ -92,6 +109,9 @@ def codebook_decode_attention(
             sent to the GPU as a fresh [B] array each call.
         lengths: int32 [B] valid tokens per batch row, already on the device (ragged batches;
             no host copy per call). At most one of ``length`` and ``lengths``.
+        k_divisor: float16 [B, Hkv, Lbuf] dividing each key's norm (RaBitQ's <ō, o>), or None.
+        k_unit: divide each key by the norm of its code vector ||k_centroids[idx]|| (RaBitQ's
+            ō = v / ||v||). Keys are k_i = k_norm_i / k_divisor_i * c[idx_i] (/ ||c[idx_i]||).
 
     Returns:
         out_rot fp32 [B, Hq, Lq, D] (softmax over these tokens, rotated basis) and
@@ -109,11 +129,15 @@ def codebook_decode_attention(
     n = None if lengths is not None else valid_length(length, lbuf)
     if wk != n_words(d, k_bits) or v_packed.shape[-1] != n_words(d, v_bits):
         raise ValueError("packed K/V widths do not match head_dim and bits")
+    if k_divisor is not None and k_divisor.shape != k_norm.shape:
+        raise ValueError(
+            f"k_divisor must have k_norm's shape {k_norm.shape}, got {k_divisor.shape}"
+        )
     be = resolve_backend(backend)
     if be == "reference":
         return codebook_decode_attention_reference(
             q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
-            scale=scale, length=n, lengths=lengths,
+            scale=scale, length=n, lengths=lengths, k_divisor=k_divisor, k_unit=k_unit,
         )  # fmt: skip
     if d not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the codebook kernel needs head_dim in {KERNEL_HEAD_DIMS}, got {d}")
@@ -139,11 +163,13 @@ def codebook_decode_attention(
         v_packed,
         v_norm.astype(mx.float16),
         v_centroids.astype(mx.float32),
+        k_norm.astype(mx.float16) if k_divisor is None else k_divisor.astype(mx.float16),
         lens,
         mx.zeros((groups,), mx.int32) if fused else lens,
     ]
     template = [("D", d), ("KB", k_bits), ("VB", v_bits), ("G", rows), ("GT", tile)]
     template += [("NT", nt), ("SCALE", float_bits(scale * LOG2E)), ("FUSED", int(fused))]
+    template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit)))]
     out, lse, pm, pl, pacc = launch(
         "codebook_attn",
         be,
