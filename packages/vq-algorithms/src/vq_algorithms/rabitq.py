@@ -24,8 +24,8 @@ Query side (RaBitQ Sec. 3.3): with ``binary_query=True`` (B = 1 only) the rotate
 quantized to ``B_q = 4`` bits, ``q_u = floor((q' - v_l)/Δ + u)``, ``Δ = (v_r - v_l)/15``,
 with **randomized rounding** ``u ~ U[0, 1)`` drawn from the seed (so scores are
 reproducible, yet unbiased over seeds), and ``<x̄_b, q_u>`` is computed from its 4 bit
-planes with AND + popcount in pure MLX (:func:`binary_dot`; the GPU kernel comes from
-vq-kernels). Otherwise scores use the exact float query.
+planes with AND + popcount (:func:`binary_dot`: vq-kernels' ``sign_dot_planes``, a kernel on
+a GPU and pure MLX on the CPU). Otherwise scores use the exact float query.
 
 Codes for ``k [..., d]``: ``idx`` uint32 ``[..., ceil(d·B/32)]`` (``u_j = v_j + (2^B-1)/2``;
 its top bit is the sign, 1 for ``o_j >= 0``), ``norm`` and ``ip`` float16 ``[...]``:
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+import vq_kernels
 from vq_algorithms._rotated_codebook import RotatedConfig, default_rotation
 from vq_core import (
     Codes,
@@ -93,12 +94,10 @@ def binary_dot(planes: mx.array, words: mx.array) -> mx.array:
     """``<x_b, q_u>`` from bit planes: ``Σ_j 2^j popcount(x_b AND q_u^(j))``.
 
     ``planes`` uint32 ``[B, H, M, B_q, W]`` (plane j holds bit j of every ``q_u``),
-    ``words`` uint32 ``[B, H, L, W]`` (1-bit codes) -> int32 ``[B, H, M, L]``.
+    ``words`` uint32 ``[B, H, L, W]`` (1-bit codes) -> int32 ``[B, H, M, L]``. Padding bits
+    past ``d`` are 0 in both, so the whole ``32 W`` bits are counted.
     """
-    both = planes[..., :, None, :, :] & words[..., None, :, None, :]  # [B, H, M, L, B_q, W]
-    counts = popcount(both).sum(axis=-1).astype(mx.int32)  # [B, H, M, L, B_q]
-    weights = mx.array([1 << j for j in range(planes.shape[-2])], dtype=mx.int32)
-    return (counts * weights).sum(axis=-1)
+    return vq_kernels.sign_dot_planes(planes, words, 32 * words.shape[-1])
 
 
 def grid_magnitudes(a: mx.array, bits: int) -> mx.array:

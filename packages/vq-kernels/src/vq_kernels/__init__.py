@@ -37,8 +37,6 @@ from vq_kernels.pq_attention import pq_decode_attention, pq_decode_attention_ref
 from vq_kernels.sign import (
     sign_dot_planes,
     sign_dot_planes_reference,
-    sign_scores,
-    sign_scores_reference,
 )
 
 __version__ = "0.1.0"
@@ -65,8 +63,6 @@ __all__ = [
     "resolve_backend",
     "sign_dot_planes",
     "sign_dot_planes_reference",
-    "sign_scores",
-    "sign_scores_reference",
     "unpack_bits",
     "unpack_bits_reference",
 ]

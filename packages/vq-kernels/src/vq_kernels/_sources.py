@@ -108,7 +108,6 @@ SPECS: dict[str, KernelSpec] = {
             (("out", "float32"), ("lse", "float32")),
             (("D", 128),),
         ),
-        KernelSpec("sign_scores", (("q", "uint32"), ("k", "uint32"), _P), (("out", "int32"),)),
         KernelSpec("sign_dot_planes", (("q", "uint32"), ("k", "uint32"), _P), (("out", "int32"),)),
     )
 }

@@ -1,7 +1,8 @@
-"""XOR + popcount scoring of 1-bit sign codes (QJL, RaBitQ).
+"""AND + popcount scoring of 1-bit codes against a bit-plane query (RaBitQ Sec. 3.3).
 
-Sign code of x [D]: bit j of the packed row (layout of :mod:`vq_kernels.packing`, b = 1) is 1
-iff x_j >= 0. GQA: q's leading dims flatten to NQ rows of heads, k's to NK, NQ = g * NK, and
+RaBitQ's ``binary_query`` scores (vq_algorithms.rabitq) call :func:`sign_dot_planes`: the
+kernel on a GPU, its pure-MLX reference on the CPU. Sign code of x [D]: bit j of the packed
+row (layout of :mod:`vq_kernels.packing`, b = 1) is 1 iff x_j >= 0. GQA: q's leading dims flatten to NQ rows of heads, k's to NK, NQ = g * NK, and
 q row n reads k row n // g (so [B, Hq] against [B, Hkv] with Hq = g * Hkv works).
 """
 
@@ -31,17 +32,6 @@ def _expand(k: mx.array, nq: int, nk: int, g: int) -> mx.array:
     return mx.repeat(kf, g, axis=0) if g > 1 else kf
 
 
-def sign_scores_reference(q_packed: mx.array, k_packed: mx.array, dim: int) -> mx.array:
-    """Pure-MLX :func:`sign_scores`."""
-    nq, nk, g = _lead(q_packed, k_packed, 2)
-    sq = 2 * unpack_bits_reference(q_packed, 1, dim).astype(mx.int32) - 1
-    sk = 2 * unpack_bits_reference(k_packed, 1, dim).astype(mx.int32) - 1
-    sq = sq.reshape(nq, *sq.shape[-2:]).astype(mx.float32)
-    sk = _expand(sk, nq, nk, g).astype(mx.float32)
-    out = (sq @ sk.swapaxes(-1, -2)).astype(mx.int32)
-    return out.reshape(*q_packed.shape[:-1], k_packed.shape[-2])
-
-
 def sign_dot_planes_reference(q_planes: mx.array, k_packed: mx.array, dim: int) -> mx.array:
     """Pure-MLX :func:`sign_dot_planes`."""
     nq, nk, g = _lead(q_planes, k_packed, 3)
@@ -53,39 +43,6 @@ def sign_dot_planes_reference(q_planes: mx.array, k_packed: mx.array, dim: int) 
     # exact: every partial sum is an integer below 2**24 for Bq <= 8 and dim <= 65536
     out = (qint @ kb.astype(mx.float32).swapaxes(-1, -2)).astype(mx.int32)
     return out.reshape(*q_planes.shape[:-2], k_packed.shape[-2])
-
-
-def sign_scores(
-    q_packed: mx.array, k_packed: mx.array, dim: int, *, backend: str | None = None
-) -> mx.array:
-    """Sign agreement of 1-bit codes: q uint32 [..., Lq, W], k uint32 [..., L, W] -> int32.
-
-    out [..., Lq, L] = sum_j s_q,j s_k,j with s in {-1, +1}, i.e. dim - 2 popcount(q xor k);
-    W = ceil(dim / 32).
-    """
-    be = resolve_backend(backend)
-    if be == "reference":
-        return sign_scores_reference(q_packed, k_packed, dim)
-    nq, nk, g = _lead(q_packed, k_packed, 2)
-    lq, w = q_packed.shape[-2:]
-    length = k_packed.shape[-2]
-    if w != n_words(dim, 1) or k_packed.shape[-1] != w:
-        raise ValueError(f"dim {dim} needs {n_words(dim, 1)} words per row")
-    (out,) = launch(
-        "sign_scores",
-        be,
-        [
-            q_packed.reshape(nq, lq, w),
-            k_packed.reshape(nk, length, w),
-            params(nq, lq, length, w, g, dim),
-        ],
-        template=[],
-        grid=(max(nq * lq * length, 1), 1, 1),
-        threadgroup=(256, 1, 1),
-        output_shapes=[(nq, lq, length)],
-        output_dtypes=[mx.int32],
-    )
-    return out.reshape(*q_packed.shape[:-1], length)
 
 
 def sign_dot_planes(
