@@ -91,7 +91,7 @@ def test_comm_vq_calibrate_patch_generate_and_rope_mismatch(tmp_path, tiny):
 
     calibrate(tiny, "comm_vq", 2, out=tmp_path, progress=False, n_sequences=3, seq_len=64,
               head_samples=256, table_bits=3)  # fmt: skip
-    model = patch(build("llama"), "comm_vq", 2, artifacts=str(tmp_path))
+    model = patch(build("llama"), "comm_vq", 2, artifacts=str(tmp_path), block=1)
     caches = make_prompt_cache(model)
     keys = [c.key_quantizer for c in caches]
     assert all(k.position_aware and k.config.table_bits == 3 for k in keys)

@@ -5,6 +5,7 @@ import json
 import pytest
 from tiny_models import build
 
+from vq_core.cache import DEFAULT_BLOCK
 from vq_mlxlm.cli import build_parser
 from vq_mlxlm.commands.eval import grid
 from vq_mlxlm.evaluation import Budget, parse_spec, run
@@ -22,6 +23,13 @@ TINY = Budget(
     decode_steps=4,
     min_text=0,
 )
+
+
+def _compressed(held: int) -> int:
+    """Tokens a cache compresses of ``held`` past its exact sink and window: whole blocks."""
+    return held - held % DEFAULT_BLOCK
+
+
 WORDS = "the cache holds packed codes for keys and values of every layer while decode reads"
 
 
@@ -58,15 +66,18 @@ def test_rows_and_fields(result):
         assert len(row["layer_cosine"]) == 2 and len(row["needle_trials"]) == 2
         assert row["decode_ratio"] > 0 and row["prefill_ratio"] > 0
         assert row["ppl"] > 1
-    n = TINY.context  # one sink token stays exact (counted at 16 bits), the rest compressed
-    assert tq4["bits_per_element"] == pytest.approx(((n - 1) * (4 + 16 / 64) + 16) / n, abs=1e-4)
+    n = TINY.context  # one sink token and a partial block stay exact (counted at 16 bits)
+    c = _compressed(n - 1)
+    assert tq4["bits_per_element"] == pytest.approx((c * (4.25) + (n - c) * 16) / n, abs=1e-4)
     assert mlx4["bits_per_element"] == pytest.approx(4.5)
 
 
 def test_compressed_caches_were_used(result):
     exact, tq4, tq2w, mlx4 = result["rows"]
-    assert tq4["compressed_layers"] == 2 and tq4["compressed_tokens"] == TINY.context - 1
-    assert tq2w["compressed_tokens"] == TINY.context - 16 - 1  # window and sink stay exact
+    assert tq4["compressed_layers"] == 2 and tq4["compressed_tokens"] == _compressed(
+        TINY.context - 1
+    )
+    assert tq2w["compressed_tokens"] == _compressed(TINY.context - 16 - 1)  # window, sink exact
     assert exact["compressed_layers"] == mlx4["compressed_layers"] == 0
     # the compressed history changed the outputs, 2-bit more than 4-bit
     assert 0 < tq4["kl"] < tq2w["kl"]
@@ -142,13 +153,14 @@ def test_artifact_rows_run_in_the_harness(tmp_path):
     by_label = {r["label"]: r for r in rows}
     uniform = by_label["turboquant_mse@2.5+split=uniform"]
     rq = by_label[f"turboquant_mse@2.5+artifacts={d}+split=ratequant"]
-    n = TINY.context  # sink token at 16 bits; mean 2.5 bits + 16/64 for the norm
-    expected = ((n - 1) * (2.5 + 16 / 64) + 16) / n
+    n = TINY.context  # exact tokens at 16 bits; mean 2.5 bits + 16/64 for the norm
+    c = _compressed(n - 1)
+    expected = (c * (2.5 + 16 / 64) + (n - c) * 16) / n
     assert uniform["bits_per_element"] == pytest.approx(expected, abs=1e-4)
     assert rq["bits_per_element"] == pytest.approx(expected, abs=1e-4)
     cvq = by_label[f"comm_vq@2+artifacts={d}"]
-    assert cvq["compressed_tokens"] == n - 1 and cvq["value_method"] == "turboquant_mse"
-    keys_at_most_2 = ((n - 1) * (2 + 2 + 16 / 64) / 2 + 16) / n
+    assert cvq["compressed_tokens"] == c and cvq["value_method"] == "turboquant_mse"
+    keys_at_most_2 = (c * (2 + 2 + 16 / 64) / 2 + (n - c) * 16) / n
     assert cvq["bits_per_element"] <= keys_at_most_2 + 1e-4
     assert all(r["kl"] > 0 for r in rows[1:])
     with pytest.raises(ValueError, match=r"mean 2\.5 bits, not 3\.5"):

@@ -28,7 +28,7 @@ def _run(model, cache, tokens, chunk=8):
 def test_near_lossless_method_matches_fp16_cache(arch):
     model = build(arch)
     ref = _run(model, make_prompt_cache(model), TOKENS)
-    patch(model, "turboquant_rvq", bits=8)
+    patch(model, "turboquant_rvq", bits=8, block=1)
     cache = make_prompt_cache(model)
     assert any(isinstance(c, CompressedKVCache) for c in cache)
     out = _run(model, cache, TOKENS, chunk=5)
@@ -38,7 +38,7 @@ def test_near_lossless_method_matches_fp16_cache(arch):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_four_bit_cache_holds_packed_codes(arch):
-    model = patch(build(arch), "turboquant_mse", bits=4)
+    model = patch(build(arch), "turboquant_mse", bits=4, block=1)
     cache = make_prompt_cache(model)
     ref = _run(model, make_prompt_cache(unpatch(build(arch))), TOKENS)
     out = _run(model, cache, TOKENS, chunk=4)
@@ -50,7 +50,7 @@ def test_four_bit_cache_holds_packed_codes(arch):
 
 
 def test_save_load_continues_identically(tmp_path):
-    model = patch(build("llama"), "turboquant_mse", bits=3, window=4)
+    model = patch(build("llama"), "turboquant_mse", bits=3, window=4, block=2)
     cache = make_prompt_cache(model)
     _run(model, cache, TOKENS[:, :15])
     save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
@@ -61,7 +61,7 @@ def test_save_load_continues_identically(tmp_path):
 
 
 def test_trim_then_refeed_equals_shorter_prefix():
-    model = patch(build("qwen2"), "turboquant_mse", bits=4)
+    model = patch(build("qwen2"), "turboquant_mse", bits=4, block=2)
     short, long = make_prompt_cache(model), make_prompt_cache(model)
     for cache in (short, long):  # the same first chunk fixes the same centering means
         _run(model, cache, TOKENS[:, :10], chunk=10)
@@ -108,3 +108,20 @@ def test_unrouted_architecture_is_a_clear_error():
     )
     with pytest.raises(UnsupportedModelError, match="gemma2"):
         patch(gemma2.Model(args), "turboquant_mse", bits=4)
+
+
+@pytest.mark.parametrize("method", ["turboquant_mse", "kivi"])
+def test_a_patched_decode_step_runs_under_mx_compile(method):
+    """``mx.compile`` refuses any evaluation while it traces, so a host sync anywhere in a
+    patched model's single-token forward (cache update, attention, encoding of a full
+    block) fails here. The compiled step must also give the eager step's logits."""
+    model = patch(build("llama"), method, bits=4)
+    caches = [make_prompt_cache(model) for _ in range(2)]
+    for cache in caches:  # 1 sink + 63 exact tokens: one short of a block, so the traced
+        _run(model, cache, mx.concatenate([TOKENS] * 4, axis=1)[:, :64], chunk=64)
+        mx.eval([c.state for c in cache])  # step also encodes a block
+    tok = mx.array([[7]])
+    eager = model(tok, cache=caches[0])
+    compiled = mx.compile(lambda t: model(t, cache=caches[1]))(tok)
+    assert caches[1][0].compressed_tokens == caches[0][0].compressed_tokens > 0
+    assert mx.allclose(compiled, eager, atol=1e-4).item()

@@ -17,7 +17,7 @@ import time
 import vq_mlxlm  # noqa: F401  (loads a fast BLAS before MLX, where one exists)
 import mlx.core as mx
 import vq_algorithms  # noqa: F401
-from vq_core import available, create, get, make_cache
+from vq_core import attend, available, create, get, make_cache
 
 HEAD_DIM, KV_HEADS, Q_HEADS = 128, 8, 32
 
@@ -73,8 +73,8 @@ def main() -> None:
             cache.update_and_fetch(k16, v16)
             mx.eval(cache.state)
             k1, v1 = k16[:, :, :1], v16[:, :, :1]
-            cache.update_and_fetch(k1, v1)  # the decode step's own token is exact
-            t_att = timed(lambda c=cache: c.attend(q16, scale=HEAD_DIM**-0.5), args.repeats)
+            view = cache.update_and_fetch(k1, v1)  # the decode step's own token is exact
+            t_att = timed(lambda w=view: attend(q16, *w, scale=HEAD_DIM**-0.5), args.repeats)
             bpe = (
                 cache.key_quantizer.bits_per_element + cache.value_quantizer.bits_per_element
             ) / 2

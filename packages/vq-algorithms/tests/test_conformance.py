@@ -16,6 +16,7 @@ from vq_core import (
     DTypeError,
     NonFiniteError,
     ShapeError,
+    attend,
     create,
     get,
     make_cache,
@@ -111,9 +112,31 @@ def test_state_round_trip_inside_cache(method):
     cache.update_and_fetch(_x((1, 2, 40, 128), 1), _x((1, 2, 40, 128), 2))
     loaded = CompressedKVCache.from_state(cache.state, cache.meta_state)
     q = _x((1, 4, 1, 128), 3)
-    for c in (cache, loaded):
-        c.update_and_fetch(_x((1, 2, 1, 128), 4), _x((1, 2, 1, 128), 5))
-    assert mx.array_equal(cache.attend(q, scale=0.1), loaded.attend(q, scale=0.1)).item()
+    outs = [
+        attend(q, *c.update_and_fetch(_x((1, 2, 1, 128), 4), _x((1, 2, 1, 128), 5)), scale=0.1)
+        for c in (cache, loaded)
+    ]
+    assert mx.array_equal(*outs).item()
+
+
+@pytest.mark.parametrize(("method", "bits"), list(_cases()))
+def test_attention_through_the_seam_equals_the_decoded_reference(method, bits):
+    """Decode (the kernel table's choice) and prefill over compressed history both equal
+    softmax attention over the keys and values the cache decodes to."""
+    cache = make_cache(method, head_dim=128, bits=bits, block=32)
+    cache.update_and_fetch(_x((1, 2, 100, 128), 1), _x((1, 2, 100, 128), 2))
+    assert cache.compressed_tokens == 96
+    for lq, mask in ((1, None), (5, "causal"), (20, "causal")):  # decode, decode, prefill
+        kv, vv = view = cache.update_and_fetch(_x((1, 2, lq, 128), 4), _x((1, 2, lq, 128), 5))
+        q = _x((1, 4, lq, 128), 3)
+        s0 = kv.n_sink
+        rk, rv = (
+            mx.concatenate([x.exact[:, :, :s0], x.decoded(0, x.n_comp), x.exact[:, :, s0:]], 2)
+            for x in (kv, vv)
+        )
+        ref = mx.fast.scaled_dot_product_attention(q, rk, rv, scale=0.1, mask=mask)
+        out = attend(q, *view, scale=0.1, mask=mask)
+        assert mx.allclose(out, ref, rtol=1e-3, atol=1e-4).item(), lq
 
 
 @pytest.mark.parametrize(("method", "bits"), list(_cases()))

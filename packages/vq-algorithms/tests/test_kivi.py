@@ -71,7 +71,7 @@ def test_compressed_domain_matches_decode(axis):
 
 
 def test_cache_flushes_whole_groups_and_keeps_the_residual_exact():
-    cache = make_cache("kivi", head_dim=128, bits=2, sink=0)
+    cache = make_cache("kivi", head_dim=128, bits=2, sink=0, block=1)  # one group a block
     assert cache.value_quantizer.method == "affine"
     k, v = _x((1, 2, 70, 128), 7).astype(mx.float16), _x((1, 2, 70, 128), 8).astype(mx.float16)
     cache.update_and_fetch(k, v)

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from vq_algorithms.rabitq import QUERY_BITS, binary_dot, grid_magnitudes, popcount
-from vq_core import ConfigError, create, make_cache, pack, unpack
+from vq_core import ConfigError, attend, create, make_cache, pack, unpack
 
 D = 128
 
@@ -164,8 +164,8 @@ def test_values_default_to_turboquant_mse_but_rabitq_can_hold_them():
     assert cache.value_quantizer.method == "turboquant_mse"
     cache = make_cache("rabitq", head_dim=D, bits=3, value_method="rabitq")
     assert cache.value_quantizer.method == "rabitq"
-    cache.update_and_fetch(mx.ones((1, 1, 4, D)), mx.ones((1, 1, 4, D)))
-    out = cache.attend(mx.ones((1, 1, 1, D)), scale=0.1)
+    view = cache.update_and_fetch(mx.ones((1, 1, 4, D)), mx.ones((1, 1, 4, D)))
+    out = attend(mx.ones((1, 1, 1, D)), *view, scale=0.1)
     assert mx.allclose(out, mx.ones((1, 1, 1, D)), atol=0.1).item()
 
 

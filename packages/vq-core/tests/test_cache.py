@@ -1,13 +1,13 @@
 import mlx.core as mx
 import pytest
 
-from vq_core import CompressedKVCache, ConfigError, ShapeError, create
+from vq_core import CompressedKVCache, ConfigError, NonFiniteError, ShapeError, attend, create
 
 
-def _cache(window=0, step=256, method="toy_uniform", bits=8):
+def _cache(window=0, step=256, method="toy_uniform", bits=8, block=1):
     k = create(method, head_dim=64, bits=bits)
     v = create(method, head_dim=64, bits=bits, seed=1)
-    return CompressedKVCache(k, v, window=window, step=step)
+    return CompressedKVCache(k, v, window=window, step=step, block=block)
 
 
 def _kv(n, b=1, h=2, d=64, seed=0):
@@ -20,9 +20,10 @@ def _reference(q, k, v, scale, mask):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-def _decoded(cache):
+def _decoded(cache, view):
+    """Keys and values of a view rebuilt from the cache's saved state (the reference)."""
     kq, vq = cache.key_quantizer, cache.value_quantizer
-    k, v = cache._view[0], cache._view[1]
+    k, v = view
     parts_k, parts_v = [], []
     if k.n_comp:
         st = cache.state
@@ -34,10 +35,8 @@ def _decoded(cache):
         )
         parts_k[-1] = parts_k[-1] + st.get("key_mean", 0)  # when the cache centers
         parts_v[-1] = parts_v[-1] + st.get("value_mean", 0)
-    for view, parts in ((k, parts_k), (v, parts_v)):
-        if view.exact is not None:
-            parts.append(view.exact)
-        parts.append(view.new)
+    for side, parts in ((k, parts_k), (v, parts_v)):
+        parts.append(side.exact)  # no sink here: the exact tokens follow the compressed ones
     return mx.concatenate(parts_k, axis=2), mx.concatenate(parts_v, axis=2)
 
 
@@ -46,16 +45,15 @@ def test_prefill_then_decode_equals_attention_over_reconstruction(window):
     cache = _cache(window=window)
     k, v = _kv(37)
     q = mx.random.normal((1, 6, 37, 64), key=mx.random.key(9))  # GQA: 6 query heads, 2 KV
-    cache.update_and_fetch(k, v)
-    out = cache.attend(q, scale=0.125, mask="causal")
+    out = attend(q, *cache.update_and_fetch(k, v), scale=0.125, mask="causal")
     ref = _reference(q, k, v, 0.125, "causal")  # prefill sees its own tokens exactly
     assert mx.allclose(out, ref, atol=1e-4).item()
     for step in range(3):
         k1, v1 = _kv(1, seed=step + 1)
-        cache.update_and_fetch(k1, v1)
+        view = cache.update_and_fetch(k1, v1)
         q1 = mx.random.normal((1, 6, 1, 64), key=mx.random.key(step))
-        out = cache.attend(q1, scale=0.125)
-        kk, vv = _decoded(cache)
+        out = attend(q1, *view, scale=0.125)
+        kk, vv = _decoded(cache, view)
         assert kk.shape[2] == 38 + step
         assert mx.allclose(out, _reference(q1, kk, vv, 0.125, None), atol=1e-4).item()
     assert cache.offset == 40
@@ -89,9 +87,9 @@ def test_state_round_trip_continues_identically():
     assert loaded.offset == cache.offset == 10
     k1, v1 = _kv(1, seed=5)
     q = mx.random.normal((1, 2, 1, 64))
-    cache.update_and_fetch(k1, v1)
-    loaded.update_and_fetch(k1, v1)
-    assert mx.array_equal(cache.attend(q, scale=0.1), loaded.attend(q, scale=0.1)).item()
+    a = attend(q, *cache.update_and_fetch(k1, v1), scale=0.1)
+    b = attend(q, *loaded.update_and_fetch(k1, v1), scale=0.1)
+    assert mx.array_equal(a, b).item()
 
 
 def test_trim_and_block_quantizer():
@@ -134,7 +132,7 @@ def test_used_bytes_match_accounting_without_step_padding():
     bpe = cache.key_quantizer.bits_per_element + cache.value_quantizer.bits_per_element
     assert cache.used_nbytes == bpe * 3 * 100 * 64 / 8
     assert cache.nbytes == bpe * 3 * 256 * 64 / 8  # allocated: one 256-token step
-    centered = CompressedKVCache(cache.key_quantizer, cache.value_quantizer, center=True)
+    centered = CompressedKVCache(cache.key_quantizer, cache.value_quantizer, center=True, block=1)
     centered.update_and_fetch(*_kv(100, h=3))
     means = 2 * 3 * 64 * 4  # one fp32 mean key and value per head
     assert centered.used_nbytes == cache.used_nbytes + means
@@ -143,7 +141,7 @@ def test_used_bytes_match_accounting_without_step_padding():
 def test_sink_tokens_stay_exact_and_attention_matches_reference():
     k = create("toy_uniform", head_dim=64, bits=4)
     v = create("toy_uniform", head_dim=64, bits=4, seed=1)
-    cache = CompressedKVCache(k, v, window=2, sink=4, center=True)
+    cache = CompressedKVCache(k, v, window=2, sink=4, center=True, block=1)
     keys, values = _kv(10)
     cache.update_and_fetch(keys[:, :, :3], values[:, :, :3])  # sink fills across updates
     cache.update_and_fetch(keys[:, :, 3:], values[:, :, 3:])
@@ -151,7 +149,7 @@ def test_sink_tokens_stay_exact_and_attention_matches_reference():
     st = cache.state
     assert mx.array_equal(st["sink_k"], keys[:, :, :4]).item()
     k1, v1 = _kv(1, seed=7)
-    cache.update_and_fetch(k1, v1)
+    view = cache.update_and_fetch(k1, v1)
     kc = k.decode({n[3:]: a for n, a in st.items() if n.startswith("k__")})[:, :, :4]
     vc = v.decode({n[3:]: a for n, a in st.items() if n.startswith("v__")})[:, :, :4]
     kc, vc = kc + st["key_mean"], vc + st["value_mean"]
@@ -159,7 +157,7 @@ def test_sink_tokens_stay_exact_and_attention_matches_reference():
     ref_v = mx.concatenate([values[:, :, :4], vc, values[:, :, 8:], v1], axis=2)
     q = mx.random.normal((1, 4, 1, 64))
     ref = mx.fast.scaled_dot_product_attention(q, ref_k, ref_v, scale=0.125)
-    assert mx.allclose(cache.attend(q, scale=0.125), ref, atol=1e-4).item()
+    assert mx.allclose(attend(q, *view, scale=0.125), ref, atol=1e-4).item()
     loaded = CompressedKVCache.from_state(cache.state, cache.meta_state)
     assert loaded.sink == 4 and loaded.offset == 11
     assert cache.trim(9) == 9  # 2 exact, 5 compressed, 2 sink tokens
@@ -174,7 +172,7 @@ def test_fused_kernel_path_merges_exactly_with_exact_tokens(window, sink):
     def make(method):
         k = create(method, head_dim=64, bits=4)
         v = create("toy_uniform", head_dim=64, bits=4, seed=1)
-        return CompressedKVCache(k, v, window=window, sink=sink, center=True)
+        return CompressedKVCache(k, v, window=window, sink=sink, center=True, block=1)
 
     fused, plain = make("toy_fused"), make("toy_uniform")
     keys, values = _kv(30)
@@ -184,8 +182,8 @@ def test_fused_kernel_path_merges_exactly_with_exact_tokens(window, sink):
         mask = "causal" if hi - lo > 1 else None
         outs = []
         for c in (fused, plain):
-            c.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
-            outs.append(c.attend(q, scale=0.125, mask=mask))
+            view = c.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
+            outs.append(attend(q, *view, scale=0.125, mask=mask))
         assert mx.allclose(outs[0], outs[1], atol=1e-5).item()
     assert ToyFused.calls > before
 
@@ -197,9 +195,9 @@ def test_centering_removes_a_shared_offset_before_encoding():
     for center in (False, True):
         k = create("toy_uniform", head_dim=64, bits=4)
         v = create("toy_uniform", head_dim=64, bits=4, seed=1)
-        cache = CompressedKVCache(k, v, center=center)
+        cache = CompressedKVCache(k, v, center=center, block=1)
         cache.update_and_fetch(keys, values)
-        cache.update_and_fetch(keys[:, :, :1], values[:, :, :1])
+        view = cache.update_and_fetch(keys[:, :, :1], values[:, :, :1])
         q = mx.random.normal((1, 2, 1, 64), key=mx.random.key(3))
         ref = mx.fast.scaled_dot_product_attention(
             q,
@@ -207,7 +205,7 @@ def test_centering_removes_a_shared_offset_before_encoding():
             mx.concatenate([values, values[:, :, :1]], 2),
             scale=0.125,
         )
-        errs.append(mx.abs(cache.attend(q, scale=0.125) - ref).max().item())
+        errs.append(mx.abs(attend(q, *view, scale=0.125) - ref).max().item())
     assert errs[1] < errs[0] / 3
 
 
@@ -215,7 +213,7 @@ def test_position_aware_keys_get_their_positions_and_are_not_centered():
     """Compressed token i is at position sink + i in encode, scores and trim's decode."""
     kq = create("toy_positional", head_dim=64, bits=8)
     vq = create("toy_uniform", head_dim=64, bits=8, seed=1)
-    cache = CompressedKVCache(kq, vq, window=2, sink=3, center=True)
+    cache = CompressedKVCache(kq, vq, window=2, sink=3, center=True, block=1)
     keys, values = _kv(20)
     for lo, hi in ((0, 12), (12, 13), (13, 20)):
         cache.update_and_fetch(keys[:, :, lo:hi], values[:, :, lo:hi])
@@ -223,14 +221,14 @@ def test_position_aware_keys_get_their_positions_and_are_not_centered():
     assert "key_mean" not in st and "value_mean" in st
     q = mx.random.normal((1, 4, 1, 64), key=mx.random.key(2))
     k1, v1 = _kv(1, seed=5)
-    cache.update_and_fetch(k1, v1)
+    view = cache.update_and_fetch(k1, v1)
     ref = mx.fast.scaled_dot_product_attention(
         q, mx.concatenate([keys, k1], 2), mx.concatenate([values, v1], 2), scale=0.125
     )
     # 8-bit codes of x / (1 + position): close to exact only with the right positions
-    assert mx.allclose(cache.attend(q, scale=0.125), ref, atol=2e-2).item()
+    assert mx.allclose(attend(q, *view, scale=0.125), ref, atol=2e-2).item()
     kq.position_aware = False  # the same codes scored as if every token sat at position 0
-    assert not mx.allclose(cache.attend(q, scale=0.125), ref, atol=2e-2).item()
+    assert not mx.allclose(attend(q, *view, scale=0.125), ref, atol=2e-2).item()
     del kq.position_aware
     codes = {n[3:]: a for n, a in cache.state.items() if n.startswith("k__")}
     assert mx.allclose(kq.decode(codes, start=3), keys[:, :, 3:19], atol=0.05).item()
@@ -241,3 +239,57 @@ def test_position_aware_keys_get_their_positions_and_are_not_centered():
         CompressedKVCache(vq, kq)
     with pytest.raises(ConfigError, match="start"):
         kq.encode(keys, start=-1)
+
+
+def test_blocked_encoding_encodes_whole_blocks_and_keeps_the_rest_exact():
+    cache = _cache(window=3, block=8)
+    cache.update_and_fetch(*_kv(20))  # 20 - 3 = 17 over the window: two blocks of 8 go
+    assert cache.compressed_tokens == 16 and cache._exact_k.shape[2] == 4
+    counts = []
+    for step in range(10):
+        cache.update_and_fetch(*_kv(1, seed=step))
+        counts.append(cache.compressed_tokens)
+    # the exact part grows to window + block - 1 = 10 tokens, then one block is encoded
+    assert counts == [16] * 6 + [24] * 4
+    assert cache.offset == 30 and cache._exact_k.shape[2] == 6
+    loaded = CompressedKVCache.from_state(cache.state, cache.meta_state)
+    assert loaded.block == 8
+    with pytest.raises(ConfigError, match="block"):
+        _cache(block=0)
+
+
+def test_block_rounds_up_to_the_quantizers_token_block():
+    assert _cache(method="toy_block", block=6).block == 8
+    assert _cache(method="toy_block", block=1).block == 4
+
+
+def test_non_finite_values_are_caught_without_a_per_step_sync():
+    cache = _cache(block=4)
+    k, v = _kv(8)
+    k = k.at[0, 1, 2, 5].add(mx.nan)
+    view = cache.update_and_fetch(k, v)  # encoded lazily: nothing is read here
+    out = attend(mx.ones((1, 2, 8, 64)), *view, scale=0.1, mask="causal")
+    view = cache.update_and_fetch(*_kv(1, seed=3))
+    out = attend(mx.ones((1, 2, 1, 64)), *view, scale=0.1)
+    assert mx.isnan(out).all().item()  # attention over a poisoned cache is NaN
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        cache.state  # noqa: B018  (where a prompt cache is evaluated anyway)
+    with pytest.raises(NonFiniteError):
+        cache.update_and_fetch(*_kv(4, seed=4))  # the next prefill chunk
+
+
+def test_a_decode_step_traces_without_a_host_sync():
+    """``mx.compile`` refuses any evaluation while tracing (``.item()``, ``.tolist()``,
+    ``int(array)``): update_and_fetch + attend of a decode step must trace."""
+    cache = _cache(window=0, block=16, method="toy_uniform")
+    cache.update_and_fetch(*_kv(40))
+    k1, v1 = _kv(1, seed=8)
+    q = mx.random.normal((1, 4, 1, 64), key=mx.random.key(2))
+    eager = CompressedKVCache.from_state(cache.state, cache.meta_state)
+    want = attend(q, *eager.update_and_fetch(k1, v1), scale=0.125)
+
+    def step(q, k, v):
+        return attend(q, *cache.update_and_fetch(k, v), scale=0.125)
+
+    got = mx.compile(step)(q, k1, v1)
+    assert mx.allclose(got, want, atol=1e-6).item()

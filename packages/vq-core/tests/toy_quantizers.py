@@ -6,7 +6,16 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_core import Codes, Quantizer, QuantizerConfig, pack, packed_words, register, unpack
+from vq_core import (
+    Codes,
+    Quantizer,
+    QuantizerConfig,
+    pack,
+    packed_words,
+    register,
+    register_compressed_attention,
+    unpack,
+)
 
 
 @dataclass(frozen=True)
@@ -82,13 +91,17 @@ class ToyFused(ToyUniform):
     method = "toy_fused"
     calls = 0
 
-    def fused_attention(self, q, codes, value_quantizer, values, *, scale, length):
-        type(self).calls += 1
-        k = self.decode(codes)[:, :, :length]
-        v = value_quantizer.decode(values)[:, :, :length]
-        s = (q @ mx.swapaxes(k, -1, -2)) * scale
-        lse = mx.logsumexp(s, axis=-1)
-        return mx.softmax(s, axis=-1) @ v, lse
+
+def _toy_fused(q, keys, values, *, scale):
+    """Decode + exact softmax: a stand-in 'kernel' to test the table and the merge."""
+    ToyFused.calls += 1
+    k = keys.quantizer.decode(keys.valid())
+    v = values.quantizer.decode(values.valid())
+    s = (q @ mx.swapaxes(k, -1, -2)) * scale
+    return mx.softmax(s, axis=-1) @ v, mx.logsumexp(s, axis=-1)
+
+
+register_compressed_attention("toy_fused", "*", _toy_fused)  # any value partner
 
 
 @register

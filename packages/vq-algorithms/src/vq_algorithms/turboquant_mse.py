@@ -17,7 +17,7 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
-from vq_core import Codes, Quantizer, register
+from vq_core import Codes, CompressedSide, Quantizer, register, register_compressed_attention
 from vq_kernels.codebook_attention import KERNEL_HEAD_DIMS
 
 
@@ -60,32 +60,6 @@ class TurboQuantMSE(Quantizer):
         pw = p.astype(mx.float32) * codes["norm"].astype(mx.float32)[..., None, :]
         return self.rc.rotation.inverse(pw @ self.rc.levels(codes["idx"]))
 
-    def fused_attention(self, q, codes, value_quantizer, values, *, scale, length):
-        """The vq-kernels fused decode kernel when MLX runs on a GPU (Metal or CUDA).
-
-        Keys and values must both be TurboQuant-MSE codes; on the CPU (or for a head_dim the
-        kernel does not cover) this returns None and the lookup-table reference path runs.
-        """
-        if not isinstance(value_quantizer, TurboQuantMSE) or not _kernel_applies(self.head_dim):
-            return None
-        if q.shape[2] > MAX_FUSED_ROWS:  # a prefill chunk: the batched reference path is faster
-            return None
-        kc, vc = self.rc, value_quantizer.rc
-        out_rot, lse = vq_kernels.codebook_decode_attention(
-            kc.rotation.apply(q.astype(mx.float32)),
-            codes["idx"],
-            codes["norm"],
-            kc.codebook.centroids,
-            kc.bits,
-            values["idx"],
-            values["norm"],
-            vc.codebook.centroids,
-            vc.bits,
-            scale=scale,
-            length=length,
-        )
-        return vc.rotation.inverse(out_rot), lse
-
 
 MAX_FUSED_ROWS = 32  # query rows per KV head (GQA group x tokens) sent to the decode kernel
 
@@ -93,3 +67,37 @@ MAX_FUSED_ROWS = 32  # query rows per KV head (GQA group x tokens) sent to the d
 def _kernel_applies(head_dim: int) -> bool:
     """A GPU backend is active and the kernel is specialized for this head_dim."""
     return vq_kernels.resolve_backend() != "reference" and head_dim in KERNEL_HEAD_DIMS
+
+
+def fused_codebook_attention(
+    q: mx.array, keys: CompressedSide, values: CompressedSide, *, scale: float
+) -> tuple[mx.array, mx.array] | None:
+    """The vq-kernels fused decode kernel for TurboQuant-MSE keys and values (GPU only).
+
+    The query is rotated into the keys' basis once, the kernel scores against the codes
+    and sums values in the values' rotated basis, and the output is rotated back once.
+    None on the CPU, for a head_dim the kernel does not cover, for more than
+    ``MAX_FUSED_ROWS`` query rows, and for ragged batches (the kernel takes one length).
+    """
+    if not _kernel_applies(keys.quantizer.head_dim) or q.shape[2] > MAX_FUSED_ROWS:
+        return None
+    if keys.lengths is not None:
+        return None
+    kc, vc = keys.quantizer.rc, values.quantizer.rc
+    out_rot, lse = vq_kernels.codebook_decode_attention(
+        kc.rotation.apply(q.astype(mx.float32)),
+        keys.codes["idx"],
+        keys.codes["norm"],
+        kc.codebook.centroids,
+        kc.bits,
+        values.codes["idx"],
+        values.codes["norm"],
+        vc.codebook.centroids,
+        vc.bits,
+        scale=scale,
+        length=keys.length,
+    )
+    return vc.rotation.inverse(out_rot), lse
+
+
+register_compressed_attention("turboquant_mse", "turboquant_mse", fused_codebook_attention)

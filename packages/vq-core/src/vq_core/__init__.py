@@ -6,9 +6,15 @@ one :class:`CompressedKVCache` stores packed keys and values for an attention la
 """
 
 from vq_core.artifacts import ArtifactStore, MemoryStore
-from vq_core.attention import attend_compressed
+from vq_core.attention import CacheView, attend
 from vq_core.cache import CompressedKVCache
 from vq_core.codebook import LloydMax, ScalarCodebook, VectorCodebook, lloyd_max
+from vq_core.compressed_attention import (
+    CompressedSide,
+    compressed_segment,
+    register_compressed_attention,
+    registered_compressed_attention,
+)
 from vq_core.errors import (
     ArtifactError,
     CacheStateError,
@@ -39,8 +45,10 @@ __all__ = [
     "ArtifactError",
     "ArtifactStore",
     "CacheStateError",
+    "CacheView",
     "Codes",
     "CompressedKVCache",
+    "CompressedSide",
     "ConfigError",
     "DTypeError",
     "Identity",
@@ -57,9 +65,10 @@ __all__ = [
     "UnknownMethodError",
     "VQError",
     "VectorCodebook",
-    "attend_compressed",
+    "attend",
     "available",
     "check_value_method",
+    "compressed_segment",
     "create",
     "from_description",
     "get",
@@ -71,6 +80,8 @@ __all__ = [
     "pack",
     "packed_words",
     "register",
+    "register_compressed_attention",
+    "registered_compressed_attention",
     "unpack",
     "unpack_fields",
 ]

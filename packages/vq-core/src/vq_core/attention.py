@@ -1,158 +1,176 @@
-"""Attention over compressed history plus exact recent tokens.
+"""Attention of queries over what a compressed cache's ``update_and_fetch`` returned.
 
-Grouped-query attention is folded so each KV head sees its ``g = H_q / H_kv`` query heads as
-extra query rows: ``q [B, H_q, L, D] -> [B, H_kv, g·L, D]`` (query head ``i`` reads KV head
-``i // g``, as in ``mx.fast.scaled_dot_product_attention``). Scores over the compressed
-tokens come from the key quantizer's compressed-domain ``scores``; the weighted value sum
-from the value quantizer's ``weighted_sum``. Both halves share one softmax, so the result is
-exactly softmax attention over the concatenated (reconstructed) keys and values.
+:meth:`CompressedKVCache.update_and_fetch` returns two :class:`CacheView` objects (keys,
+values); a routed attention hands them to :func:`attend` as mlx-lm hands its own keys and
+values to ``scaled_dot_product_attention``. Nothing else passes between cache and attention.
 
-When the key quantizer offers a fused kernel for the compressed part
-(:meth:`Quantizer.fused_attention`, e.g. on a GPU), that part returns its normalized output
-and log-sum-exp, and is merged with the exact tokens' attention by their softmax weights.
+Attention is a sum of segments merged once (:mod:`vq_core.segments`): the exact tokens (the
+sink, the exact recent tokens and the chunk's own tokens; only the chunk's own are causally
+masked) and the compressed history, which every query sees.
+
+* Decode (``g·L <= DECODE_ROWS`` query rows per KV head, no array mask): the compressed
+  segment comes from the kernel table (:func:`~vq_core.compressed_attention.compressed_segment`).
+* Prefill chunks (more rows, or an array mask): the history is decoded one tile of
+  ``PREFILL_TILE`` tokens at a time and attended exactly, so the scores held at once are
+  ``[B, Hkv, g·L, PREFILL_TILE]``, never ``[.., history]``. On a GPU the decoded history
+  (in the queries' dtype) instead goes to ``mx.fast.scaled_dot_product_attention``, whose
+  fused kernel holds no score matrix at all.
+
+Grouped-query folding: ``q [B, Hq, L, D] -> [B, Hkv, g·L, D]`` with ``g = Hq / Hkv``; query
+head ``h`` reads KV head ``h // g`` (as ``mx.fast.scaled_dot_product_attention`` does).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
+from vq_core.compressed_attention import CompressedSide, compressed_segment
 from vq_core.errors import ShapeError
 from vq_core.quantizer import Codes, Quantizer
+from vq_core.segments import exact_segment, merge
+
+DECODE_ROWS = 32  # query rows per KV head (GQA group x tokens) that take the decode path
+PREFILL_TILE = 4096  # history tokens decoded at once by a prefill chunk
 
 
-def attend_compressed(
-    queries: mx.array,
-    key_quantizer: Quantizer,
-    keys: Codes | None,
-    value_quantizer: Quantizer,
-    values: Codes | None,
-    exact_k: mx.array,
-    exact_v: mx.array,
-    *,
-    scale: float,
-    mask=None,
-    prefix_k: mx.array | None = None,
-    prefix_v: mx.array | None = None,
-    length: int | None = None,
-    key_mean: mx.array | None = None,
-    value_mean: mx.array | None = None,
-) -> mx.array:
-    """Softmax attention of ``queries [B, H_q, L, D]`` over (exact prefix,) compressed, then
-    exact tokens.
+@dataclass(frozen=True)
+class CacheView:
+    """One side (keys or values) of a compressed cache, as attention consumes it.
 
-    Args:
-        keys, values: codes ``[B, H_kv, n, ...]`` of the ``n`` oldest tokens, or None; with
-            ``length``, preallocated buffers whose first ``length`` tokens are valid.
-        exact_k, exact_v: ``[B, H_kv, m, D]``, the newest ``m`` tokens (the last ``L`` of
-            them are the queries' own tokens).
-        prefix_k, prefix_v: ``[B, H_kv, s, D]`` exact tokens older than the compressed ones
-            (attention sinks), or None. Compressed token ``i`` is at position ``s + i``
-            (what a position-aware key quantizer's ``scores`` receives as ``start``).
-        key_mean, value_mean: ``[B, H_kv, 1, D]`` subtracted from the compressed tokens
-            before encoding (see :class:`CompressedKVCache`), added back here.
-        mask: None, ``"causal"`` (causal within the newest ``L`` tokens, history visible),
-            or a boolean/additive array broadcastable to ``[B, H_q, L, n + m]``.
-
-    Returns:
-        ``[B, H_q, L, D]`` in the queries' dtype.
+    ``exact [B, H, s + m, D]``: the first ``n_sink = s`` tokens (the sink, oldest), then the
+    ``m`` newest tokens held exactly (the last ``L`` are the current chunk's own). Between
+    them in token order: ``n_comp`` compressed tokens, the first ``n_comp`` of the
+    preallocated ``codes`` buffers ``[B, H, Lbuf, ...]``, shifted by ``mean [B, H, 1, D]``
+    (or None) before encoding. ``finite``: a lazy boolean scalar, False once a non-finite
+    key or value reached this cache (attention's output is then NaN).
     """
-    b, hq, lq, d = queries.shape
-    hkv = exact_k.shape[1]
+
+    quantizer: Quantizer
+    codes: Codes | None
+    n_comp: int
+    exact: mx.array
+    n_sink: int = 0
+    mean: mx.array | None = None
+    finite: mx.array | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, h, m, d = self.exact.shape
+        return (b, h, self.n_comp + m, d)
+
+    @property
+    def dtype(self):
+        return self.exact.dtype
+
+    def compressed(self) -> CompressedSide:
+        return CompressedSide(self.quantizer, self.codes, self.n_comp, start=self.n_sink)
+
+    def decoded(self, begin: int, stop: int) -> mx.array:
+        """Compressed tokens ``[begin, stop)`` decoded, mean added: float32 ``[B, H, n, D]``."""
+        side = self.compressed()
+        x = self.quantizer.decode(side.valid(stop, begin), start=self.n_sink + begin)
+        return x if self.mean is None else x + self.mean
+
+
+def attend(
+    queries: mx.array, keys: CacheView, values: CacheView, *, scale: float, mask=None
+) -> mx.array:
+    """Softmax attention of ``queries [B, Hq, L, D]`` over the tokens the views hold.
+
+    ``mask``: None, ``"causal"`` (causal within the newest ``L`` tokens, everything older
+    visible) or a boolean/additive array broadcastable to ``[B, Hq, L, tokens]`` with the
+    tokens in order (sink, compressed, exact). Returns ``[B, Hq, L, D]`` in the queries'
+    dtype; exactly softmax attention over the decoded keys and values.
+    """
+    hq, lq = queries.shape[1], queries.shape[2]
+    hkv = keys.exact.shape[1]
     if hq % hkv:
         raise ShapeError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if isinstance(mask, str) and mask != "causal":
+        raise ShapeError(f"mask={mask!r} is not allowed; expected None, 'causal' or an array")
     g = hq // hkv
-    n = 0 if keys is None else key_quantizer.tokens_in(keys)
-    if keys is not None and length is not None and length < n:
-        n = length
-    q = queries.astype(mx.float32).reshape(b, hkv, g * lq, d)
-    if keys is not None and (mask is None or isinstance(mask, str)):
-        fused = key_quantizer.fused_attention(
-            q, keys, value_quantizer, values, scale=scale, length=n
+    if keys.n_comp == 0:
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys.exact, values.exact, scale=scale, mask=mask
         )
-        if fused is not None:
-            out_c, lse_c = fused
-            if key_mean is not None:  # scores of the centered keys miss q·mean for every token
-                lse_c = lse_c + (q @ mx.swapaxes(key_mean, -1, -2))[..., 0] * scale
-            if value_mean is not None:
-                out_c = out_c + value_mean
-            fused = (out_c, lse_c)
-            out = _merge_exact(fused, q, exact_k, exact_v, prefix_k, prefix_v, scale, mask, g)
-            return out.reshape(b, hq, lq, d).astype(queries.dtype)
-    if keys is not None and n < key_quantizer.tokens_in(keys):
-        keys = _first(keys, key_quantizer, n)
-        values = _first(values, value_quantizer, n)
-    m = exact_k.shape[2]
-    s0 = 0 if prefix_k is None else prefix_k.shape[2]
-    total = s0 + n + m
+    elif g * lq <= DECODE_ROWS and not isinstance(mask, mx.array):
+        out = _decode(queries, keys, values, scale, mask, g)
+    elif mx.default_device() == mx.gpu:
+        out = _prefill_fused(queries, keys, values, scale, mask)
+    else:
+        out = _prefill_tiled(queries, keys, values, scale, mask, g)
+    if keys.finite is not None:
+        out = mx.where(keys.finite, out, mx.nan)
+    return out
 
+
+def _decode(queries, keys: CacheView, values: CacheView, scale, mask, g):
+    b, hq, lq, d = queries.shape
+    q = queries.astype(mx.float32).reshape(b, hq // g, g * lq, d)
+    visible = _causal_rows(lq, keys.exact.shape[2], g) if mask == "causal" else None
+    parts = [
+        exact_segment(q, keys.exact, values.exact, scale=scale, mask=visible),
+        compressed_segment(
+            q,
+            keys.compressed(),
+            values.compressed(),
+            scale=scale,
+            key_mean=keys.mean,
+            value_mean=values.mean,
+        ),
+    ]
+    return merge(parts).reshape(b, hq, lq, -1).astype(queries.dtype)
+
+
+def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g):
+    b, hq, lq, d = queries.shape
+    hkv, n, s0 = hq // g, keys.n_comp, keys.n_sink
+    q = queries.astype(mx.float32).reshape(b, hkv, g * lq, d)
+    m = keys.exact.shape[2]
+    cols = _mask_columns(mask, b, hq, lq, n + m, g)  # [B, Hkv, g·L, tokens] or None
+    tile = PREFILL_TILE - PREFILL_TILE % max(keys.quantizer.token_block, 1)
+    tile -= tile % max(values.quantizer.token_block, 1)
     parts = []
-    if prefix_k is not None:
-        parts.append(q @ mx.swapaxes(prefix_k.astype(mx.float32), -1, -2))
-    if keys is not None:
-        if key_quantizer.position_aware:
-            s_c = key_quantizer.scores(q, keys, start=s0)
-        else:
-            s_c = key_quantizer.scores(q, keys)
-        if key_mean is not None:
-            s_c = s_c + q @ mx.swapaxes(key_mean, -1, -2)
-        parts.append(s_c)
-    parts.append(q @ mx.swapaxes(exact_k.astype(mx.float32), -1, -2))
-    s = (parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)) * scale
-    s = s.reshape(b, hkv, g, lq, total)
-    s = _apply_mask(s, mask, b, hq, hkv, g, lq, total)
-    p = mx.softmax(s, axis=-1, precise=True).reshape(b, hkv, g * lq, total)
-
-    out = p[..., s0 + n :] @ exact_v.astype(mx.float32)
-    if values is not None:
-        p_c = p[..., s0 : s0 + n]
-        out = out + value_quantizer.weighted_sum(p_c, values)
-        if value_mean is not None:
-            out = out + p_c.sum(axis=-1, keepdims=True) * value_mean
-    if prefix_v is not None:
-        out = out + p[..., :s0] @ prefix_v.astype(mx.float32)
-    return out.reshape(b, hq, lq, d).astype(queries.dtype)
+    for begin in range(0, n, tile):
+        stop = min(n, begin + tile)
+        k, v = keys.decoded(begin, stop), values.decoded(begin, stop)
+        vis = None if cols is None else cols[..., s0 + begin : s0 + stop]
+        parts.append(exact_segment(q, k, v, scale=scale, mask=vis))
+    if cols is None:
+        vis = _causal_rows(lq, m, g) if mask == "causal" else None
+    else:
+        vis = mx.concatenate([cols[..., :s0], cols[..., s0 + n :]], axis=-1)
+    parts.append(exact_segment(q, keys.exact, values.exact, scale=scale, mask=vis))
+    return merge(parts).reshape(b, hq, lq, -1).astype(queries.dtype)
 
 
-def _first(codes: Codes, quantizer: Quantizer, n: int) -> Codes:
-    strides = quantizer.token_strides()
-    return codes.map(lambda k, a: a[:, :, : n // strides.get(k, 1)])
+def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask):
+    """The history decoded in the queries' dtype, then one fused SDPA (GPU)."""
+    dt, s0 = queries.dtype, keys.n_sink
+    parts = []
+    for view in (keys, values):
+        hist = view.decoded(0, view.n_comp).astype(dt)
+        exact = view.exact.astype(dt)
+        parts.append(mx.concatenate([exact[:, :, :s0], hist, exact[:, :, s0:]], axis=2))
+    return mx.fast.scaled_dot_product_attention(queries, *parts, scale=scale, mask=mask)
 
 
-def _merge_exact(fused, q, exact_k, exact_v, prefix_k, prefix_v, scale, mask, g):
-    """Merge a fused kernel's (out, lse) over compressed tokens with the exact tokens.
-
-    ``q [B, H_kv, g·L, D]``; the compressed tokens are all visible to every query (they are
-    older than the chunk), so a causal mask only applies within the exact part.
-    """
-    out_c, lse_c = fused
-    ks = [a for a in (prefix_k, exact_k) if a is not None]
-    vs = [a for a in (prefix_v, exact_v) if a is not None]
-    k = ks[0] if len(ks) == 1 else mx.concatenate(ks, axis=2)
-    v = vs[0] if len(vs) == 1 else mx.concatenate(vs, axis=2)
-    b, hkv, rows, _ = q.shape
-    lq, total = rows // g, k.shape[2]
-    s = (q @ mx.swapaxes(k.astype(mx.float32), -1, -2)) * scale
-    s = _apply_mask(s.reshape(b, hkv, g, lq, total), mask, b, hkv * g, hkv, g, lq, total)
-    s = s.reshape(b, hkv, rows, total)
-    top = mx.maximum(lse_c, s.max(axis=-1))
-    w_c = mx.exp(lse_c - top)[..., None]
-    w_e = mx.exp(s - top[..., None])
-    num = w_c * out_c + w_e @ v.astype(mx.float32)
-    return num / (w_c + w_e.sum(axis=-1, keepdims=True))
+def _causal_rows(lq: int, m: int, g: int) -> mx.array | None:
+    """``[g·L, m]`` visibility of the ``m`` exact tokens (the chunk's ``L`` last) for the
+    folded query rows (row ``i·L + l`` is query token ``l``); None when L == 1."""
+    if lq == 1:
+        return None
+    rows = mx.arange(lq)[:, None] + (m - lq)
+    vis = mx.arange(m)[None, :] <= rows
+    return mx.tile(vis, (g, 1))
 
 
-def _apply_mask(s, mask, b, hq, hkv, g, length, total):
-    if mask is None:
-        return s
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ShapeError(f"mask={mask!r} is not allowed; expected None, 'causal' or an array")
-        if length == 1:
-            return s
-        rows = mx.arange(length)[:, None] + (total - length)
-        visible = mx.arange(total)[None, :] <= rows
-        return mx.where(visible, s, -mx.inf)
-    mask = mx.broadcast_to(mask, (b, hq, length, total)).reshape(b, hkv, g, length, total)
-    if mask.dtype == mx.bool_:
-        return mx.where(mask, s, -mx.inf)
-    return s + mask.astype(s.dtype)
+def _mask_columns(mask, b, hq, lq, total, g):
+    """An array mask (boolean or additive) over the folded rows ``[B, Hkv, g·L, tokens]``;
+    None for no mask and for "causal" (handled per segment)."""
+    if not isinstance(mask, mx.array):
+        return None
+    full = mx.broadcast_to(mask, (b, hq, lq, total))
+    return full.reshape(b, hq // g, g * lq, total)

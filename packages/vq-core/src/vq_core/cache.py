@@ -22,9 +22,11 @@ calibrated codebooks, position-aware keys) is stored uncentered.
 Compressed token ``i`` is at position ``sink + i`` (the sink is full before anything is
 compressed); that is the ``start`` a position-aware key quantizer receives.
 
-Attention (:meth:`attend`) for a chunk of ``L`` new tokens uses, in token order: the exact
-sink, the compressed history, the exact window, and the chunk's own exact keys/values. Tokens are
-compressed when they leave the window, in whole ``token_block`` multiples.
+``update_and_fetch`` returns the views :func:`vq_core.attention.attend` consumes: for a chunk
+of ``L`` new tokens, in token order, the exact sink, the compressed history, the exact recent
+tokens, and the chunk's own exact keys/values. New tokens stay exact until more than
+``window`` are held by a whole ``block``; then the oldest whole blocks are encoded in one
+call (KIVI's full-precision residual, arXiv 2402.02750 Section 3.3, generalized).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import json
 
 import mlx.core as mx
 
-from vq_core.attention import attend_compressed
+from vq_core.attention import CacheView
 from vq_core.cache_integrity import (
     CHECKSUM,
     META,
@@ -43,22 +45,15 @@ from vq_core.cache_integrity import (
     state_checksum,
     verify_state,
 )
-from vq_core.errors import CacheStateError, ConfigError, ShapeError, VQError
+from vq_core.errors import CacheStateError, ConfigError, NonFiniteError, ShapeError, VQError
 from vq_core.quantizer import Codes, Quantizer
 from vq_core.registry import from_description
 
 _SEP = SEP
 
-
-class _Pending:
-    """What ``update_and_fetch`` hands back: the cache view a routed attention consumes."""
-
-    def __init__(self, cache, n_comp: int, exact: mx.array | None, new, sink: mx.array | None):
-        self.cache, self.n_comp, self.exact, self.new, self.sink = cache, n_comp, exact, new, sink
-        b, h, _, d = new.shape
-        n_exact = sum(0 if a is None else a.shape[2] for a in (exact, sink))
-        self.shape = (b, h, n_comp + n_exact + new.shape[2], d)
-        self.dtype = new.dtype
+# Tokens encoded together (rounded up to the quantizers' token_block): measured on the CPU
+# with tools/bench_generate.py (see docs/results.md).
+DEFAULT_BLOCK = 32
 
 
 class CompressedKVCache:
@@ -73,6 +68,7 @@ class CompressedKVCache:
         sink: int = 0,
         step: int = 256,
         center: bool = False,
+        block: int = DEFAULT_BLOCK,
     ):
         if key_quantizer.head_dim != value_quantizer.head_dim:
             raise ConfigError(
@@ -85,13 +81,16 @@ class CompressedKVCache:
             raise ConfigError(f"sink={sink!r} is not allowed; expected an integer >= 0")
         if not isinstance(step, int) or step < 1:
             raise ConfigError(f"step={step!r} is not allowed; expected an integer >= 1")
+        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+            raise ConfigError(f"block={block!r} is not allowed; expected an integer >= 1")
         if value_quantizer.position_aware:
             raise ConfigError(
                 f"{value_quantizer.method} is position-aware (RoPE keys); it cannot compress values"
             )
         self.key_quantizer, self.value_quantizer = key_quantizer, value_quantizer
         self.window, self.sink, self.step, self.center = window, sink, step, center
-        self.block = max(key_quantizer.token_block, value_quantizer.token_block)
+        unit = max(key_quantizer.token_block, value_quantizer.token_block)
+        self.block = unit * -(-block // unit)  # tokens encoded together
         if step % self.block:
             self.step = self.block * -(-step // self.block)
         self.offset = 0
@@ -104,25 +103,30 @@ class CompressedKVCache:
         self._sink_v: mx.array | None = None
         self._key_mean: mx.array | None = None
         self._value_mean: mx.array | None = None
-        self._view: tuple[_Pending, _Pending] | None = None
+        self._finite: mx.array | None = None  # lazy: all compressed tokens were finite
 
     # -- protocol --------------------------------------------------------------------------
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Append ``keys, values [B, H_kv, L, D]``; return views for :meth:`attend`."""
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[CacheView, CacheView]:
+        """Append ``keys, values [B, H_kv, L, D]``; return the (keys, values) views that
+        :func:`vq_core.attention.attend` consumes (the routed attention gets them as mlx-lm
+        passes its own keys and values).
+
+        The views hold the cache as it was plus the ``L`` new tokens, exact. Then the new
+        tokens join the exact recent tokens, and once those exceed ``window`` by a whole
+        ``block``, the oldest whole blocks are encoded in one call: most decode steps do no
+        encode work. Non-finite values are caught without a per-step sync (see
+        :meth:`check_finite`).
+        """
         self._check(keys, "keys")
         self._check(values, "values")
         if keys.shape != values.shape:
             raise ShapeError(f"keys {keys.shape} and values {values.shape} differ in shape")
-        n_before = self._n_comp
-        exact_k, exact_v = self._exact_k, self._exact_v
-        view = (
-            _Pending(self, n_before, exact_k, keys, self._sink_k),
-            _Pending(self, n_before, exact_v, values, self._sink_v),
-        )
-        self.offset += keys.shape[2]
-        self._view = view
+        if keys.shape[2] > 1:  # a prefill chunk: the previous chunk has been evaluated
+            self.check_finite()
         n_sink = 0 if self._sink_k is None else self._sink_k.shape[2]
+        view = self._views(keys, values, n_sink)
+        self.offset += keys.shape[2]
         take = min(max(self.sink - n_sink, 0), keys.shape[2])
         if take:  # the first tokens ever seen become the exact sink
             self._sink_k = _cat(self._sink_k, keys[:, :, :take])
@@ -130,57 +134,69 @@ class CompressedKVCache:
             keys, values = keys[:, :, take:], values[:, :, take:]
             if keys.shape[2] == 0:
                 return view
-        all_k = _cat(exact_k, keys)
-        all_v = _cat(exact_v, values)
+        all_k = _cat(self._exact_k, keys)
+        all_v = _cat(self._exact_v, values)
         n_move = max(0, all_k.shape[2] - self.window)
         n_move -= n_move % self.block
         if n_move:
-            k_old, v_old = all_k[:, :, :n_move], all_v[:, :, :n_move]
-            if self.center and self._key_mean is None and self._value_mean is None:
-                # fixed by the first tokens compressed (for the sides that accept it)
-                if self.key_quantizer.accepts_centering:
-                    self._key_mean = k_old.astype(mx.float32).mean(axis=2, keepdims=True)
-                if self.value_quantizer.accepts_centering:
-                    self._value_mean = v_old.astype(mx.float32).mean(axis=2, keepdims=True)
-            if self._key_mean is not None:
-                k_old = k_old - self._key_mean
-            if self._value_mean is not None:
-                v_old = v_old - self._value_mean
-            start = self._comp_start + self._n_comp  # position of k_old's first token
-            kc = self.key_quantizer.encode(k_old, check_finite=False, start=start)
-            vc = self.value_quantizer.encode(v_old, check_finite=False)
-            self._append(kc, vc, n_move)
+            self._encode(all_k[:, :, :n_move], all_v[:, :, :n_move])
         rest = all_k.shape[2] - n_move
         self._exact_k = all_k[:, :, n_move:] if rest else None
         self._exact_v = all_v[:, :, n_move:] if rest else None
         return view
 
-    def attend(self, queries: mx.array, *, scale: float, mask=None) -> mx.array:
-        """Attention of ``queries [B, H_q, L, D]`` over the tokens of the last update."""
-        if self._view is None:
-            raise RuntimeError("attend() needs a preceding update_and_fetch()")
-        kv, vv = self._view
-        n = kv.n_comp
-        keys = None if n == 0 else self._keys
-        values = None if n == 0 else self._values
-        exact_k = _cat(kv.exact, kv.new)
-        exact_v = _cat(vv.exact, vv.new)
-        sink = {"prefix_k": kv.sink, "prefix_v": vv.sink} if kv.sink is not None else {}
-        return attend_compressed(
-            queries,
-            self.key_quantizer,
-            keys,
-            self.value_quantizer,
-            values,
-            exact_k,
-            exact_v,
-            scale=scale,
-            mask=mask,
-            length=n,
-            key_mean=self._key_mean,
-            value_mean=self._value_mean,
-            **sink,
-        )
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` if a non-finite key or value has been compressed.
+
+        Encoding folds ``isfinite(...).all()`` of each block into one lazy flag; attention
+        gates its output on it (NaN once it is False), so the flag is evaluated with every
+        step's output and never grows a graph. It is read here, at points where the cache
+        is evaluated anyway: the start of each prefill chunk and ``state``.
+        """
+        if self._finite is not None and not self._finite.item():
+            raise NonFiniteError(
+                "keys or values stored in this cache contain NaN or Inf (a diverged model "
+                "or a corrupted input); the compressed history is unusable"
+            )
+
+    def _views(self, keys: mx.array, values: mx.array, n_sink: int):
+        parts = []
+        for q, codes, sink, exact, new, mean in (
+            (self.key_quantizer, self._keys, self._sink_k, self._exact_k, keys, self._key_mean),
+            (
+                self.value_quantizer,
+                self._values,
+                self._sink_v,
+                self._exact_v,
+                values,
+                self._value_mean,
+            ),
+        ):
+            held = [a for a in (sink, exact, new) if a is not None]
+            whole = held[0] if len(held) == 1 else mx.concatenate(held, axis=2)
+            parts.append(
+                CacheView(q, codes, self._n_comp, whole, n_sink, mean, finite=self._finite)
+            )
+        return parts[0], parts[1]
+
+    def _encode(self, k_old: mx.array, v_old: mx.array) -> None:
+        """Encode whole blocks ``[B, H, n, D]`` (the oldest exact tokens) and append them."""
+        if self.center and self._key_mean is None and self._value_mean is None:
+            # fixed by the first tokens compressed (for the sides that accept it)
+            if self.key_quantizer.accepts_centering:
+                self._key_mean = k_old.astype(mx.float32).mean(axis=2, keepdims=True)
+            if self.value_quantizer.accepts_centering:
+                self._value_mean = v_old.astype(mx.float32).mean(axis=2, keepdims=True)
+        finite = mx.isfinite(k_old).all() & mx.isfinite(v_old).all()
+        self._finite = finite if self._finite is None else self._finite & finite
+        if self._key_mean is not None:
+            k_old = k_old - self._key_mean
+        if self._value_mean is not None:
+            v_old = v_old - self._value_mean
+        start = self._comp_start + self._n_comp  # position of k_old's first token
+        kc = self.key_quantizer.encode(k_old, check_finite=False, start=start)
+        vc = self.value_quantizer.encode(v_old, check_finite=False)
+        self._append(kc, vc, k_old.shape[2])
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         """Mask for ``N`` new tokens after ``offset`` cached ones (mlx-lm's convention)."""
@@ -221,7 +237,6 @@ class CompressedKVCache:
             self._n_comp = cut
         self._sink_k, self._sink_v, _ = _drop_tail(self._sink_k, self._sink_v, left - from_comp)
         self.offset -= n
-        self._view = None
         return n
 
     def size(self) -> int:
@@ -272,8 +287,10 @@ class CompressedKVCache:
 
         The meta string makes the state self-describing, so loaders that keep only
         ``state`` (mlx-lm's ``load_prompt_cache`` calls ``from_state(state)``) work, and the
-        checksum makes them refuse a corrupt one.
+        checksum makes them refuse a corrupt one. Raises :class:`NonFiniteError` if a
+        non-finite key or value was compressed.
         """
+        self.check_finite()
         arrays: dict[str, mx.array] = {}
         for tag, codes, q in (
             ("k", self._keys, self.key_quantizer),
@@ -309,7 +326,6 @@ class CompressedKVCache:
         self._value_mean = arrays.get("value_mean")
         n_exact = sum(0 if a is None else a.shape[2] for a in (self._exact_k, self._sink_k))
         self.offset = self._n_comp + n_exact
-        self._view = None
 
     @property
     def meta_state(self) -> tuple[str, ...]:
@@ -320,6 +336,7 @@ class CompressedKVCache:
             "sink": self.sink,
             "center": self.center,
             "step": self.step,
+            "block": self.block,
             "offset": self.offset,
         }
         return (json.dumps(meta),)
@@ -343,6 +360,7 @@ class CompressedKVCache:
                 sink=meta["sink"],
                 center=meta["center"],
                 step=meta["step"],
+                block=meta.get("block", 1),
             )
         except (VQError, KeyError, TypeError) as e:
             raise CacheStateError(f"cache state meta describes no valid cache ({e})") from None
@@ -355,8 +373,7 @@ class CompressedKVCache:
 
         Every array is a new array object, because appending codes assigns into the code
         buffers in place; the quantizers are shared, since they hold only their config and
-        arrays derived from it, never tokens. The view of the last update is not copied:
-        a copy is attended only after an update of its own.
+        arrays derived from it, never tokens.
         """
         new = object.__new__(type(self))
         memo[id(self)] = new
@@ -366,7 +383,6 @@ class CompressedKVCache:
             elif isinstance(value, Codes):
                 value = value.map(lambda _, a: mx.array(a))
             setattr(new, name, value)
-        new._view = None
         return new
 
     # -- internals -------------------------------------------------------------------------

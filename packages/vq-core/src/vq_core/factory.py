@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vq_core.cache import CompressedKVCache
+from vq_core.cache import DEFAULT_BLOCK, CompressedKVCache
 from vq_core.errors import ConfigError
 from vq_core.registry import create, get
 
@@ -31,6 +31,7 @@ def make_cache(
     center: bool = True,
     seed: int = 0,
     step: int = 256,
+    block: int = DEFAULT_BLOCK,
     **options: Any,
 ) -> CompressedKVCache:
     """One layer's cache: ``method`` for keys, ``value_method`` (default: the same, or the
@@ -41,7 +42,9 @@ def make_cache(
     SmolLM2-135M (docs/results.md); centering without the sink makes it worse, because the
     sink token's key is far from the mean.
 
-    Values get ``seed + 1`` so their rotation differs from the keys'.
+    ``block``: new tokens stay exact until a block of them fills, then are encoded together
+    (see :class:`CompressedKVCache`). Values get ``seed + 1`` so their rotation differs
+    from the keys'.
     """
     if value_method is not None:
         check_value_method(value_method)
@@ -54,4 +57,6 @@ def make_cache(
         allowed = get(value_method).config_class.allowed_bits
         vbits = min(allowed, key=lambda b: (abs(b - bits), -b))
     values = create(value_method, head_dim=head_dim, bits=vbits, seed=seed + 1, **value_options)
-    return CompressedKVCache(keys, values, window=window, sink=sink, step=step, center=center)
+    return CompressedKVCache(
+        keys, values, window=window, sink=sink, step=step, center=center, block=block
+    )

@@ -11,6 +11,8 @@ Attention contract (shapes after grouped-query folding, ``M = queries per KV hea
 * ``weighted_sum(p [B, Hkv, M, L], codes) -> [B, Hkv, M, D]`` (``Σ_i p_i v̂_i``)
 
 The defaults decode then multiply; methods override them with compressed-domain versions.
+Fused kernels for a (key format, value format) pair are not methods of either quantizer:
+they are registered in :mod:`vq_core.compressed_attention`'s table.
 
 Position-aware methods (``position_aware = True``, e.g. CommVQ's RoPE-commuting codebooks)
 encode keys in a position-free basis and need each token's position: ``encode``, ``decode``
@@ -176,25 +178,6 @@ class Quantizer(ABC):
     def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         """``p [B, H, M, L]`` over codes ``[B, H, L, ...]`` -> ``[B, H, M, D]``."""
         return p.astype(mx.float32) @ self.decode(codes)
-
-    def fused_attention(
-        self,
-        q: mx.array,
-        codes: Codes,
-        value_quantizer: Quantizer,
-        values: Codes,
-        *,
-        scale: float,
-        length: int,
-    ) -> tuple[mx.array, mx.array] | None:
-        """Optional fused kernel for attention over compressed keys and values.
-
-        ``q [B, H, M, D]`` over the first ``length`` tokens of the (preallocated) code
-        buffers; returns ``(out [B, H, M, D] fp32, lse [B, H, M])`` with ``out`` normalized
-        over those tokens and ``lse`` the log-sum-exp of the scaled scores, or None when no
-        kernel applies (the default; then the reference path runs).
-        """
-        return None
 
     # -- validation and description --------------------------------------------------------
 

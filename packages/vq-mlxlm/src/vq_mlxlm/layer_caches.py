@@ -18,6 +18,7 @@ from typing import Any
 
 import vq_algorithms  # noqa: F401  (registers the methods even without installed entry points)
 from vq_core import CompressedKVCache, ConfigError, check_value_method, create, get, make_cache
+from vq_core.cache import DEFAULT_BLOCK
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class CachePlan:
     seed: int
     artifacts: str | None
     options: dict[str, Any] = field(default_factory=dict)
+    block: int = DEFAULT_BLOCK
 
     def layer_cache(self, i: int, head_dim: int) -> CompressedKVCache:
         """Layer ``i``'s cache (seeds ``seed + 1000 i`` for keys, ``+ 1`` for values)."""
@@ -48,6 +50,7 @@ class CachePlan:
                 window=self.window,
                 sink=self.sink,
                 center=self.center,
+                block=self.block,
                 seed=seed,
                 **self.options,
             )
@@ -61,7 +64,7 @@ class CachePlan:
             v_options = self.options if vmethod == self.method else {}
             values = create(vmethod, bits=vbits, seed=seed + 1, kind="v", **common, **v_options)
         return CompressedKVCache(
-            keys, values, window=self.window, sink=self.sink, center=self.center
+            keys, values, window=self.window, sink=self.sink, center=self.center, block=self.block
         )
 
 
@@ -75,6 +78,7 @@ def plan(
     window: int = 0,
     sink: int = 1,
     center: bool = True,
+    block: int = DEFAULT_BLOCK,
     seed: int = 0,
     artifacts: str | None = None,
     options: dict[str, Any] | None = None,
@@ -111,6 +115,7 @@ def plan(
         seed,
         artifacts if calibrated else None,
         options,
+        block,
     )
 
 

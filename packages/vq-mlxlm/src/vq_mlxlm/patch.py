@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vq_core import CompressedKVCache, ConfigError
+from vq_core.cache import DEFAULT_BLOCK
 from vq_mlxlm.layer_caches import plan
 from vq_mlxlm.routing import check_routable, route
 
@@ -47,6 +48,7 @@ def patch(
     window: int = 0,
     sink: int = 1,
     center: bool = True,
+    block: int = DEFAULT_BLOCK,
     seed: int = 0,
     artifacts: str | None = None,
     **options: Any,
@@ -60,6 +62,7 @@ def patch(
         window: recent tokens kept exact per layer.
         sink: first tokens kept exact per layer (attention sinks; default 1).
         center: subtract the per-head mean key/value of the first compressed tokens.
+        block: new tokens stay exact until this many are held, then are encoded together.
         artifacts: directory from ``vq calibrate``, checked against this model's fingerprint.
             For a calibrated method each layer loads its own keys/values artifact; for any
             other method the directory's RateQuant allocation sets the bits of every layer
@@ -78,6 +81,7 @@ def patch(
         window=window,
         sink=sink,
         center=center,
+        block=block,
         seed=seed,
         artifacts=artifacts,
         options=options,
@@ -112,6 +116,7 @@ def patch(
         "window": window,
         "sink": sink,
         "center": center,
+        "block": block,
         "seed": seed,
         "artifacts": artifacts,
         **resolved.options,

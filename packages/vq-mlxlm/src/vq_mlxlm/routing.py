@@ -3,8 +3,9 @@
 mlx-lm's model modules import ``scaled_dot_product_attention`` from ``mlx_lm.models.base``
 by name, so replacing the function in ``base`` alone changes nothing. :func:`route` swaps
 the name in every loaded ``mlx_lm.models.*`` module for :func:`routed_attention`, which
-sends layers whose cache is a :class:`~vq_core.CompressedKVCache` to the cache's
-compressed-domain attention and everything else to mlx-lm's own function. Idempotent and
+sends layers whose cache is a :class:`~vq_core.CompressedKVCache` to
+:func:`vq_core.attend` over the views its ``update_and_fetch`` returned (mlx-lm passes them
+in as ``keys``/``values``) and everything else to mlx-lm's own function. Idempotent and
 reversible (:func:`unroute`).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from vq_core import CompressedKVCache
+from vq_core import CacheView, CompressedKVCache, attend
 
 _ORIGINALS: dict[str, object] = {}
 _NAME = "scaled_dot_product_attention"
@@ -33,7 +34,12 @@ def routed_attention(queries, keys, values, cache, scale, mask, sinks=None):
     if isinstance(cache, CompressedKVCache):
         if sinks is not None:
             raise UnsupportedModelError("vq caches do not support attention sinks")
-        return cache.attend(queries, scale=scale, mask=mask)
+        if not (isinstance(keys, CacheView) and isinstance(values, CacheView)):
+            raise TypeError(
+                "a vq cache's attention needs the views its update_and_fetch returned as "
+                f"keys/values, got {type(keys).__name__}/{type(values).__name__}"
+            )
+        return attend(queries, keys, values, scale=scale, mask=mask)
     return _mlx_lm_sdpa()(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
 

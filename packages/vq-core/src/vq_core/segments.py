@@ -1,0 +1,63 @@
+"""Attention as a sum of segments, merged once.
+
+Softmax attention over the tokens ``T = T_1 ∪ ... ∪ T_k`` (disjoint) splits exactly: if
+segment ``i`` returns its normalized output ``o_i = Σ_{t∈T_i} e^{s_t - l_i} v_t`` and its
+log-sum-exp ``l_i = log Σ_{t∈T_i} e^{s_t}``, then with ``l = logaddexp(l_1, ..., l_k)``
+
+    out = Σ_i e^{l_i - l} o_i
+
+(the identity behind flash-decoding's split-K reduction, Dao et al. 2023, and the online
+softmax of Milakov & Gimelshein, arXiv 1805.02867). The merge is symmetric in its
+segments, so their order does not matter. A row with no visible token in a segment has
+``l_i = -inf`` and contributes nothing.
+
+Shapes: ``q [B, H, M, D]`` (``M`` query rows per KV head after grouped-query folding),
+segment ``out [B, H, M, Dv]`` float32, ``lse [B, H, M]`` float32.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+Segment = tuple[mx.array, mx.array]
+
+
+def softmax_segment(s: mx.array, v: mx.array) -> Segment:
+    """Scaled, masked scores ``s [B, H, M, n]`` (``-inf`` where hidden) and values
+    ``v [B, H, n, Dv]`` -> ``(out, lse)``; rows with no visible token get ``lse = -inf``
+    and ``out = 0``."""
+    top = s.max(axis=-1, keepdims=True)
+    top = mx.where(mx.isfinite(top), top, 0.0)  # fully hidden rows: avoid inf - inf
+    w = mx.exp(s - top)
+    total = w.sum(axis=-1, keepdims=True)
+    out = (w @ v.astype(mx.float32)) / mx.maximum(total, 1e-30)
+    return out, (mx.log(total) + top)[..., 0]
+
+
+def exact_segment(
+    q: mx.array, k: mx.array, v: mx.array, *, scale: float, mask: mx.array | None = None
+) -> Segment:
+    """Exact tokens ``k, v [B, H, n, D]`` for ``q [B, H, M, D]``; ``mask`` is None (every
+    token visible), boolean (True = visible) or additive, broadcastable to ``[B, H, M, n]``."""
+    s = (q @ mx.swapaxes(k.astype(mx.float32), -1, -2)) * scale
+    if mask is not None:
+        s = mx.where(mask, s, -mx.inf) if mask.dtype == mx.bool_ else s + mask.astype(s.dtype)
+    return softmax_segment(s, v)
+
+
+def combine(segments: list[Segment]) -> Segment:
+    """Segments' ``(out, lse)`` -> the ``(out, lse)`` of all their tokens together."""
+    if len(segments) == 1:
+        return segments[0]
+    lses = mx.stack([lse for _, lse in segments])  # [k, B, H, M]
+    top = lses.max(axis=0)
+    top = mx.where(mx.isfinite(top), top, 0.0)
+    weights = mx.exp(lses - top)  # 0 for empty rows of a segment
+    total = weights.sum(axis=0)
+    out = sum(w[..., None] * o for w, (o, _) in zip(weights, segments, strict=True))
+    return out / mx.maximum(total, 1e-30)[..., None], mx.log(total) + top
+
+
+def merge(segments: list[Segment]) -> mx.array:
+    """The softmax output over all the segments' tokens, ``[B, H, M, Dv]``."""
+    return combine(segments)[0]
