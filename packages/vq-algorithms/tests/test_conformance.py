@@ -123,7 +123,7 @@ def test_state_round_trip_inside_cache(method):
 def test_attention_through_the_seam_equals_the_decoded_reference(method, bits):
     """Decode (the kernel table's choice) and prefill over compressed history both equal
     softmax attention over the keys and values the cache decodes to."""
-    cache = make_cache(method, head_dim=128, bits=bits, block=32)
+    cache = make_cache(method, head_dim=128, bits=bits, block=32, **_untrained(method))
     cache.update_and_fetch(_x((1, 2, 100, 128), 1), _x((1, 2, 100, 128), 2))
     assert cache.compressed_tokens == 96
     for lq, mask in ((1, None), (5, "causal"), (20, "causal")):  # decode, decode, prefill

@@ -6,13 +6,13 @@ import json
 import mlx.core as mx
 import pytest
 
-from vq_core import CacheStateError, CompressedKVCache, create
+from vq_core import CacheStateError, CompressedKVCache, attend, create
 
 
 def _cache(method="toy_uniform", bits=8, window=3, sink=1, center=True):
     k = create(method, head_dim=64, bits=bits)
     v = create(method, head_dim=64, bits=bits, seed=1)
-    return CompressedKVCache(k, v, window=window, sink=sink, step=16, center=center)
+    return CompressedKVCache(k, v, window=window, sink=sink, step=16, center=center, block=1)
 
 
 def _kv(n, seed=0, dtype=mx.float16):
@@ -25,9 +25,9 @@ def _kv(n, seed=0, dtype=mx.float16):
 
 
 def _step(cache, seed):
-    cache.update_and_fetch(*_kv(1, seed=seed))
+    view = cache.update_and_fetch(*_kv(1, seed=seed))
     q = mx.random.normal((1, 2, 1, 64), key=mx.random.key(100 + seed))
-    return cache.attend(q, scale=0.125)
+    return attend(q, *view, scale=0.125)
 
 
 def _arrays(cache):
@@ -41,7 +41,7 @@ def test_deepcopy_is_independent_and_continues_like_the_original(method):
     before = _arrays(cache)
     twin = copy.deepcopy(cache)
     assert twin.key_quantizer is cache.key_quantizer  # stateless, shared
-    assert twin.offset == cache.offset and twin._view is None
+    assert twin.offset == cache.offset
     outs = [_step(twin, s) for s in range(6)]  # grows the copy's buffers past a step
     assert twin.offset == cache.offset + 6
     after = _arrays(cache)
