@@ -1,15 +1,15 @@
 """Decode-attention timing: fp16 SDPA and mlx-lm-style quantized attention against vq's kernels.
 
 32 query heads, 8 KV heads, head_dim 128, one query token, contexts 4k / 32k / 128k, all in
-one run so the ratios compare like with like. Rows: fp16 ``mx.fast.scaled_dot_product_attention``;
-mlx-lm's two-``quantized_matmul`` path at 2/4/8 bits; vq's scalar-codebook kernel
-(turboquant_mse / rvq / prod values) at 1-4 bits, with per-row lengths on the device
-(``lengths=``, what a cache passes) and with an int ``length`` (a host array per call), and
-with the splits merged by a second launch instead of inside the first; vq's product-VQ
-lookup-table kernel (vecinfer / comm_vq); vq's affine path (kivi / affine: dequantize, then
-SDPA). Times are medians in microseconds; each sample runs ``--per-sync`` calls and blocks
-on one ``mx.eval``. ``GB/s`` counts the bytes an op must read (codes, norms, scales) over
-its time.
+one run so the ratios compare like with like. Rows: fp16
+``mx.fast.scaled_dot_product_attention``; mlx-lm's two-``quantized_matmul`` path at 2/4/8
+bits; vq's scalar-codebook kernel (turboquant_mse; QJL keys are its 1-bit case) at 1-4 bits,
+with per-row lengths on the device (``lengths=``, what a cache passes), with an int
+``length`` (a host array per call), and with the splits merged by a second launch; RaBitQ
+1-bit keys over 4-bit codebook values; vq's product-VQ lookup-table kernel (vecinfer /
+comm_vq); vq's affine kernel over mlx-lm-format codes (affine, KIVI's values) at 2/4/8 bits.
+Times are medians in microseconds; each sample runs ``--per-sync`` calls and blocks on one
+``mx.eval``. ``GB/s`` counts the bytes an op must read (codes, norms, scales) over its time.
 
     PYTHONPATH=packages/vq-kernels/src python tools/bench_decode_attention.py --per-sync 20
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable
 import mlx.core as mx
 
 import vq_kernels as vk
-from vq_kernels import codebook_attention
+from vq_kernels import _attention
 
 HQ, HKV, D = 32, 8, 128
 SCALE = D**-0.5
@@ -55,17 +55,17 @@ def time_us(fn: Callable[[], object], iters: int, per_sync: int) -> float:
 
 
 def _with(fn: Callable[[], object], **settings: object) -> Callable[[], object]:
-    """``fn`` run with some of codebook_attention's module settings changed (restored after)."""
+    """``fn`` run with some of the decode kernels' launch settings changed (restored after)."""
 
     def run() -> object:
-        saved = {k: getattr(codebook_attention, k) for k in settings}
+        saved = {k: getattr(_attention, k) for k in settings}
         for k, v in settings.items():
-            setattr(codebook_attention, k, v)
+            setattr(_attention, k, v)
         try:
             return fn()
         finally:
             for k, v in saved.items():
-                setattr(codebook_attention, k, v)
+                setattr(_attention, k, v)
 
     return run
 
@@ -79,6 +79,9 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
     k16 = mx.random.normal((b, HKV, length, D), key=ks[1]).astype(mx.float16)
     v16 = mx.random.normal((b, HKV, length, D), key=ks[2]).astype(mx.float16)
     tokens = b * HKV * length
+    q32 = q16.astype(mx.float32)
+    norms = mx.random.uniform(0.5, 2.0, (b, HKV, length), key=ks[3]).astype(mx.float16)
+    lens = mx.array([length] * b, dtype=mx.int32)
     out: dict[str, Case] = {
         "fp16 sdpa": (
             lambda: mx.fast.scaled_dot_product_attention(q16, k16, v16, scale=SCALE),
@@ -95,16 +98,12 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
             ),
             tokens * 2 * (D * bits // 8 + 2 * 2 * D // 64),
         )
-        if bits == 4:
-            out["vq affine q4"] = (
-                lambda qk=qk, qv=qv: vk.affine_decode_attention(
-                    q32, qk, qv, scale=SCALE, group_size=64, bits=4
-                ),
-                tokens * 2 * (D * bits // 8 + 2 * 2 * D // 64),
-            )
-    q32 = q16.astype(mx.float32)
-    norms = mx.random.uniform(0.5, 2.0, (b, HKV, length), key=ks[3]).astype(mx.float16)
-    lens = mx.array([length] * b, dtype=mx.int32)
+        out[f"vq affine q{bits}"] = (
+            lambda qk=qk, qv=qv, bits=bits: vk.affine_decode_attention(
+                q32, qk, qv, scale=SCALE, group_size=64, bits=bits, lengths=lens
+            ),
+            tokens * 2 * (D * bits // 8 + 2 * 2 * D // 64),
+        )
     for bits in (1, 2, 3, 4):
         w = vk.n_words(D, bits)
         kp = mx.random.randint(0, 2**31, (b, HKV, length, w), key=ks[4]).astype(mx.uint32)

@@ -149,13 +149,15 @@ def emulate(monkeypatch: pytest.MonkeyPatch, backend: str = "cuda") -> list[str]
     compiler()
     LAUNCHED.clear()
     import vq_kernels._attention as attention
+    import vq_kernels.affine_attention as affine_attention
     import vq_kernels.codebook as codebook
     import vq_kernels.codebook_attention as codebook_attention
     import vq_kernels.packing as packing
     import vq_kernels.pq_attention as pq_attention
     import vq_kernels.sign as sign
 
-    for mod in (attention, codebook, codebook_attention, packing, pq_attention, sign):
+    mods = (attention, affine_attention, codebook, codebook_attention, packing, pq_attention)
+    for mod in (*mods, sign):
         if hasattr(mod, "launch"):
             monkeypatch.setattr(mod, "launch", launch)
         if hasattr(mod, "resolve_backend"):

@@ -56,9 +56,9 @@ def test_codebook_attention_ragged(
     emulated: list[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """Batch rows of lengths 0, 1, 77 and the whole buffer, passed as a device array."""
-    from vq_kernels import codebook_attention
+    from vq_kernels import _attention
 
-    monkeypatch.setattr(codebook_attention, "MERGE_IN_KERNEL", merge_in_kernel)
+    monkeypatch.setattr(_attention, "MERGE_IN_KERNEL", merge_in_kernel)
     lbuf = 150
     args = _codebook_case(d + g + kb, 4, hkv, g, lq, lbuf, d, kb, vb)
     lengths = mx.array([0, 1, 77, lbuf], dtype=mx.int32)
@@ -96,6 +96,28 @@ def test_codebook_attention_rabitq_style_keys(kb: int, d: int, emulated: list[st
     _close(out, rout)
     _close(lse, rlse)
     assert emulated == ["codebook_attn"]
+
+
+def _affine_case(seed: int, b: int, hkv: int, g: int, lbuf: int, d: int, gs: int, bits: int):
+    ks = mx.random.split(mx.random.key(seed), 3)
+    k = mx.random.normal((b, hkv, lbuf, d), key=ks[0]).astype(mx.float16)
+    v = mx.random.normal((b, hkv, lbuf, d), key=ks[1]).astype(mx.float16)
+    q = mx.random.normal((b, hkv * g, 1, d), key=ks[2])
+    return q, mx.quantize(k, group_size=gs, bits=bits), mx.quantize(v, group_size=gs, bits=bits)
+
+
+@pytest.mark.parametrize(
+    ("d", "gs", "bits", "g"), [(64, 32, 4, 4), (128, 64, 8, 1), (32, 32, 3, 2)]
+)
+def test_affine_attention_ragged(d: int, gs: int, bits: int, g: int, emulated: list[str]) -> None:
+    q, kq, vq = _affine_case(bits, 3, 1, g, 90, d, gs, bits)
+    kw = {"scale": d**-0.5, "group_size": gs, "bits": bits}
+    kw["lengths"] = mx.array([0, 45, 90], dtype=mx.int32)
+    out, lse = vk.affine_decode_attention(q, kq, vq, **kw)
+    rout, rlse = vk.affine_decode_attention(q, kq, vq, **kw, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+    assert emulated == ["affine_attn"]
 
 
 def test_pq_attention(emulated: list[str]) -> None:

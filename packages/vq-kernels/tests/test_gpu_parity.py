@@ -97,9 +97,9 @@ def test_codebook_decode_attention_ragged_batch(
 ) -> None:
     """B = 4 rows of different valid lengths (0, 1, 777, the whole buffer) from a device array;
     a poisoned output proves every element is written."""
-    from vq_kernels import codebook_attention
+    from vq_kernels import _attention
 
-    monkeypatch.setattr(codebook_attention, "MERGE_IN_KERNEL", merge_in_kernel)
+    monkeypatch.setattr(_attention, "MERGE_IN_KERNEL", merge_in_kernel)
     lbuf = 1500
     q, kp, kn, ck, vp, vn, cv = _codebook_case(d, 2, g, 1, lbuf, kb, vb, batch=4)
     lengths = mx.array([0, 1, 777, lbuf], dtype=mx.int32)
@@ -126,6 +126,27 @@ def test_codebook_decode_attention_rabitq_style_keys(kb: int, d: int) -> None:
     args = (q, kp, kn, grid, kb, vp, vn, cv, 4)
     out, lse = vk.codebook_decode_attention(*args, **kw, backend=GPU)
     rout, rlse = vk.codebook_decode_attention(*args, **kw, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+
+
+def _affine_case(seed: int, b: int, hkv: int, g: int, lbuf: int, d: int, gs: int, bits: int):
+    ks = mx.random.split(mx.random.key(seed), 3)
+    k = mx.random.normal((b, hkv, lbuf, d), key=ks[0]).astype(mx.float16)
+    v = mx.random.normal((b, hkv, lbuf, d), key=ks[1]).astype(mx.float16)
+    q = mx.random.normal((b, hkv * g, 1, d), key=ks[2])
+    return q, mx.quantize(k, group_size=gs, bits=bits), mx.quantize(v, group_size=gs, bits=bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize(("d", "gs", "g"), [(64, 32, 1), (128, 64, 4), (256, 128, 8)])
+def test_affine_decode_attention(bits: int, d: int, gs: int, g: int) -> None:
+    """mlx-lm-format codes (fp16 scales/biases), ragged B = 3 from a device array."""
+    q, kq, vq = _affine_case(bits + d, 3, 2, g, 1500, d, gs, bits)
+    kw = {"scale": d**-0.5, "group_size": gs, "bits": bits}
+    kw["lengths"] = mx.array([0, 777, 1500], dtype=mx.int32)
+    out, lse = vk.affine_decode_attention(q, kq, vq, **kw, backend=GPU)
+    rout, rlse = vk.affine_decode_attention(q, kq, vq, **kw, backend=REF)
     _close(out, rout)
     _close(lse, rlse)
 

@@ -202,6 +202,25 @@ def test_affine_attention_matches_naive() -> None:
     assert mx.allclose(out, want, atol=1e-5).item() and mx.allclose(lse, want_lse, atol=1e-5).item()
 
 
+def test_affine_attention_per_row_lengths_and_bad_input() -> None:
+    ks = mx.random.split(mx.random.key(6), 3)
+    k = mx.random.normal((2, 1, 20, 64), key=ks[0]).astype(mx.float16)
+    q = mx.random.normal((2, 2, 1, 64), key=ks[2])
+    kq = mx.quantize(k, group_size=64, bits=4)
+    kw = {"scale": 0.125, "group_size": 64, "bits": 4, "backend": REF}
+    out, lse = vk.affine_decode_attention(q, kq, kq, lengths=mx.array([7, 20]), **kw)
+    for i, n in enumerate((7, 20)):
+        one = tuple(a[i : i + 1] for a in kq)
+        o1, l1 = vk.affine_decode_attention(q[i : i + 1], one, one, length=n, **kw)
+        assert (
+            mx.array_equal(out[i : i + 1], o1).item() and mx.array_equal(lse[i : i + 1], l1).item()
+        )
+    with pytest.raises(ValueError, match="bits in"):
+        vk.affine_decode_attention(q, kq, kq, scale=0.1, group_size=48, bits=4)
+    with pytest.raises(ValueError, match="do not match"):
+        vk.affine_decode_attention(q, kq, kq, scale=0.1, group_size=64, bits=8)
+
+
 def test_backend_choice() -> None:
     assert vk.resolve_backend("reference") == "reference"
     with pytest.raises(ValueError, match="unknown"):

@@ -15,9 +15,13 @@ import mlx.core as mx
 
 from vq_kernels._backend import launch, params
 
-TOKENS_PER_STEP = 128  # tokens a thread group consumes per loop step
+TOKENS_PER_STEP = 128  # tokens a thread group of pq_attn_partial consumes per loop step
 TARGET_GROUPS = 528  # about four thread groups per SM of an H100 (132 SMs)
 LOG2E = 1.4426950408889634
+MAX_ROW_TILE = 4  # query rows per thread group (codebook_attn: 128 registers at 4; 227 at 8)
+TOKENS_PER_LANE = 4  # tokens a lane scores per loop step (NT); 8 needs 168 registers
+MERGE_IN_KERNEL = True  # CUDA: the last thread group merges the splits (else attn_reduce)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per token, <= 32
 
 
 def gqa_groups(q: mx.array, n_kv_heads: int) -> int:
@@ -128,6 +132,58 @@ def split_attention(
         pm.reshape(nrow, splits), pl.reshape(nrow, splits), pacc.reshape(nrow, splits, d), backend
     )
     return out.reshape(heads, rows, d), lse.reshape(heads, rows)
+
+
+def decode_launch(
+    kernel: str,
+    backend: str,
+    q: mx.array,
+    codes: list[mx.array],
+    template: list[tuple[str, int]],
+    *,
+    scale: float,
+    lbuf: int,
+    length: int | None,
+    lengths: mx.array | None,
+    tokens_per_lane: int | None = None,
+) -> tuple[mx.array, mx.array]:
+    """One launch of a one-pass decode kernel (``codebook_attn``, ``affine_attn``).
+
+    The kernel takes q [B, Hq, Lq, D] (fp32 or fp16, unscaled), then ``codes`` (whose first
+    array is [B, Hkv, Lbuf, ...]), then lengths int32 [B] and a semaphore; ``template`` holds
+    its format ints, and the shared ones (rows, row tile, tokens per lane, scale, FUSED) are
+    added here (``tokens_per_lane`` defaults to ``TOKENS_PER_LANE``). Thread groups of 128
+    threads cover (split, kv head, row tile); S splits give about ``TARGET_GROUPS`` groups. On CUDA the last group of each (kv head, row tile) merges
+    the splits (the semaphore is a fresh zero array per call: MLX's CUDA graphs may run
+    independent calls concurrently); on Metal, or with ``MERGE_IN_KERNEL`` off,
+    ``attn_reduce`` does. ``length`` (an int for every row) is sent as a fresh [B] array.
+    Returns out fp32 [B, Hq, Lq, D] and natural lse [B, Hq, Lq].
+    """
+    b, hq, lq, d = q.shape
+    hkv = codes[0].shape[1]
+    rows = (hq // hkv) * lq
+    tile = row_tile(rows, MAX_ROW_TILE)
+    nt = min(tokens_per_lane or TOKENS_PER_LANE, d // 8)
+    groups = b * hkv * (rows // tile)
+    splits = plan_split_count(lbuf if length is None else length, (128 // (d // 8)) * nt, groups)
+    fused = backend == "cuda" and MERGE_IN_KERNEL
+    lens = mx.array([length] * b, dtype=mx.int32) if lengths is None else lengths
+    qin = q if q.dtype in (mx.float32, mx.float16) else q.astype(mx.float32)
+    nrow = b * hkv * rows
+    shared = [("SCALE", float_bits(scale * LOG2E)), ("FUSED", int(fused))]
+    out, lse, pm, pl, pacc = launch(
+        kernel,
+        backend,
+        [qin, *codes, lens, mx.zeros((groups,), mx.int32) if fused else lens],
+        template=[*template, ("G", rows), ("GT", tile), ("NT", nt), *shared],
+        grid=(splits * 128, b * hkv, rows // tile),
+        threadgroup=(128, 1, 1),
+        output_shapes=[(b, hq, lq, d), (b, hq, lq), *[(nrow, splits)] * 2, (nrow, splits, d)],
+        output_dtypes=[mx.float32] * 5,
+    )
+    if not fused:
+        out, lse = reduce_partials(pm, pl, pacc, backend)
+    return out.reshape(b, hq, lq, d), lse.reshape(b, hq, lq)
 
 
 def softmax_attention(

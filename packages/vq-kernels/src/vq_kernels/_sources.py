@@ -90,6 +90,32 @@ SPECS: dict[str, KernelSpec] = {
             ),
         ),
         KernelSpec(
+            "affine_attn",
+            (
+                ("q", "float32"),
+                ("kw", "uint32"),
+                ("ks", "float16"),
+                ("kb", "float16"),
+                ("vw", "uint32"),
+                ("vs", "float16"),
+                ("vb", "float16"),
+                ("lengths", "int32"),
+                ("sem", "int32"),
+            ),
+            (("out", "float32"), ("lse", "float32"), *_ATTN_OUT),
+            (
+                ("D", 128),
+                ("KB", 4),
+                ("VB", 4),
+                ("GS", 64),
+                ("G", 4),
+                ("GT", 4),
+                ("NT", 4),
+                ("SCALE", 1035098454),
+                ("FUSED", 1),
+            ),
+        ),
+        KernelSpec(
             "pq_attn_partial",
             (
                 ("q", "float32"),

@@ -12,23 +12,15 @@ from __future__ import annotations
 import mlx.core as mx
 
 from vq_kernels._attention import (
-    LOG2E,
+    KERNEL_HEAD_DIMS,
     batch_lengths,
-    float_bits,
+    decode_launch,
     gqa_groups,
-    plan_split_count,
-    reduce_partials,
-    row_tile,
     softmax_attention,
     valid_length,
 )
-from vq_kernels._backend import launch, resolve_backend
+from vq_kernels._backend import resolve_backend
 from vq_kernels.codebook import codebook_dequantize_reference, n_words
-
-MAX_ROW_TILE = 4  # query rows per thread group (128 registers a thread at 4; 227 at 8)
-TOKENS_PER_LANE = 4  # tokens a lane scores per loop step (NT); 8 needs 168 registers
-MERGE_IN_KERNEL = True  # CUDA: the last thread group merges the splits (else attn_reduce)
-KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per token, <= 32
 
 
 def codebook_decode_attention_reference(
@@ -117,13 +109,12 @@ def codebook_decode_attention(
         out_rot fp32 [B, Hq, Lq, D] (softmax over these tokens, rotated basis) and
         lse fp32 [B, Hq, Lq], the natural log-sum-exp of the scaled scores.
 
-    On a GPU one launch (``codebook_attn``) reads every kv head's codes once for all its
-    query rows (up to ``MAX_ROW_TILE``), in flash-decoding splits that its last thread group
-    merges; Metal merges them in a second launch (``attn_reduce``).
+    On a GPU one launch (``codebook_attn``, see :func:`~vq_kernels._attention.decode_launch`)
+    reads every kv head's codes once for all its query rows.
     """
-    b, hq, lq, d = q_rot.shape
+    b, _, _, d = q_rot.shape
     _, hkv, lbuf, wk = k_packed.shape
-    g = gqa_groups(q_rot, hkv)
+    gqa_groups(q_rot, hkv)
     if length is not None and lengths is not None:
         raise ValueError("pass length or lengths, not both")
     n = None if lengths is not None else valid_length(length, lbuf)
@@ -141,22 +132,7 @@ def codebook_decode_attention(
         )  # fmt: skip
     if d not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the codebook kernel needs head_dim in {KERNEL_HEAD_DIMS}, got {d}")
-    lens = (
-        batch_lengths(lengths, b, lbuf)
-        if lengths is not None
-        else mx.array([n] * b, dtype=mx.int32)
-    )
-    rows = g * lq
-    tile = row_tile(rows, MAX_ROW_TILE)
-    nt = min(TOKENS_PER_LANE, d // 8)
-    step = (128 // (d // 8)) * nt
-    groups = b * hkv * (rows // tile)
-    splits = plan_split_count(lbuf if n is None else n, step, groups)
-    fused = be == "cuda" and MERGE_IN_KERNEL
-    q = q_rot if q_rot.dtype in (mx.float32, mx.float16) else q_rot.astype(mx.float32)
-    nrow = b * hkv * rows
     inputs = [
-        q,
         k_packed,
         k_norm.astype(mx.float16),
         k_centroids.astype(mx.float32),
@@ -164,22 +140,11 @@ def codebook_decode_attention(
         v_norm.astype(mx.float16),
         v_centroids.astype(mx.float32),
         k_norm.astype(mx.float16) if k_divisor is None else k_divisor.astype(mx.float16),
-        lens,
-        mx.zeros((groups,), mx.int32) if fused else lens,
     ]
-    template = [("D", d), ("KB", k_bits), ("VB", v_bits), ("G", rows), ("GT", tile)]
-    template += [("NT", nt), ("SCALE", float_bits(scale * LOG2E)), ("FUSED", int(fused))]
+    template = [("D", d), ("KB", k_bits), ("VB", v_bits)]
     template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit)))]
-    out, lse, pm, pl, pacc = launch(
-        "codebook_attn",
-        be,
-        inputs,
-        template=template,
-        grid=(splits * 128, b * hkv, rows // tile),
-        threadgroup=(128, 1, 1),
-        output_shapes=[(b, hq, lq, d), (b, hq, lq), *[(nrow, splits)] * 2, (nrow, splits, d)],
-        output_dtypes=[mx.float32] * 5,
-    )
-    if not fused:
-        out, lse = reduce_partials(pm, pl, pacc, be)
-    return out.reshape(b, hq, lq, d), lse.reshape(b, hq, lq)
+    lens = None if lengths is None else batch_lengths(lengths, b, lbuf)
+    return decode_launch(
+        "codebook_attn", be, q_rot, inputs, template, scale=scale, lbuf=lbuf, length=n,
+        lengths=lens,
+    )  # fmt: skip

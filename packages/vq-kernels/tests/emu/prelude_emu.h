@@ -21,6 +21,7 @@ typedef _Float16 vq_half;
 #define VQ_INLINE inline
 #define VQ_UNROLL
 #define VQ_DEVICE
+#define VQ_TG
 
 using std::max;
 using std::min;

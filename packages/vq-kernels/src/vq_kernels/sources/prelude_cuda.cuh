@@ -12,6 +12,7 @@ typedef __half vq_half;
 #define VQ_INLINE __device__ __forceinline__
 #define VQ_UNROLL _Pragma("unroll")
 #define VQ_DEVICE
+#define VQ_TG
 
 VQ_INLINE int vq_popcount(vq_u32 x) { return __popc(x); }
 VQ_INLINE float vq_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }

@@ -13,6 +13,7 @@ typedef half vq_half;
 #define VQ_INLINE inline
 #define VQ_UNROLL _Pragma("unroll")
 #define VQ_DEVICE device
+#define VQ_TG threadgroup
 
 VQ_INLINE int vq_popcount(vq_u32 x) { return int(popcount(x)); }
 VQ_INLINE float vq_shfl_xor(float v, int m) { return simd_shuffle_xor(v, ushort(m)); }
