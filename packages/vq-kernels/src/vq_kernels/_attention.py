@@ -153,10 +153,11 @@ def decode_launch(
     array is [B, Hkv, Lbuf, ...]), then lengths int32 [B] and a semaphore; ``template`` holds
     its format ints, and the shared ones (rows, row tile, tokens per lane, scale, FUSED) are
     added here (``tokens_per_lane`` defaults to ``TOKENS_PER_LANE``). Thread groups of 128
-    threads cover (split, kv head, row tile); S splits give about ``TARGET_GROUPS`` groups. On CUDA the last group of each (kv head, row tile) merges
-    the splits (the semaphore is a fresh zero array per call: MLX's CUDA graphs may run
-    independent calls concurrently); on Metal, or with ``MERGE_IN_KERNEL`` off,
-    ``attn_reduce`` does. ``length`` (an int for every row) is sent as a fresh [B] array.
+    threads cover (split, kv head, row tile); S splits give about ``TARGET_GROUPS`` groups.
+    On CUDA the last group of each (kv head, row tile) merges the splits (the semaphore is a
+    fresh zero array per call: MLX's CUDA graphs may run independent calls concurrently); on
+    Metal, or with ``MERGE_IN_KERNEL`` off, ``attn_reduce`` does. ``length`` (an int for
+    every row) is sent as a fresh [B] array.
     Returns out fp32 [B, Hq, Lq, D] and natural lse [B, Hq, Lq].
     """
     b, hq, lq, d = q.shape

@@ -3,7 +3,8 @@
 RaBitQ's ``binary_query`` scores (vq_algorithms.rabitq) call :func:`sign_dot_planes`: the
 kernel on a GPU, its pure-MLX reference on the CPU. Sign code of x [D]: bit j of the packed
 row (layout of :mod:`vq_kernels.packing`, b = 1) is 1 iff x_j >= 0. GQA: q's leading dims
-flatten to NQ rows of heads, k's to NK, NQ = g * NK, and q row n reads k row n // g (so [B, Hq] against [B, Hkv] with Hq = g * Hkv works).
+flatten to NQ rows of heads, k's to NK, NQ = g * NK, and q row n reads k row n // g (so
+[B, Hq] against [B, Hkv] with Hq = g * Hkv works).
 """
 
 from __future__ import annotations
