@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from vq_mlxlm.commands.flags import SEED_LIMIT, Parser, integer
+from vq_mlxlm.commands.serve import add_arguments as serve_arguments
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name two sights."
 
@@ -52,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="mlx-lm's OpenAI-compatible server with vq caches")
     _cache_args(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
+    serve_arguments(s)
     v = sub.add_parser("eval", help="quality, memory and speed vs mlx-lm's own caches")
     v.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
     v.add_argument("--methods", default=None, help="a,b,... names or specs (method@bits+k=v)")

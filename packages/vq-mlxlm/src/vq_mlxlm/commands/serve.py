@@ -3,20 +3,96 @@
 mlx-lm's server builds caches through ``make_prompt_cache(model)``, which calls
 ``model.make_cache()``; ``patch`` replaces that, so every request gets compressed caches.
 The server's own loader is pointed at the already loaded, patched model, so nothing is
-fetched from a model hub. vq caches have no ``merge``, so requests run one at a time.
+fetched from a model hub (any ``model`` a request names gets this one). vq caches have no
+``merge``, so requests run one at a time. Requests are answered by
+:class:`~vq_mlxlm.server_handler.VQHandler` (a UTF-8 body check and the ``--max-tokens``
+cap); the mlx-lm server options in :data:`FORWARDED` are checked here, before the model
+loads, and passed on.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
 import sys
 
+from vq_mlxlm.commands.flags import FlagError
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(M|G|MB|GB)?$", re.IGNORECASE)
+
+# vq serve flag -> mlx-lm server flag (the same name), with its check
+FORWARDED = ("max_tokens", "temp", "top_p", "top_k", "min_p", "prompt_cache_size",
+             "prompt_cache_bytes", "prefill_step_size", "chat_template_args",
+             "allowed_origins", "log_level")  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The server flags of ``vq serve`` (the cache flags come from the CLI's cache group)."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=512,
+        help="tokens a request generates when it names none, and the most any request may "
+        "generate: a larger max_tokens is cut to this (finish_reason 'length'; default 512)",
+    )
+    p.add_argument("--temp", type=float, default=0.0, help="default sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="default nucleus top-p")
+    p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="default min-p (0: off)")
+    p.add_argument(
+        "--prompt-cache-size", type=int, default=10, help="distinct prompt caches kept (LRU)"
+    )
+    p.add_argument(
+        "--prompt-cache-bytes", default=None, help="most bytes of prompt caches kept (e.g. 2GB)"
+    )
+    p.add_argument(
+        "--prefill-step-size", type=int, default=2048, help="prompt tokens per prefill chunk"
+    )
+    p.add_argument(
+        "--chat-template-args",
+        default="{}",
+        help="JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}'",
+    )
+    p.add_argument("--allowed-origins", default="*", help="CORS origins, comma-separated")
+    p.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    )
+
+
+def check_arguments(args) -> None:
+    """FlagError naming the first server flag out of range (before any model loads)."""
+    checks = (
+        ("port", 1 <= args.port <= 65535, "a TCP port 1-65535"),
+        ("max_tokens", args.max_tokens >= 1, "an integer >= 1"),
+        ("temp", args.temp >= 0, ">= 0"),
+        ("top_p", 0 <= args.top_p <= 1, "in [0, 1]"),
+        ("top_k", args.top_k >= 0, "an integer >= 0"),
+        ("min_p", 0 <= args.min_p <= 1, "in [0, 1]"),
+        ("prompt_cache_size", args.prompt_cache_size >= 0, "an integer >= 0"),
+        ("prefill_step_size", args.prefill_step_size >= 1, "an integer >= 1"),
+        (
+            "prompt_cache_bytes",
+            args.prompt_cache_bytes is None or _SIZE.match(args.prompt_cache_bytes),
+            "a size such as 500M or 2GB",
+        ),
+        ("chat_template_args", _is_json_object(args.chat_template_args), "a JSON object"),
+    )
+    for name, ok, allowed in checks:
+        if not ok:
+            flag = "--" + name.replace("_", "-")
+            raise FlagError(flag, f"{getattr(args, name)!r} is not allowed; expected {allowed}")
 
 
 def serve(args) -> int:
+    check_arguments(args)
     from mlx_lm import server as mlx_server
 
     from vq_mlxlm.commands.generate import load_patched
+    from vq_mlxlm.server_handler import VQHandler
 
     if args.host not in LOOPBACK:
         print(f"warning: serving on {args.host}, reachable beyond this machine", file=sys.stderr)
@@ -25,24 +101,33 @@ def serve(args) -> int:
     def load_patched_model(*_args, **_kwargs):
         return model, tokenizer, {}
 
-    mlx_server.load = load_patched_model
+    def http_server_with_vq_handler(host, port, response_generator, **_kwargs):
+        # mlx-lm's run() takes a handler_class but does not pass it on; this is where it counts
+        return original_http(host, port, response_generator, handler_class=VQHandler)
+
+    original_load, original_http, argv = mlx_server.load, mlx_server._run_http_server, sys.argv
+    mlx_server.load, mlx_server._run_http_server = load_patched_model, http_server_with_vq_handler
     print(
-        f"vq serve: http://{args.host}:{args.port}/v1 ({args.method} {args.bits}-bit keys)",
+        f"vq serve: http://{args.host}:{args.port}/v1 ({args.method} {args.bits}-bit keys, "
+        f"at most {args.max_tokens} tokens a request)",
         file=sys.stderr,
         flush=True,
     )
-    argv = sys.argv
-    sys.argv = [
-        "vq serve",
-        "--model",
-        f"vq-{args.method}-{args.bits}bit",
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
+    sys.argv = ["vq serve", "--model", f"vq-{args.method}-{args.bits}bit"]
+    sys.argv += ["--host", args.host, "--port", str(args.port)]
+    for name in FORWARDED:
+        value = getattr(args, name)
+        if value is not None:
+            sys.argv += ["--" + name.replace("_", "-"), str(value)]
     try:
         mlx_server.main()
     finally:
-        sys.argv = argv
+        sys.argv, mlx_server.load, mlx_server._run_http_server = argv, original_load, original_http
     return 0
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
