@@ -1,17 +1,27 @@
-"""Decode tokens/s of a Llama-3-8B-shaped model (random 4-bit weights) at a long context,
-with mlx-lm's fp16 KVCache and with vq caches, in one run (not a test; meant for a GPU).
+"""Decode and prefill of a Llama-3-8B-shaped model (random 4-bit weights) with mlx-lm's fp16
+KVCache and with vq caches, side by side in one run (not a test; meant for a GPU).
 
-32 layers, hidden 4096, 32 query / 8 KV heads, head_dim 128, MLP 14336, vocab 128256. The
-caches are filled with random keys/values for ``--context`` tokens (prefill cost is not what
-is measured), then ``--steps`` single-token decode steps are timed.
+32 layers, hidden 4096, 32 query / 8 KV heads, head_dim 128, MLP 14336, vocab 128256.
 
-    python tools/bench_model_decode.py --context 32768 --configs turboquant_mse:4 turboquant_mse:2
+* Decode: the caches are filled with random keys/values for each ``--contexts`` length
+  (``update_and_fetch`` in 4,096-token chunks; prefill cost is not measured there), then
+  ``--steps`` single-token steps are timed. fp16 is measured warm twice before the vq caches
+  (a fresh process's first run is several times slower) and once more at the end.
+* Prefill: ``--prefill`` tokens run through the model in ``--chunk``-token chunks, each
+  chunk evaluated; tok/s and the peak memory over the weights (``mx.get_peak_memory``
+  after ``mx.reset_peak_memory``, minus the memory held before).
+
+Every cell prints the same-run fp16 baseline and the ratio. ``--json PATH`` writes them all.
+
+    python tools/bench_model_decode.py --contexts 4096 32768 131072 --prefill 8192 32768 \\
+        --configs turboquant_mse:4 turboquant_mse:2 rabitq:4 rabitq:2 --json out.json
 """
 
 # ruff: noqa: I001  (vq_mlxlm must load a fast BLAS before mlx.core is imported)
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import vq_mlxlm
@@ -32,15 +42,27 @@ ARGS = dict(
     rope_theta=500000.0,
     head_dim=128,
 )
+GIB = 1024**3
 
 
-def fill(cache, context: int, chunk: int = 4096) -> None:
+def _arrays(cache) -> list[mx.array]:
+    """Every array a cache object holds (to evaluate it without building its state)."""
+    out = []
+    for value in vars(cache).values():
+        if isinstance(value, mx.array):
+            out.append(value)
+        elif isinstance(value, dict):
+            out.extend(a for a in value.values() if isinstance(a, mx.array))
+    return out
+
+
+def fill(cache, context: int, kv_heads: int, head_dim: int, dtype, chunk: int = 4096) -> None:
     for c in cache:
         for start in range(0, context, chunk):
             n = min(chunk, context - start)
-            k = mx.random.normal((1, 8, n, 128)).astype(mx.float16)
+            k = mx.random.normal((1, kv_heads, n, head_dim)).astype(dtype)
             c.update_and_fetch(k, k)
-            mx.eval(c.state)
+            mx.eval(_arrays(c))
 
 
 def decode_tps(model, cache, steps: int) -> float:
@@ -55,33 +77,122 @@ def decode_tps(model, cache, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--context", type=int, default=32768)
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=32, help="fewer for a quick smoke test")
-    ap.add_argument("--configs", nargs="+", default=["turboquant_mse:4", "turboquant_mse:2"])
-    args = ap.parse_args()
-    model = llama.Model(llama.ModelArgs(**{**ARGS, "num_hidden_layers": args.layers}))
-    model.set_dtype(mx.float16)
-    nn.quantize(model, group_size=64, bits=4)
-    mx.eval(model.parameters())
-    print(f"device {mx.default_device()}, MLX {mx.__version__}, context {args.context}")
-    base = decode_tps(model, _filled(model, args.context), args.steps)
-    print(f"{'fp16 KVCache':<20} {base:8.2f} tok/s  1.00x", flush=True)
-    for cfg in args.configs:
+def prefill(model, tokens: int, chunk: int) -> tuple[float, float]:
+    """(tok/s, peak GiB over what was held before) of a chunked prefill on a fresh cache."""
+    cache = make_prompt_cache(model)
+    ids = mx.random.randint(0, model.args.vocab_size, (1, tokens))
+    mx.eval(ids)
+    held = mx.get_active_memory()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    for start in range(0, tokens, chunk):
+        out = model(ids[:, start : start + chunk], cache=cache)
+        mx.eval(out, [_arrays(c) for c in cache])
+    dt = time.perf_counter() - t0
+    peak = (mx.get_peak_memory() - held) / GIB
+    del cache, out
+    mx.clear_cache()
+    return tokens / dt, peak
+
+
+def _with(model, cfg: str | None):
+    vq_mlxlm.unpatch(model)
+    if cfg is not None:
         method, bits = cfg.split(":")
         vq_mlxlm.patch(model, method, int(bits))
-        tps = decode_tps(model, _filled(model, args.context), args.steps)
-        print(f"{cfg:<20} {tps:8.2f} tok/s  {tps / base:.2f}x", flush=True)
-        vq_mlxlm.unpatch(model)
-    again = decode_tps(model, _filled(model, args.context), args.steps)
-    print(f"{'fp16 KVCache (again)':<20} {again:8.2f} tok/s  {again / base:.2f}x", flush=True)
+    return model
 
 
-def _filled(model, context):
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prefill", type=int, nargs="*", default=[8192, 32768])
+    ap.add_argument("--chunk", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=32, help="fewer for a quick smoke test")
+    ap.add_argument("--hidden", type=int, default=4096, help="smaller for a smoke test")
+    ap.add_argument("--configs", nargs="+", default=["turboquant_mse:4", "turboquant_mse:2"])
+    ap.add_argument(
+        "--other-configs",
+        nargs="*",
+        default=[],
+        help="configs measured only at the contexts in --other-contexts",
+    )
+    ap.add_argument("--other-contexts", type=int, nargs="*", default=[32768])
+    ap.add_argument("--json", help="write every cell here")
+    args = ap.parse_args()
+    shape = {**ARGS, "num_hidden_layers": args.layers}
+    if args.hidden != 4096:  # smoke test: 32 heads of hidden/32, 8 KV heads
+        shape.update(
+            hidden_size=args.hidden,
+            head_dim=args.hidden // 32,
+            intermediate_size=256,
+            vocab_size=1024,
+        )
+    kv_heads, head_dim = shape["num_key_value_heads"], shape["head_dim"]
+    model = llama.Model(llama.ModelArgs(**shape))
+    dtype = mx.float16 if mx.default_device() == mx.gpu else mx.float32  # CPU: fp32 compute
+    model.set_dtype(dtype)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    print(f"device {mx.default_device()}, MLX {mx.__version__}, layers {args.layers}", flush=True)
+    cells = []
+
+    def row(kind, n, cfg, value, base, unit, extra=""):
+        ratio = value / base if base else float("nan")
+        cells.append(dict(kind=kind, tokens=n, cache=cfg, value=value, fp16=base, ratio=ratio))
+        print(
+            f"{kind:<8} {n:>7} {cfg:<22} {value:10.2f} {unit:<6} fp16 {base:10.2f}  "
+            f"{ratio:5.2f}x {extra}",
+            flush=True,
+        )
+
+    for n in args.contexts:
+        fp16 = [
+            decode_tps(_with(model, None), _filled(model, n, kv_heads, head_dim, dtype), args.steps)
+        ]
+        fp16.append(decode_tps(model, _filled(model, n, kv_heads, head_dim, dtype), args.steps))
+        base = fp16[-1]
+        row("decode", n, "fp16 (1st, warm-up)", fp16[0], base, "tok/s")
+        row("decode", n, "fp16 (2nd: baseline)", base, base, "tok/s")
+        configs = list(args.configs) + (args.other_configs if n in args.other_contexts else [])
+        for cfg in configs:
+            tps = decode_tps(
+                _with(model, cfg), _filled(model, n, kv_heads, head_dim, dtype), args.steps
+            )
+            row("decode", n, cfg, tps, base, "tok/s")
+        again = decode_tps(
+            _with(model, None), _filled(model, n, kv_heads, head_dim, dtype), args.steps
+        )
+        row("decode", n, "fp16 (again, last)", again, base, "tok/s")
+    for n in args.prefill:
+        prefill(_with(model, None), min(n, 2 * args.chunk), args.chunk)  # warm-up
+        base, base_peak = prefill(model, n, args.chunk)
+        row("prefill", n, "fp16", base, base, "tok/s", f"peak {base_peak:6.2f} GiB")
+        cells[-1].update(peak_gib=base_peak, fp16_peak_gib=base_peak)
+        for cfg in args.configs + args.other_configs:
+            tps, peak = prefill(_with(model, cfg), n, args.chunk)
+            row(
+                "prefill",
+                n,
+                cfg,
+                tps,
+                base,
+                "tok/s",
+                f"peak {peak:6.2f} GiB (fp16 {base_peak:.2f})",
+            )
+            cells[-1].update(peak_gib=peak, fp16_peak_gib=base_peak)
+    _with(model, None)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": str(mx.default_device()), "mlx": mx.__version__, "cells": cells}, f
+            )
+
+
+def _filled(model, context, kv_heads, head_dim, dtype):
     cache = make_prompt_cache(model)
-    fill(cache, context)
+    fill(cache, context, kv_heads, head_dim, dtype)
     return cache
 
 

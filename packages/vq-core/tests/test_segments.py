@@ -76,9 +76,11 @@ def _reference(cache, view, q, mask, scale=0.125):
 
 @pytest.mark.parametrize("lq", [1, 4, 40])
 @pytest.mark.parametrize("mask_kind", ["causal", "array"])
+@pytest.mark.parametrize("prefill_on_sdpa", [False, True])  # the tiles, or the GPU's choice
 def test_prefill_tiles_and_decode_equal_attention_over_the_reconstruction(
-    lq, mask_kind, monkeypatch
+    lq, mask_kind, prefill_on_sdpa, monkeypatch
 ):
+    monkeypatch.setattr(attention_module, "_prefill_on_sdpa", lambda: prefill_on_sdpa)
     monkeypatch.setattr(attention_module, "PREFILL_TILE", 64)  # several tiles of history
     monkeypatch.setattr(table_module, "TILE_TOKENS", 64)
     cache, _, _ = _filled()

@@ -97,7 +97,7 @@ def attend(
         )
     elif g * lq <= DECODE_ROWS and not isinstance(mask, mx.array):
         out = _decode(queries, keys, values, scale, mask, g)
-    elif mx.default_device() == mx.gpu:
+    elif _prefill_on_sdpa():
         out = _prefill_fused(queries, keys, values, scale, mask)
     else:
         out = _prefill_tiled(queries, keys, values, scale, mask, g)
@@ -144,6 +144,12 @@ def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g):
         vis = mx.concatenate([cols[..., :s0], cols[..., s0 + n :]], axis=-1)
     parts.append(exact_segment(q, keys.exact, values.exact, scale=scale, mask=vis))
     return merge(parts).reshape(b, hq, lq, -1).astype(queries.dtype)
+
+
+def _prefill_on_sdpa() -> bool:
+    """On a GPU, SDPA's fused kernel beats tiles (it holds no scores); on the CPU it is a
+    composition that holds ``[B, Hq, L, tokens]`` scores, so tiles win there."""
+    return mx.default_device() == mx.gpu
 
 
 def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask):
