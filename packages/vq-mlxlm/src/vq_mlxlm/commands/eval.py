@@ -76,6 +76,7 @@ def check_flags(args) -> list:
                 window=spec.window,
                 sink=spec.sink,
                 center=bool(spec.center),
+                block=spec.block,
                 artifacts=spec.artifacts,
                 options=dict(spec.options),
             )

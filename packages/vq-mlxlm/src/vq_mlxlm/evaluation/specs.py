@@ -23,12 +23,22 @@ from dataclasses import dataclass
 
 import vq_algorithms  # noqa: F401  (registers the methods)
 from vq_core import available, get
+from vq_core.cache import DEFAULT_BLOCK
 
 EXACT, MLX_LM = "exact", "mlx_lm"
 MLX_LM_BITS = (8, 4, 2)
 MLX_LM_GROUP = 64
 MAIN_BITS = (2, 3, 4)
-_CACHE_KEYS = ("window", "value_bits", "value_method", "sink", "center", "split", "artifacts")
+_CACHE_KEYS = (
+    "window",
+    "value_bits",
+    "value_method",
+    "sink",
+    "center",
+    "block",
+    "split",
+    "artifacts",
+)
 SPLITS = ("uniform", "ratequant")
 
 
@@ -41,6 +51,7 @@ class CacheSpec:
     value_method: str | None = None
     sink: int = 1
     center: int = 1
+    block: int = DEFAULT_BLOCK
     split: str | None = None
     artifacts: str | None = None
     options: tuple[tuple[str, object], ...] = ()
@@ -76,6 +87,7 @@ class CacheSpec:
                 window=self.window,
                 sink=self.sink,
                 center=bool(self.center),
+                block=self.block,
                 artifacts=self.artifacts,
                 **dict(self.options),
             )
