@@ -15,6 +15,7 @@ from vq_core import (
 )
 from vq_core import attention as attention_module
 from vq_core import compressed_attention as table_module
+from vq_core import segments as segments_module
 from vq_core.segments import combine, exact_segment, merge
 
 
@@ -39,6 +40,10 @@ def test_segments_merged_in_any_order_equal_one_softmax(sizes):
     for order in itertools.permutations(range(len(segs))):
         out = merge([segs[i] for i in order])
         assert mx.allclose(out, ref, atol=1e-5).item(), order
+    if len(segs) == 3:  # the two-segment merge a GPU compiles, run eagerly here
+        two = exact_segment(q, mx.concatenate(ks[:2], 2), mx.concatenate(vs[:2], 2), scale=0.3)
+        out = segments_module._merge_pair(*two, *segs[2])
+        assert mx.allclose(out, ref, atol=1e-5).item()
     # and the merged log-sum-exp is the log-sum-exp of all scores
     all_s = (q @ mx.swapaxes(mx.concatenate(ks, 2), -1, -2)) * 0.3
     assert mx.allclose(combine(segs)[1], mx.logsumexp(all_s, axis=-1), atol=1e-5).item()

@@ -59,5 +59,23 @@ def combine(segments: list[Segment]) -> Segment:
 
 
 def merge(segments: list[Segment]) -> mx.array:
-    """The softmax output over all the segments' tokens, ``[B, H, M, Dv]``."""
+    """The softmax output over all the segments' tokens, ``[B, H, M, Dv]``.
+
+    Two segments (a decode step: exact tokens and compressed history) merge in one compiled
+    graph on a GPU (its shapes stay fixed from step to step, so it compiles once); the CPU
+    runs op by op, since MLX compiles CPU graphs with the system C++ compiler (seconds)."""
+    if len(segments) == 2 and mx.default_device() == mx.gpu:
+        (o1, l1), (o2, l2) = segments
+        return _compiled_pair(o1, l1, o2, l2)
     return combine(segments)[0]
+
+
+def _merge_pair(o1: mx.array, l1: mx.array, o2: mx.array, l2: mx.array) -> mx.array:
+    top = mx.maximum(l1, l2)
+    top = mx.where(mx.isfinite(top), top, 0.0)
+    w1, w2 = mx.exp(l1 - top), mx.exp(l2 - top)
+    out = w1[..., None] * o1 + w2[..., None] * o2
+    return out / mx.maximum(w1 + w2, 1e-30)[..., None]
+
+
+_compiled_pair = mx.compile(_merge_pair)
