@@ -7,7 +7,8 @@ group_size=g, bits=b)`` returns (MLX's affine format: codes packed little-endian
 uint32 words), so they are bit-for-bit mlx-lm's quantized KV cache and KIVI's per-token
 value quantizer (Liu et al., arXiv 2402.02750, Section 3.2) with MLX's rounding of the
 scale. Attention reads the codes through ``mx.quantized_matmul``, as mlx-lm's
-``quantized_scaled_dot_product_attention`` does.
+``quantized_scaled_dot_product_attention`` does; on a GPU, keys and values of equal bits and
+group size run vq-kernels' one-pass affine kernel instead.
 
 Codes for ``x [..., D]``: ``w`` uint32 ``[..., D*b/32]``, ``scales`` and ``biases`` float16
 ``[..., D/g]``: ``b + 32/g`` bits per element (4.5 at the mlx-lm default b=4, g=64).
@@ -20,7 +21,18 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_core import Codes, ConfigError, Quantizer, QuantizerConfig, invalid_choice, register
+import vq_kernels
+from vq_algorithms._fused import kernel_applies, valid_tokens
+from vq_core import (
+    Codes,
+    CompressedSide,
+    ConfigError,
+    Quantizer,
+    QuantizerConfig,
+    invalid_choice,
+    register,
+    register_compressed_attention,
+)
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -112,3 +124,29 @@ class Affine(Quantizer):
             group_size=c.group_size,
             bits=c.bits,
         )
+
+
+def fused_affine_attention(
+    q: mx.array, keys: CompressedSide, values: CompressedSide, *, scale: float
+) -> tuple[mx.array, mx.array] | None:
+    """Affine keys and values in vq-kernels' ``affine_decode_attention`` (one pass over the
+    codes). None when keys and values differ in bits or group size, and unless
+    :func:`~vq_algorithms._fused.kernel_applies`."""
+    kc, vc = keys.quantizer.config, values.quantizer.config
+    if (kc.bits, kc.group_size) != (vc.bits, vc.group_size):
+        return None
+    if not kernel_applies(keys.quantizer.head_dim, q.shape[2]):
+        return None
+    fields = ("w", "scales", "biases")
+    return vq_kernels.affine_decode_attention(
+        q,
+        tuple(keys.codes[f] for f in fields),
+        tuple(values.codes[f] for f in fields),
+        scale=scale,
+        group_size=kc.group_size,
+        bits=kc.bits,
+        **valid_tokens(keys),
+    )
+
+
+register_compressed_attention("affine", "affine", fused_affine_attention)

@@ -22,7 +22,9 @@ Codes for ``k [..., d]``: ``signs`` uint32 ``[..., ceil(m/32)]`` (bit ``i`` of t
 is 1 where ``(S k)_i >= 0``, vq_core packing layout) and ``norm`` float16 ``[...]``:
 ``32·ceil(m/32)/d + 16/d`` bits per element (1.125 at ``m = d = 128``). Keys only: values
 default to ``turboquant_mse``. Scores sketch the query once (``S q``, ``[B, H, M, m]``) and
-contract it with the ±1 signs; the XOR/popcount GPU kernel comes from vq-kernels.
+contract it with the ±1 signs. On a GPU (``sketch_dim == head_dim``, TurboQuant-MSE values)
+vq-kernels' codebook kernel runs the whole segment: 1-bit codes with the codebook ±1, the
+norms, and the sketched query scaled by ``sqrt(π/2)/m``.
 """
 
 from __future__ import annotations
@@ -32,14 +34,18 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+import vq_kernels
+from vq_algorithms._fused import kernel_applies, sign_codebook, valid_tokens
 from vq_core import (
     Codes,
+    CompressedSide,
     ConfigError,
     Quantizer,
     QuantizerConfig,
     pack,
     packed_words,
     register,
+    register_compressed_attention,
     unpack,
 )
 
@@ -130,3 +136,32 @@ class QJL(Quantizer):
         """``(Σ_i p_i w_i sign(S k_i)) S``: accumulate in the sketch space, map back once."""
         pw = p.astype(mx.float32) * self._weights(codes)[..., None, :]
         return (pw @ self.signs(codes)) @ self.sketch
+
+
+def fused_qjl_attention(
+    q: mx.array, keys: CompressedSide, values: CompressedSide, *, scale: float
+) -> tuple[mx.array, mx.array] | None:
+    """QJL keys with TurboQuant-MSE values in vq-kernels' codebook kernel: the query is
+    sketched once (``sqrt(π/2)/m · S q``), the signs are 1-bit codes over ±1 with the key
+    norms. None when ``sketch_dim != head_dim`` (the kernel's key and value dims are one)
+    and unless :func:`~vq_algorithms._fused.kernel_applies`."""
+    kq, vc = keys.quantizer, values.quantizer.rc
+    if kq.m != kq.head_dim or not kernel_applies(kq.head_dim, q.shape[2]):
+        return None
+    out_rot, lse = vq_kernels.codebook_decode_attention(
+        (q.astype(mx.float32) @ kq.sketch.T) * kq.scale,
+        keys.codes["signs"],
+        keys.codes["norm"],
+        sign_codebook(),
+        1,
+        values.codes["idx"],
+        values.codes["norm"],
+        vc.codebook.centroids,
+        vc.bits,
+        scale=scale,
+        **valid_tokens(keys),
+    )
+    return vc.rotation.inverse(out_rot), lse
+
+
+register_compressed_attention("qjl", "turboquant_mse", fused_qjl_attention)

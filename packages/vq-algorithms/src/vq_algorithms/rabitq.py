@@ -43,14 +43,17 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 import vq_kernels
+from vq_algorithms._fused import grid_codebook, kernel_applies, valid_tokens
 from vq_algorithms._rotated_codebook import RotatedConfig, default_rotation
 from vq_core import (
     Codes,
+    CompressedSide,
     ConfigError,
     Quantizer,
     pack,
     packed_words,
     register,
+    register_compressed_attention,
     unpack,
 )
 from vq_core.preconditioner import hadamard_supported, make_preconditioner
@@ -213,3 +216,37 @@ class RaBitQ(Quantizer):
         unit, scale = self._rotated(codes)
         pw = p.astype(mx.float32) * scale[..., None, :]
         return self.rotation.inverse(pw @ unit)
+
+
+def fused_rabitq_attention(
+    q: mx.array, keys: CompressedSide, values: CompressedSide, *, scale: float
+) -> tuple[mx.array, mx.array] | None:
+    """RaBitQ keys (float query) with TurboQuant-MSE values in vq-kernels' codebook kernel.
+
+    The kernel's keys are ``norm / ip · v / ||v||`` with ``v = u - (2^B - 1)/2`` from the
+    grid codebook: the estimator of :meth:`RaBitQ.scores`. None in ``binary_query`` mode
+    (the quantized query is a different estimator) and unless
+    :func:`~vq_algorithms._fused.kernel_applies`.
+    """
+    kq, vc = keys.quantizer, values.quantizer.rc
+    if kq.config.binary_query or not kernel_applies(kq.head_dim, q.shape[2]):
+        return None
+    out_rot, lse = vq_kernels.codebook_decode_attention(
+        kq.rotation.apply(q.astype(mx.float32)),
+        keys.codes["idx"],
+        keys.codes["norm"],
+        grid_codebook(kq.config.bits),
+        kq.config.bits,
+        values.codes["idx"],
+        values.codes["norm"],
+        vc.codebook.centroids,
+        vc.bits,
+        scale=scale,
+        k_divisor=keys.codes["ip"],
+        k_unit=True,
+        **valid_tokens(keys),
+    )
+    return vc.rotation.inverse(out_rot), lse
+
+
+register_compressed_attention("rabitq", "turboquant_mse", fused_rabitq_attention)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 import vq_kernels
+from vq_algorithms._fused import kernel_applies, valid_tokens
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
 from vq_core import Codes, CompressedSide, Quantizer, register, register_compressed_attention
-from vq_kernels.codebook_attention import KERNEL_HEAD_DIMS
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,6 @@ class TurboQuantMSE(Quantizer):
         return self.rc.rotation.inverse(pw @ self.rc.levels(codes["idx"]))
 
 
-MAX_FUSED_ROWS = 32  # query rows per KV head (GQA group x tokens) sent to the decode kernel
-
-
-def _kernel_applies(head_dim: int) -> bool:
-    """A GPU backend is active and the kernel is specialized for this head_dim."""
-    return vq_kernels.resolve_backend() != "reference" and head_dim in KERNEL_HEAD_DIMS
-
-
 def fused_codebook_attention(
     q: mx.array, keys: CompressedSide, values: CompressedSide, *, scale: float
 ) -> tuple[mx.array, mx.array] | None:
@@ -76,12 +68,10 @@ def fused_codebook_attention(
 
     The query is rotated into the keys' basis once, the kernel scores against the codes
     and sums values in the values' rotated basis, and the output is rotated back once.
-    None on the CPU, for a head_dim the kernel does not cover, for more than
-    ``MAX_FUSED_ROWS`` query rows, and for ragged batches (the kernel takes one length).
+    None unless :func:`~vq_algorithms._fused.kernel_applies`; ragged batches pass their
+    per-row lengths to the kernel.
     """
-    if not _kernel_applies(keys.quantizer.head_dim) or q.shape[2] > MAX_FUSED_ROWS:
-        return None
-    if keys.lengths is not None:
+    if not kernel_applies(keys.quantizer.head_dim, q.shape[2]):
         return None
     kc, vc = keys.quantizer.rc, values.quantizer.rc
     out_rot, lse = vq_kernels.codebook_decode_attention(
@@ -95,7 +85,7 @@ def fused_codebook_attention(
         vc.codebook.centroids,
         vc.bits,
         scale=scale,
-        length=keys.length,
+        **valid_tokens(keys),
     )
     return vc.rotation.inverse(out_rot), lse
 

@@ -1,0 +1,46 @@
+"""When a vq-kernels fused decode kernel applies to a compressed segment.
+
+The kernels (vq_kernels.codebook_decode_attention, affine_decode_attention) are registered
+per (key method, value method) in vq_core's compressed-attention table by the method
+modules; each implementation returns None (the reference segment runs) unless
+:func:`kernel_applies`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import mlx.core as mx
+
+import vq_kernels
+from vq_core import CompressedSide
+from vq_kernels.codebook_attention import KERNEL_HEAD_DIMS
+
+MAX_FUSED_ROWS = 32  # query rows per KV head (GQA group x tokens) sent to a decode kernel
+
+
+def kernel_applies(head_dim: int, rows: int) -> bool:
+    """A GPU backend is active, the kernels are built for ``head_dim`` and ``rows`` query
+    rows per KV head are a decode step (a prefill chunk runs the tiled reference path)."""
+    return (
+        vq_kernels.resolve_backend() != "reference"
+        and head_dim in KERNEL_HEAD_DIMS
+        and rows <= MAX_FUSED_ROWS
+    )
+
+
+def valid_tokens(keys: CompressedSide) -> dict:
+    """The kernels' valid-token argument: per-row ``lengths`` if ragged, else ``length``."""
+    return {"length": keys.length} if keys.lengths is None else {"lengths": keys.lengths}
+
+
+@functools.cache
+def grid_codebook(bits: int) -> mx.array:
+    """Code u -> u - (2^bits - 1) / 2 (RaBitQ's half-integer grid; bits = 1 gives ±1/2)."""
+    return mx.arange(1 << bits, dtype=mx.float32) - ((1 << bits) - 1) / 2
+
+
+@functools.cache
+def sign_codebook() -> mx.array:
+    """Sign bit -> -1 or +1 (QJL)."""
+    return mx.array([-1.0, 1.0], dtype=mx.float32)

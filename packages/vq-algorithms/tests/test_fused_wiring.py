@@ -1,0 +1,72 @@
+"""The fused decode implementations registered in vq_core's table compute the same segment
+as the reference (each family's own ``scores`` and ``weighted_sum``).
+
+On the CPU the kernels' gate is forced open, so each implementation runs its whole wiring
+(query rotation or sketch, codebooks, divisors, the inverse rotation, per-row lengths)
+through vq-kernels' ops, which run their pure-MLX references here; the kernels themselves
+are checked against those references in vq-kernels' emulator and GPU parity tests.
+"""
+
+import mlx.core as mx
+import pytest
+
+import vq_algorithms.affine
+import vq_algorithms.qjl
+import vq_algorithms.rabitq
+import vq_algorithms.turboquant_mse
+from vq_core import CompressedSide, create, registered_compressed_attention
+from vq_core.compressed_attention import reference_segment
+
+D, HKV, G, LBUF = 64, 2, 2, 40
+PAIRS = [
+    (vq_algorithms.turboquant_mse, ("turboquant_mse", {"bits": 3}), ("turboquant_mse", {})),
+    (vq_algorithms.rabitq, ("rabitq", {"bits": 1}), ("turboquant_mse", {"bits": 4})),
+    (vq_algorithms.rabitq, ("rabitq", {"bits": 3}), ("turboquant_mse", {"bits": 2})),
+    (vq_algorithms.qjl, ("qjl", {}), ("turboquant_mse", {"bits": 4})),
+    (vq_algorithms.affine, ("affine", {"bits": 4, "group_size": 32}), ("affine", {"bits": 4, "group_size": 32})),
+]  # fmt: skip
+
+
+def _sides(key, value, lengths):
+    ks = mx.random.split(mx.random.key(3), 3)
+    k = mx.random.normal((3, HKV, LBUF, D), key=ks[0])
+    v = mx.random.normal((3, HKV, LBUF, D), key=ks[1])
+    kq = create(key[0], head_dim=D, seed=1, **key[1])
+    vq = create(value[0], head_dim=D, seed=2, **value[1])
+    q = mx.random.normal((3, HKV, G, D), key=ks[2])
+    n = LBUF - 3
+    return (
+        q,
+        CompressedSide(kq, kq.encode(k), n, lengths),
+        CompressedSide(vq, vq.encode(v), n, lengths),
+    )
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize(("module", "key", "value"), PAIRS, ids=lambda p: str(p)[:30])
+def test_fused_segment_equals_reference(module, key, value, ragged, monkeypatch) -> None:
+    lengths = mx.array([0, 11, LBUF - 3], dtype=mx.int32) if ragged else None
+    q, keys, values = _sides(key, value, lengths)
+    impl = registered_compressed_attention()[(key[0], value[0])]
+    assert impl(q, keys, values, scale=0.125) is None  # the CPU: no kernel applies
+    monkeypatch.setattr(module, "kernel_applies", lambda head_dim, rows: True)
+    out, lse = impl(q, keys, values, scale=0.125)
+    rout, rlse = reference_segment(q, keys, values, scale=0.125)
+    assert out.shape == rout.shape and lse.shape == rlse.shape
+    finite = mx.isfinite(rlse)
+    assert mx.array_equal(finite, mx.isfinite(lse)).item()
+    assert mx.allclose(mx.where(finite, lse, 0), mx.where(finite, rlse, 0), atol=1e-4).item()
+    assert mx.allclose(out, rout, atol=1e-4).item()
+
+
+def test_binary_query_rabitq_and_mismatched_affine_decline(monkeypatch) -> None:
+    """The quantized-query estimator and unequal affine widths keep the reference path."""
+    monkeypatch.setattr(vq_algorithms.rabitq, "kernel_applies", lambda head_dim, rows: True)
+    monkeypatch.setattr(vq_algorithms.affine, "kernel_applies", lambda head_dim, rows: True)
+    table = registered_compressed_attention()
+    q, keys, values = _sides(
+        ("rabitq", {"bits": 1, "binary_query": True}), ("turboquant_mse", {}), None
+    )
+    assert table[("rabitq", "turboquant_mse")](q, keys, values, scale=0.1) is None
+    q, keys, values = _sides(("affine", {"bits": 4}), ("affine", {"bits": 8}), None)
+    assert table[("affine", "affine")](q, keys, values, scale=0.1) is None
