@@ -123,5 +123,5 @@ class ToyPositional(ToyUniform):
         y = super()._decode(codes)
         return y * self._factor(y.shape[-2], start)
 
-    def scores(self, q, codes, *, start=0):
-        return q.astype(mx.float32) @ mx.swapaxes(self.decode(codes, start=start), -1, -2)
+    def _scores(self, q, codes, *, start=0):
+        return q.astype(mx.float32) @ mx.swapaxes(self._decode(codes, start=start), -1, -2)

@@ -261,8 +261,10 @@ class CalibratedConfig(QuantizerConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.artifact, str):
+            raise invalid("artifact", self.artifact, "a path string ('' = untrained)")
         invalid_choice("kind", self.kind, ("k", "v"))
-        if not isinstance(self.layer, int) or self.layer < 0:
+        if type(self.layer) is not int or self.layer < 0:
             raise invalid("layer", self.layer, "an integer >= 0")
         if not isinstance(self.untrained, bool):
             raise invalid("untrained", self.untrained, "True or False")

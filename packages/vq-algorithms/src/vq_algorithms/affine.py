@@ -24,6 +24,7 @@ import mlx.core as mx
 import vq_kernels
 from vq_algorithms._fused import kernel_applies, valid_tokens
 from vq_core import (
+    FLOAT16_MAX,
     Codes,
     CompressedSide,
     ConfigError,
@@ -59,6 +60,7 @@ class Affine(Quantizer):
     method = "affine"
     config_class = AffineConfig
     family = "per-group affine (scale + bias)"
+    max_abs = FLOAT16_MAX  # group minima and scales are stored as float16
     # Measured at g=64 on N(0,1), head_dim 128 (3 seeds): 0.156, 0.0364, 0.00829, 1.96e-3,
     # 4.75e-4, 2.94e-5 (b = 2, 3, 4, 5, 6, 8; worst seed), plus ~8% margin.
     round_trip_bound = {2: 0.17, 3: 0.040, 4: 0.0090, 5: 0.0021, 6: 5.2e-4, 8: 3.2e-5}
@@ -102,11 +104,11 @@ class Affine(Quantizer):
         )
         return flat.reshape(*w.shape[:-1], self.head_dim)
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``q [B, H, M, D] @ k̂ᵀ`` straight from the codes (``mx.quantized_matmul``)."""
         return self._matmul(q, codes, transpose=True)
 
-    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         """``p [B, H, M, L] @ v̂`` straight from the codes (``mx.quantized_matmul``)."""
         return self._matmul(p, codes, transpose=False)
 

@@ -41,7 +41,18 @@ import mlx.core as mx
 from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
 from vq_algorithms._byte_fields import pad_last, twelve_bit_fields
 from vq_algorithms._rope import RopeGeometry
-from vq_core import Codes, ConfigError, Quantizer, ShapeError, pack, packed_words, register
+from vq_core import (
+    FLOAT16_MAX,
+    Codes,
+    ConfigError,
+    HeadDims,
+    Quantizer,
+    ShapeError,
+    invalid_choice,
+    pack,
+    packed_words,
+    register,
+)
 from vq_core.packing import unpack_fields
 
 NORM_BITS = 16
@@ -54,18 +65,17 @@ class CommVQConfig(CalibratedConfig):
     must be ``"k"``."""
 
     allowed_bits = (1, 2, 3, 4)
+    head_dims = HeadDims(multiple=2)  # RoPE pairs
     table_bits: int = 6
 
     def validate(self) -> None:
         super().validate()
         if self.kind != "k":
             raise ConfigError(
-                "comm_vq compresses keys only (RoPE-commuting codebooks); values use turboquant_mse"
+                f"comm_vq: kind={self.kind!r} is not allowed; comm_vq compresses keys only "
+                "(RoPE-commuting codebooks), values use turboquant_mse"
             )
-        if self.table_bits not in (1, 2, 3, 4, 5, 6):
-            raise ConfigError(f"comm_vq: table_bits={self.table_bits!r}; expected 1..6")
-        if self.head_dim % 2:
-            raise ConfigError(f"comm_vq: head_dim={self.head_dim} must be even (RoPE pairs)")
+        invalid_choice("comm_vq: table_bits", self.table_bits, (1, 2, 3, 4, 5, 6))
         if self.stages < 1:
             raise ConfigError(
                 f"comm_vq: bits={self.bits} at head_dim={self.head_dim} leaves no room for one "
@@ -100,6 +110,7 @@ class CommVQ(Quantizer):
     method = "comm_vq"
     config_class = CommVQConfig
     family = "RoPE-commuting additive VQ (EM-trained codebooks)"
+    max_norm = FLOAT16_MAX  # norms are stored as float16
     needs_calibration = True
     position_aware = True
     default_value_method = "turboquant_mse"
@@ -230,7 +241,7 @@ class CommVQ(Quantizer):
     def _decode(self, codes: Codes, start: int = 0) -> mx.array:
         return self.geometry.from_pairs(self._decoded_pairs(codes, start))
 
-    def scores(self, q: mx.array, codes: Codes, *, start: int = 0) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes, *, start: int = 0) -> mx.array:
         """``q [B, H, M, D]`` · keys ``[B, H, L]`` at positions ``start + t``.
 
         The codewords are summed in the position-free basis (one gather of ``2R`` table rows

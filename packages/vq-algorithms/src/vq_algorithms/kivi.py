@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from vq_core import (
+    FLOAT16_MAX,
     Codes,
     ConfigError,
     Quantizer,
@@ -80,6 +81,7 @@ class Kivi(Quantizer):
     method = "kivi"
     config_class = KiviConfig
     family = "per-channel keys / per-token values (asymmetric)"
+    max_abs = FLOAT16_MAX  # group minima and scales are stored as float16
     default_value_method = "affine"
     # Measured on N(0,1), head_dim 128, g=32 (3 seeds, either axis): 0.1547, 0.0282,
     # 0.00612, 2.12e-5 at b = 2, 3, 4, 8; plus ~8% margin.
@@ -174,7 +176,7 @@ class Kivi(Quantizer):
 
     # -- attention from the integer codes --------------------------------------------------
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``q [..., M, D]`` x codes ``[..., L, ...]`` -> ``[..., M, L]``, never forming k̂.
 
         Per channel block: ``(q ⊙ scale_blk) @ idxᵀ + q · min_blk``. Per token group:
@@ -198,7 +200,7 @@ class Kivi(Quantizer):
             parts.append(part)
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
-    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         """``p [..., M, L]`` over codes -> ``Σ_t p_t k̂_t`` ``[..., M, D]``, never forming k̂.
 
         Per channel block: ``scale_blk ⊙ (p_blk @ idx_blk) + (Σ p_blk) min_blk``. Per token

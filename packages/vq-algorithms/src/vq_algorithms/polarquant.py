@@ -43,6 +43,7 @@ import mlx.core as mx
 
 from vq_algorithms._rotated_codebook import RotatedConfig, default_rotation
 from vq_core import (
+    FLOAT16_MAX,
     Codes,
     ConfigError,
     Quantizer,
@@ -131,6 +132,7 @@ class PolarQuant(Quantizer):
     method = "polarquant"
     config_class = PolarQuantConfig
     family = "rotation + polar angles"
+    max_norm = FLOAT16_MAX  # norms (radii) are stored as float16
     # Measured on N(0,1) at head_dim 128 (3 seeds): 0.0714-0.0717 (bits=3), 0.0319-0.0322
     # (bits=4), plus ~8% margin.
     round_trip_bound = {3: 0.078, 4: 0.035}
@@ -198,11 +200,11 @@ class PolarQuant(Quantizer):
 
     # -- attention in the rotated basis ----------------------------------------------------
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``(q R) · ŷ_i``: the query is rotated once, the keys never rotated back."""
         q_rot = self.rotation.apply(q.astype(mx.float32))
         return q_rot @ mx.swapaxes(self.decode_rotated(codes), -1, -2)
 
-    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         """``(Σ_i p_i ŷ_i) Rᵀ``: accumulate in the rotated basis, rotate the output once."""
         return self.rotation.inverse(p.astype(mx.float32) @ self.decode_rotated(codes))

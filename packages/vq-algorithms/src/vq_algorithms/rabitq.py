@@ -46,6 +46,7 @@ import vq_kernels
 from vq_algorithms._fused import grid_codebook, kernel_applies, valid_tokens
 from vq_algorithms._rotated_codebook import RotatedConfig, default_rotation
 from vq_core import (
+    FLOAT16_MAX,
     Codes,
     CompressedSide,
     ConfigError,
@@ -130,6 +131,7 @@ class RaBitQ(Quantizer):
     method = "rabitq"
     config_class = RaBitQConfig
     family = "rotation + grid code with unbiased estimator"
+    max_norm = FLOAT16_MAX  # norms are stored as float16
     default_value_method = "turboquant_mse"
     # 1/<ō,o>² - 1 on Gaussian vectors, d = 128; seeds 0..31 measured max 0.570, 0.132,
     # 0.0367, 0.0101 (B = 1..4), plus margin for other seeds and float16 factors.
@@ -180,7 +182,7 @@ class RaBitQ(Quantizer):
         unit, scale = self._rotated(codes)
         return self.rotation.inverse(unit * scale[..., None])
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``||k_i|| <ō_i, q P> / <ō_i, o_i>``; the query is rotated once, keys never."""
         q_rot = self.rotation.apply(q.astype(mx.float32))
         if self.config.binary_query:
@@ -211,7 +213,7 @@ class RaBitQ(Quantizer):
         scale = codes["norm"].astype(mx.float32) / codes["ip"].astype(mx.float32)
         return est * scale[..., None, :]
 
-    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         """``(Σ_i p_i s_i ō_i) P^T``: accumulate in the rotated basis, rotate back once."""
         unit, scale = self._rotated(codes)
         pw = p.astype(mx.float32) * scale[..., None, :]

@@ -32,6 +32,7 @@ import mlx.core as mx
 
 from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
 from vq_core import (
+    FLOAT16_MAX,
     Codes,
     Quantizer,
     RandomOrthogonal,
@@ -90,6 +91,8 @@ class Spectral(Quantizer):
             require_artifact(self.method, config)
             self.rotation = RandomOrthogonal(d, config.seed).matrix
             self.mean, lam = mx.zeros((d,)), [1.0] * d
+        # codes keep ||x - mean|| as float16: refuse what could exceed it (check_finite)
+        self.max_norm = FLOAT16_MAX - mx.linalg.norm(self.mean).item()
         self.alloc = allocate_bits(lam, config.bits)
         total = sum(max(v, 0.0) for v in lam) or 1.0
         sigma = [math.sqrt(max(v, 0.0) / total) for v in lam]
@@ -149,14 +152,14 @@ class Spectral(Quantizer):
         y = mx.take(self._sorted_levels(codes), self.inverse_order, axis=-1)
         return y @ self.rotation.T + self.mean
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``(q V)[order] · ŷ_sorted + q·μ``: the query is rotated once, the keys never."""
         q = q.astype(mx.float32)
         q_rot = mx.take(q @ self.rotation, self.order, axis=-1)
         s = q_rot @ mx.swapaxes(self._sorted_levels(codes), -1, -2)
         return s + (q @ self.mean)[..., None]
 
-    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         """``(Σ p_i ŷ_i) V^T + (Σ p_i) μ``, accumulated in the rotated, sorted basis."""
         p = p.astype(mx.float32)
         acc = mx.take(p @ self._sorted_levels(codes), self.inverse_order, axis=-1)

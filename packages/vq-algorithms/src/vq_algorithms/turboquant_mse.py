@@ -18,7 +18,15 @@ import mlx.core as mx
 import vq_kernels
 from vq_algorithms._fused import kernel_applies, valid_tokens
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
-from vq_core import Codes, CompressedSide, Quantizer, register, register_compressed_attention
+from vq_core import (
+    FLOAT16_MAX,
+    Codes,
+    CompressedSide,
+    HeadDims,
+    Quantizer,
+    register,
+    register_compressed_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class TurboQuantMSEConfig(RotatedConfig):
     """``rotation``: see :class:`RotatedConfig`."""
 
     allowed_bits = (1, 2, 3, 4)
+    # The sphere Lloyd–Max codebook needs d >= 3 (coordinate law of the unit sphere).
+    head_dims = HeadDims(minimum=3)
 
 
 @register
@@ -33,6 +43,7 @@ class TurboQuantMSE(Quantizer):
     method = "turboquant_mse"
     config_class = TurboQuantMSEConfig
     family = "rotation + scalar codebook"
+    max_norm = FLOAT16_MAX  # norms are stored as float16
     # Theorem 1's figures (0.36, 0.117, 0.03, 0.009) plus fp16-norm and sampling margin.
     round_trip_bound = {1: 0.37, 2: 0.12, 3: 0.036, 4: 0.0100}
 
@@ -49,13 +60,13 @@ class TurboQuantMSE(Quantizer):
     def _decode(self, codes: Codes) -> mx.array:
         return self.rc.rotation.inverse(self.rc.decode_rotated(codes))
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``norm_i · (q R)·c[idx_i]``: the query is rotated once, the keys never."""
         q_rot = self.rc.rotation.apply(q.astype(mx.float32))
         s = q_rot @ mx.swapaxes(self.rc.levels(codes["idx"]), -1, -2)
         return s * codes["norm"].astype(mx.float32)[..., None, :]
 
-    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         """``(Σ_i p_i norm_i c[idx_i]) R^T``: accumulate in the rotated basis, rotate once."""
         pw = p.astype(mx.float32) * codes["norm"].astype(mx.float32)[..., None, :]
         return self.rc.rotation.inverse(pw @ self.rc.levels(codes["idx"]))

@@ -19,12 +19,14 @@ import mlx.core as mx
 
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
 from vq_algorithms._sign_sketch import SignSketch
-from vq_core import Codes, Quantizer, register
+from vq_core import FLOAT16_MAX, Codes, HeadDims, Quantizer, register
 
 
 @dataclass(frozen=True)
 class TurboQuantProdConfig(RotatedConfig):
     allowed_bits = (2, 3, 4)
+    # The sphere Lloyd–Max codebook needs d >= 3 (coordinate law of the unit sphere).
+    head_dims = HeadDims(minimum=3)
 
 
 @register
@@ -32,6 +34,7 @@ class TurboQuantProd(Quantizer):
     method = "turboquant_prod"
     config_class = TurboQuantProdConfig
     family = "rotation + scalar codebook + 1-bit residual sketch"
+    max_norm = FLOAT16_MAX  # norms are stored as float16
     default_value_method = "turboquant_mse"
     # Measured at d=128 (0.57, 0.18, 0.053) plus margin: the sketch adds variance.
     round_trip_bound = {2: 0.62, 3: 0.2, 4: 0.06}
@@ -64,7 +67,7 @@ class TurboQuantProd(Quantizer):
     def _decode(self, codes: Codes) -> mx.array:
         return self.rc.rotation.inverse(self._decode_rotated(codes))
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """MSE part against codebook levels plus ``scale·rnorm·<S q', signs>``."""
         q_rot = self.rc.rotation.apply(q.astype(mx.float32))
         mse = q_rot @ mx.swapaxes(self.rc.levels(codes["idx"]), -1, -2)
@@ -74,7 +77,7 @@ class TurboQuantProd(Quantizer):
         rn = codes["rnorm"].astype(mx.float32)[..., None, :] * self.sketch.scale
         return mse + qjl * rn
 
-    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         p = p.astype(mx.float32)
         mse = (p * codes["norm"].astype(mx.float32)[..., None, :]) @ self.rc.levels(codes["idx"])
         pr = p * (codes["rnorm"].astype(mx.float32) * self.sketch.scale)[..., None, :]

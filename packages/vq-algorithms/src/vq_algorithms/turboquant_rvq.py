@@ -24,12 +24,14 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
-from vq_core import Codes, Quantizer, invalid, register
+from vq_core import FLOAT16_MAX, Codes, HeadDims, Quantizer, invalid, register
 
 
 @dataclass(frozen=True)
 class TurboQuantRVQConfig(RotatedConfig):
     allowed_bits = (2, 3, 4, 5, 6, 8)
+    # The sphere Lloyd–Max codebook needs d >= 3 (coordinate law of the unit sphere).
+    head_dims = HeadDims(minimum=3)
     passes: int = 2
 
     def validate(self) -> None:
@@ -51,6 +53,7 @@ class TurboQuantRVQ(Quantizer):
     method = "turboquant_rvq"
     config_class = TurboQuantRVQConfig
     family = "rotation + residual scalar codebooks"
+    max_norm = FLOAT16_MAX  # norms are stored as float16
     round_trip_bound = {2: 0.14, 3: 0.046, 4: 0.0145, 5: 0.0043, 6: 0.00125, 8: 0.0001}
 
     def __init__(self, config: TurboQuantRVQConfig):
@@ -81,7 +84,7 @@ class TurboQuantRVQ(Quantizer):
             for p, st in enumerate(self.stages)
         )
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         q = q.astype(mx.float32)
         total = 0
         for p, st in enumerate(self.stages):
@@ -89,7 +92,7 @@ class TurboQuantRVQ(Quantizer):
             total = total + s * codes[f"p{p}_norm"].astype(mx.float32)[..., None, :]
         return total
 
-    def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
         p = p.astype(mx.float32)
         out = 0
         for i, st in enumerate(self.stages):

@@ -31,6 +31,7 @@ from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifa
 from vq_core import (
     Codes,
     ConfigError,
+    HeadDims,
     Quantizer,
     RandomizedHadamard,
     register,
@@ -45,6 +46,7 @@ class VecInferConfig(CalibratedConfig):
     """Artifact from ``vq calibrate --method vecinfer`` (see :class:`CalibratedConfig`)."""
 
     allowed_bits = (1, 2, 4)
+    head_dims = HeadDims(hadamard=True)  # and a multiple of the sub-vector size (below)
 
     def validate(self) -> None:
         super().validate()
@@ -114,7 +116,7 @@ class VecInfer(Quantizer):
         z = z.reshape(*z.shape[:-2], self.head_dim)
         return self.hadamard.inverse(z) * self.smooth
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
+    def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``Σ_s LUT[s, idx_s]`` with ``LUT = H(q ⊙ s)_s · centroids[s]`` per query."""
         qz = self._split(self.hadamard.apply(q.astype(mx.float32) * self.smooth))
         lut = (qz[..., None, :] @ mx.swapaxes(self.centroids, -1, -2))[..., 0, :]  # [.., M, S, K]

@@ -21,6 +21,7 @@ from vq_core.errors import (
     ConfigError,
     DTypeError,
     NonFiniteError,
+    RangeError,
     ShapeError,
     UnknownMethodError,
     VQError,
@@ -38,10 +39,12 @@ from vq_core.preconditioner import (
 )
 from vq_core.quantizer import Codes, Quantizer, QuantizerConfig
 from vq_core.registry import available, create, from_description, get, register
+from vq_core.validation import FLOAT16_MAX, HeadDims, check_bool, check_int
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FLOAT16_MAX",
     "ArtifactError",
     "ArtifactStore",
     "CacheStateError",
@@ -51,6 +54,7 @@ __all__ = [
     "CompressedSide",
     "ConfigError",
     "DTypeError",
+    "HeadDims",
     "Identity",
     "LloydMax",
     "MemoryStore",
@@ -60,6 +64,7 @@ __all__ = [
     "QuantizerConfig",
     "RandomOrthogonal",
     "RandomizedHadamard",
+    "RangeError",
     "ScalarCodebook",
     "ShapeError",
     "UnknownMethodError",
@@ -67,6 +72,8 @@ __all__ = [
     "VectorCodebook",
     "attend",
     "available",
+    "check_bool",
+    "check_int",
     "check_value_method",
     "compressed_segment",
     "create",

@@ -48,6 +48,7 @@ from vq_core.cache_integrity import (
 from vq_core.errors import CacheStateError, ConfigError, NonFiniteError, ShapeError, VQError
 from vq_core.quantizer import Codes, Quantizer
 from vq_core.registry import from_description
+from vq_core.validation import check_bool, check_int
 
 _SEP = SEP
 
@@ -75,14 +76,11 @@ class CompressedKVCache:
                 f"key head_dim={key_quantizer.head_dim} != value head_dim="
                 f"{value_quantizer.head_dim}"
             )
-        if not isinstance(window, int) or window < 0:
-            raise ConfigError(f"window={window!r} is not allowed; expected an integer >= 0")
-        if not isinstance(sink, int) or sink < 0:
-            raise ConfigError(f"sink={sink!r} is not allowed; expected an integer >= 0")
-        if not isinstance(step, int) or step < 1:
-            raise ConfigError(f"step={step!r} is not allowed; expected an integer >= 1")
-        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-            raise ConfigError(f"block={block!r} is not allowed; expected an integer >= 1")
+        check_int("window", window, low=0)
+        check_int("sink", sink, low=0)
+        check_int("step", step, low=1)
+        check_bool("center", center)
+        check_int("block", block, low=1)
         if value_quantizer.position_aware:
             raise ConfigError(
                 f"{value_quantizer.method} is position-aware (RoPE keys); it cannot compress values"
@@ -403,7 +401,22 @@ class CompressedKVCache:
         self.key_quantizer.check_input(x, name, check_finite=False)
         if x.ndim != 4:
             raise ShapeError(f"{name} must be [B, H_kv, L, head_dim], got {tuple(x.shape)}")
+        held = self._held_batch_heads()
+        if held is not None and tuple(x.shape[:2]) != held:
+            raise ShapeError(
+                f"{name} has shape {tuple(x.shape)}; this cache holds {self.offset} tokens "
+                f"for [B, H_kv] = {list(held)}"
+            )
         self._input_dtype = x.dtype
+
+    def _held_batch_heads(self) -> tuple[int, int] | None:
+        """``(B, H_kv)`` of the tokens held (read from array shapes), or None when empty."""
+        for a in (self._sink_k, self._exact_k):
+            if a is not None:
+                return tuple(a.shape[:2])
+        if self._keys is not None and self._n_comp:
+            return tuple(next(iter(self._keys.values())).shape[:2])
+        return None
 
     def _append(self, kc: Codes, vc: Codes, n: int) -> None:
         start = self._n_comp

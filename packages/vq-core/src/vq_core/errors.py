@@ -27,6 +27,11 @@ class NonFiniteError(VQError, ValueError):
     """An input holds NaN or Inf."""
 
 
+class RangeError(VQError, ValueError):
+    """An input value is finite but beyond what the method's codes can store (e.g. a norm
+    above float16's 65504)."""
+
+
 class UnknownMethodError(VQError, KeyError):
     """No quantizer is registered under the requested name."""
 
@@ -49,6 +54,7 @@ def invalid(name: str, value: object, allowed: str) -> ConfigError:
 
 
 def invalid_choice(name: str, value: object, choices) -> None:
-    """Raise a ConfigError unless ``value`` is one of ``choices``."""
-    if value not in choices:
+    """Raise a ConfigError unless ``value`` is one of ``choices``, type included (``2.0``
+    and ``True`` are not ``2``)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
         raise invalid(name, value, f"one of {tuple(choices)}")

@@ -7,6 +7,7 @@ from typing import Any
 from vq_core.cache import DEFAULT_BLOCK, CompressedKVCache
 from vq_core.errors import ConfigError
 from vq_core.registry import create, get
+from vq_core.validation import check_bool
 
 
 def check_value_method(value_method: str) -> None:
@@ -48,6 +49,7 @@ def make_cache(
     """
     if value_method is not None:
         check_value_method(value_method)
+    check_bool("center", center)
     keys = create(method, head_dim=head_dim, bits=bits, seed=seed, **options)
     if value_method is None:  # the built key quantizer may choose its partner per config
         value_method = keys.default_value_method or method

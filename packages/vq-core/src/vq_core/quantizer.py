@@ -30,9 +30,19 @@ from typing import Any, ClassVar
 
 import mlx.core as mx
 
-from vq_core.errors import DTypeError, NonFiniteError, ShapeError, invalid
-
-FLOAT_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+from vq_core.errors import invalid
+from vq_core.validation import (
+    HeadDims,
+    check_axis,
+    check_bits,
+    check_codes,
+    check_probabilities,
+    check_queries,
+    check_seed,
+    check_values,
+    check_vectors,
+    empty_like_layout,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,10 @@ class QuantizerConfig:
 
     version: ClassVar[int] = 1
     allowed_bits: ClassVar[tuple[int, ...]] = (1, 2, 3, 4)
+    # The head_dims the method takes; methods narrow it (a config may add rules that depend
+    # on its other fields, e.g. a group size dividing head_dim, in validate()).
+    head_dims: ClassVar[HeadDims] = HeadDims()
+    method_name: ClassVar[str | None] = None  # set by vq_core.register, for messages
 
     head_dim: int = 128
     bits: int = 4
@@ -54,12 +68,10 @@ class QuantizerConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.head_dim, int) or self.head_dim < 2:
-            raise invalid("head_dim", self.head_dim, "an integer >= 2")
-        if self.bits not in self.allowed_bits:
-            raise invalid("bits", self.bits, f"one of {self.allowed_bits}")
-        if not isinstance(self.seed, int):
-            raise invalid("seed", self.seed, "an integer")
+        method = self.method_name
+        self.head_dims.check(self.head_dim, method=method)
+        check_bits(self.bits, self.allowed_bits, method=method)
+        check_seed(self.seed, method=method)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,23 +131,30 @@ class Quantizer(ABC):
     def encode(self, x: mx.array, *, check_finite: bool = True, start: int = 0) -> Codes:
         """Encode ``x [..., head_dim]`` (fp16/bf16/fp32) into packed codes.
 
-        ``check_finite`` forces an evaluation to reject NaN/Inf; the cache turns it off on
-        the decode hot path. ``start``: position of ``x[..., 0, :]`` (position-aware methods
-        only; ignored by the others).
+        ``check_finite`` forces an evaluation to reject NaN/Inf and values the codes cannot
+        store (:attr:`max_norm`, :attr:`max_abs`); the cache turns it off on the decode hot
+        path, where such input is not checked (NaN/Inf then reach attention as NaN/Inf).
+        ``start``: position of ``x[..., 0, :]`` (position-aware methods only; checked but
+        ignored by the others). Zero vectors in give zero-size codes out.
         """
         self.check_input(x, "x", check_finite=check_finite)
+        start = _check_start(start)
+        if x.size == 0:
+            return Codes(empty_like_layout(tuple(x.shape[:-1]), self.field_layout()))
         x = x.astype(mx.float32)
         if self.position_aware:
-            return self._encode(x, start=_check_start(start))
+            return self._encode(x, start=start)
         return self._encode(x)
 
     def decode(self, codes: Codes, *, start: int = 0) -> mx.array:
         """Reconstruct float32 ``[..., head_dim]`` from codes (``start`` as in encode)."""
-        missing = set(self.field_layout()) - set(codes)
-        if missing:
-            raise ShapeError(f"{self.method}: codes lack fields {sorted(missing)}")
+        lead = self.check_codes(codes)
+        start = _check_start(start)
+        if math.prod(lead) == 0:
+            return mx.zeros((*lead, self.head_dim))
+        codes = Codes(codes)
         if self.position_aware:
-            return self._decode(codes, start=_check_start(start))
+            return self._decode(codes, start=start)
         return self._decode(codes)
 
     @abstractmethod
@@ -156,9 +175,8 @@ class Quantizer(ABC):
 
     def tokens_in(self, codes: Codes, axis: int = 2) -> int:
         """Number of tokens held by ``codes`` along ``axis`` (2 for ``[B, H, L, ...]``)."""
-        strides = self.token_strides()
-        name, arr = next(iter(codes.items()))
-        return arr.shape[axis] * strides.get(name, 1)
+        lead = self.check_codes(codes)
+        return lead[check_axis(axis, len(lead), method=self.method)]
 
     @property
     def bits_per_element(self) -> float:
@@ -171,30 +189,57 @@ class Quantizer(ABC):
 
     # -- attention in the compressed domain ------------------------------------------------
 
-    def scores(self, q: mx.array, codes: Codes) -> mx.array:
-        """``q [B, H, M, D]`` against codes ``[B, H, L, ...]`` -> ``[B, H, M, L]``."""
-        return q.astype(mx.float32) @ mx.swapaxes(self.decode(codes), -1, -2)
+    def scores(self, q: mx.array, codes: Codes, *, start: int = 0) -> mx.array:
+        """``q [B, H, M, D]`` against codes ``[B, H, L, ...]`` -> ``[B, H, M, L]``.
+
+        The leading dimensions of ``q`` and the codes must match (no broadcasting); NaN/Inf
+        in ``q`` are not checked and reach the scores as IEEE arithmetic puts them, as in
+        decode-then-matmul. ``start`` as in :meth:`encode`.
+        """
+        lead = self.check_codes(codes)
+        check_queries("q", q, lead, self.head_dim, method=self.method)
+        start = _check_start(start)
+        if q.size == 0 or lead[-1] == 0:
+            return mx.zeros((*q.shape[:-1], lead[-1]))
+        codes = Codes(codes)
+        if self.position_aware:
+            return self._scores(q, codes, start=start)
+        return self._scores(q, codes)
 
     def weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
-        """``p [B, H, M, L]`` over codes ``[B, H, L, ...]`` -> ``[B, H, M, D]``."""
-        return p.astype(mx.float32) @ self.decode(codes)
+        """``p [B, H, M, L]`` over codes ``[B, H, L, ...]`` -> ``[B, H, M, D]`` (``p`` float,
+        shapes matched as in :meth:`scores`; L = 0 sums to zeros)."""
+        lead = self.check_codes(codes)
+        check_probabilities("p", p, lead, method=self.method)
+        if p.size == 0:
+            return mx.zeros((*p.shape[:-1], self.head_dim))
+        return self._weighted_sum(p, Codes(codes))
+
+    def _scores(self, q: mx.array, codes: Codes, **position) -> mx.array:
+        """Validated, non-empty ``scores`` (``start=`` for position-aware methods); the
+        default decodes then multiplies."""
+        return q.astype(mx.float32) @ mx.swapaxes(self._decode(codes, **position), -1, -2)
+
+    def _weighted_sum(self, p: mx.array, codes: Codes) -> mx.array:
+        """Validated, non-empty ``weighted_sum``; the default decodes then multiplies."""
+        return p.astype(mx.float32) @ self._decode(codes)
 
     # -- validation and description --------------------------------------------------------
 
+    # Largest vector norm / entry magnitude the codes can store (float16 side fields), or
+    # None; encode refuses larger input when it checks values (check_finite).
+    max_norm: ClassVar[float | None] = None
+    max_abs: ClassVar[float | None] = None
+
     def check_input(self, x: mx.array, name: str, *, check_finite: bool = True) -> None:
-        if not isinstance(x, mx.array):
-            raise DTypeError(f"{self.method}: {name} must be an mx.array, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise DTypeError(
-                f"{self.method}: {name} has dtype {x.dtype}; expected float16, bfloat16 or float32"
-            )
-        if x.ndim == 0 or x.shape[-1] != self.head_dim:
-            raise ShapeError(
-                f"{self.method}: {name} has shape {tuple(x.shape)}; "
-                f"the last dimension must be head_dim={self.head_dim}"
-            )
-        if check_finite and not mx.isfinite(x).all().item():
-            raise NonFiniteError(f"{self.method}: {name} contains NaN or Inf")
+        """``x [..., head_dim]`` float; with ``check_finite`` also its values (one sync)."""
+        check_vectors(name, x, self.head_dim, method=self.method)
+        if check_finite:
+            check_values(name, x, method=self.method, max_norm=self.max_norm, max_abs=self.max_abs)
+
+    def check_codes(self, codes: Codes) -> tuple[int, ...]:
+        """Codes against :meth:`field_layout` (shapes and dtypes only); their leading shape."""
+        return check_codes(codes, self.field_layout(), self.token_strides(), method=self.method)
 
     def describe(self) -> dict[str, Any]:
         """Method name, config and version: enough to rebuild it with ``create``."""
@@ -209,6 +254,6 @@ class Quantizer(ABC):
 
 
 def _check_start(start: int) -> int:
-    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+    if type(start) is not int or start < 0:
         raise invalid("start", start, "a token position (an integer >= 0)")
     return start

@@ -24,6 +24,7 @@ def register(cls: type[Quantizer]) -> type[Quantizer]:
     if existing is not None and existing is not cls:
         raise ConfigError(f"method {name!r} is already registered by {existing.__qualname__}")
     _REGISTRY[name] = cls
+    cls.config_class.method_name = name
     return cls
 
 
