@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import mlx.core as mx
 
 from vq_core.errors import invalid
+from vq_core.validation import FLOAT_DTYPES as FLOAT_DTYPES  # re-exported
 from vq_core.validation import (
     HeadDims,
     check_axis,
