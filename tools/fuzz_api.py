@@ -170,6 +170,18 @@ def close_to(ref_fn, shape):
 # -- case generators ---------------------------------------------------------------------
 
 
+def base_options(method: str) -> dict:
+    """Options every case of ``method`` starts from: a calibrated method without an artifact
+    runs only when its untrained codebooks are asked for."""
+    fields = {f.name for f in dataclasses.fields(get(method).config_class)}
+    return {"untrained": True} if "untrained" in fields else {}
+
+
+def make(method: str, **config):
+    """``create(method, ...)`` from :func:`base_options`, ``config`` taking precedence."""
+    return create(method, **{**base_options(method), **config})
+
+
 def default_head_dim(method: str) -> int:
     return 128
 
@@ -179,7 +191,7 @@ def create_cases(method: str):
     allowed = cls.config_class.allowed_bits
     for b in allowed:
         yield Case(method, "create", f"bits={b}", "bits",
-                   lambda b=b: create(method, bits=b), quantizer_check(bits=b), valid=True)  # fmt: skip
+                   lambda b=b: make(method, bits=b), quantizer_check(bits=b), valid=True)  # fmt: skip
     bad_bits = [0, -1, max(allowed) + 1, 16, 7, float(allowed[0]), 2.0, 4.5, True, False,
                 "4", None]  # fmt: skip
     bad_bits = [b for i, b in enumerate(bad_bits) if repr(b) not in map(repr, bad_bits[:i])]
@@ -187,28 +199,28 @@ def create_cases(method: str):
         if isinstance(b, int) and not isinstance(b, bool) and b in allowed:
             continue
         yield Case(method, "create", f"bits={b!r}", "bits",
-                   lambda b=b: create(method, bits=b), quantizer_check())  # fmt: skip
+                   lambda b=b: make(method, bits=b), quantizer_check())  # fmt: skip
     min_bits = min(allowed)
     for d in [-8, 0, 1, 2, 3, 4, 5, 7, 8, 12, 16, 20, 24, 30, 32, 48, 63, 64, 65, 80, 96,
               100, 112, 120, 127, 129, 160, 192, 256, 384, 512, 1024, 4096]:  # fmt: skip
         b = min_bits if d > 1024 else cls.config_class.bits
         yield Case(method, "create", f"head_dim={d}", "head_dim",
-                   lambda d=d, b=b: create(method, head_dim=d, bits=b),
+                   lambda d=d, b=b: make(method, head_dim=d, bits=b),
                    quantizer_check(bits=b))  # fmt: skip
     for d in [128.0, True, "128", None]:
         yield Case(method, "create", f"head_dim={d!r}", "head_dim",
-                   lambda d=d: create(method, head_dim=d), quantizer_check())  # fmt: skip
+                   lambda d=d: make(method, head_dim=d), quantizer_check())  # fmt: skip
     for s in [-1, 1.5, True, "0", None, 2**70]:
         yield Case(method, "create", f"seed={s!r}", "seed",
-                   lambda s=s: create(method, seed=s), quantizer_check())  # fmt: skip
+                   lambda s=s: make(method, seed=s), quantizer_check())  # fmt: skip
     yield Case(method, "create", "unknown option", "nonexistent",
-               lambda: create(method, nonexistent=1), quantizer_check())  # fmt: skip
+               lambda: make(method, nonexistent=1), quantizer_check())  # fmt: skip
     for f in dataclasses.fields(cls.config_class):
         if f.name in ("head_dim", "bits", "seed"):
             continue
         for v in field_values(f.default):
             yield Case(method, "create", f"{f.name}={v!r}", f.name,
-                       lambda f=f, v=v: create(method, **{f.name: v}),
+                       lambda f=f, v=v: make(method, **{f.name: v}),
                        quantizer_check(bounded=False))  # fmt: skip
 
 
@@ -228,7 +240,7 @@ def field_values(default):
 
 def encode_cases(method: str):
     d = default_head_dim(method)
-    q = create(method, head_dim=d)
+    q = make(method, head_dim=d)
     scaled = scale_free(q)
 
     def enc(x, **kw):
@@ -285,7 +297,7 @@ def _tamper(codes: Codes, name: str, fn) -> Codes:
 
 def decode_cases(method: str):
     d = default_head_dim(method)
-    q = create(method, head_dim=d)
+    q = make(method, head_dim=d)
     x = gauss((2, 3, 17, d))
     codes = q.encode(x)
     mx.eval(codes)
@@ -345,7 +357,7 @@ def decode_cases(method: str):
 
 def attention_cases(method: str):
     d = default_head_dim(method)
-    q = create(method, head_dim=d)
+    q = make(method, head_dim=d)
     codes = q.encode(gauss((2, 3, 17, d), seed=1))
     mx.eval(codes)
     k_hat = q.decode(codes)
@@ -452,7 +464,9 @@ def cache_cases(method: str):
     bits = get(method).config_class.bits
 
     def cache(**kw):
-        return make_cache(method, head_dim=d, bits=kw.pop("bits", bits), **kw)
+        return make_cache(
+            method, head_dim=d, bits=kw.pop("bits", bits), **{**base_options(method), **kw}
+        )
 
     def feed(shapes, dtype=mx.float32, vshape=None, **kw):
         def run():
@@ -494,7 +508,7 @@ def cache_cases(method: str):
         yield Case(method, "make_cache", f"{bad}", arg, feed([(1, 2, 40, d)], **bad),
                    expect_raise)  # fmt: skip
     yield Case(method, "make_cache", "head_dim=2.0", "head_dim",
-               lambda: make_cache(method, head_dim=128.0, bits=bits), expect_raise)  # fmt: skip
+               lambda: make_cache(method, head_dim=128.0, bits=bits, **base_options(method)), expect_raise)  # fmt: skip
     for shapes, name in [([(2, 40, d)], "keys rank 3"), ([(1, 2, 40, d - 1)], "keys last dim"),
                          ([(1, 2, 40, d), (2, 2, 1, d)], "batch changes"),
                          ([(1, 2, 40, d), (1, 3, 1, d)], "heads change")]:  # fmt: skip
