@@ -41,7 +41,7 @@ from typing import Any
 import mlx.core as mx
 
 import vq_algorithms  # noqa: F401  (registers every method)
-from vq_core import Codes, VQError, available, create, get, make_cache
+from vq_core import Codes, VQError, attend, available, create, get, make_cache
 
 SLACK = 1.25
 N_VECTORS = 256
@@ -468,12 +468,14 @@ def cache_cases(method: str):
             method, head_dim=d, bits=kw.pop("bits", bits), **{**base_options(method), **kw}
         )
 
-    def feed(shapes, dtype=mx.float32, vshape=None, **kw):
+    def feed(shapes, dtype=mx.float32, vshape=None, scale=1.0, poison=None, **kw):
         def run():
             c = cache(**kw)
             out = None
             for i, s in enumerate(shapes):
-                k = gauss(s, seed=i).astype(dtype)
+                k = (gauss(s, seed=i) * scale).astype(dtype)
+                if poison is not None and i == 0:
+                    k[0, 0, 5, 7] = poison
                 v = gauss(vshape or s, seed=100 + i).astype(dtype)
                 out = c.update_and_fetch(k, v)
             return c, shapes, out
@@ -481,13 +483,13 @@ def cache_cases(method: str):
         return run
 
     def attends(result):
-        c, shapes, _ = result
+        c, shapes, views = result
         total = sum(s[2] for s in shapes)
         if c.offset != total:
             return f"offset {c.offset} != {total}"
         b, h, lq, dd = shapes[-1]
         qq = gauss((b, 2 * h, lq, dd), seed=9)
-        out = c.attend(qq, scale=dd**-0.5, mask="causal" if lq > 1 else None)
+        out = attend(qq, *views, scale=dd**-0.5, mask="causal" if lq > 1 else None)
         if tuple(out.shape) != (b, 2 * h, lq, dd):
             return f"attend shape {tuple(out.shape)}"
         return None if finite(out) else "attend output is not finite"
@@ -517,6 +519,11 @@ def cache_cases(method: str):
                feed([(1, 2, 40, d)], vshape=(1, 2, 39, d)), expect_raise)  # fmt: skip
     yield Case(method, "update_and_fetch", "keys int32", "keys",
                feed([(1, 2, 40, d)], mx.int32), expect_raise)  # fmt: skip
+    for bad in [mx.nan, mx.inf]:
+        yield Case(method, "update_and_fetch", f"keys hold {bad}, then a chunk", "keys",
+                   feed([(1, 2, 40, d), (1, 2, 2, d)], poison=bad), expect_raise)  # fmt: skip
+    yield Case(method, "update_and_fetch", "key norms > 65504, then a chunk", "keys",
+               feed([(1, 2, 40, d), (1, 2, 2, d)], scale=1e4), attends)  # fmt: skip
     yield Case(method, "update_and_fetch", "keys float16 then float32", "keys",
                _dtype_switch(cache, d), attends, True)  # fmt: skip
 
@@ -526,8 +533,8 @@ def _dtype_switch(cache, d):
         c = cache()
         c.update_and_fetch(gauss((1, 2, 40, d)).astype(mx.float16), gauss((1, 2, 40, d)))
         shapes = [(1, 2, 40, d), (1, 2, 1, d)]
-        c.update_and_fetch(gauss((1, 2, 1, d)), gauss((1, 2, 1, d)))
-        return c, shapes, None
+        views = c.update_and_fetch(gauss((1, 2, 1, d)), gauss((1, 2, 1, d)))
+        return c, shapes, views
 
     return run
 

@@ -121,7 +121,7 @@ def _decode(queries, keys: CacheView, values: CacheView, scale, mask, g):
             value_mean=values.mean,
         ),
     ]
-    return merge(parts).reshape(b, hq, lq, -1).astype(queries.dtype)
+    return merge(parts).reshape(b, hq, lq, values.exact.shape[-1]).astype(queries.dtype)
 
 
 def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g):
@@ -143,7 +143,7 @@ def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g):
     else:
         vis = mx.concatenate([cols[..., :s0], cols[..., s0 + n :]], axis=-1)
     parts.append(exact_segment(q, keys.exact, values.exact, scale=scale, mask=vis))
-    return merge(parts).reshape(b, hq, lq, -1).astype(queries.dtype)
+    return merge(parts).reshape(b, hq, lq, values.exact.shape[-1]).astype(queries.dtype)
 
 
 def _prefill_on_sdpa() -> bool:

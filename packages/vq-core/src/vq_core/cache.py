@@ -153,8 +153,9 @@ class CompressedKVCache:
         """
         if self._finite is not None and not self._finite.item():
             raise NonFiniteError(
-                "keys or values stored in this cache contain NaN or Inf (a diverged model "
-                "or a corrupted input); the compressed history is unusable"
+                "keys or values stored in this cache contain NaN or Inf, or norms past what "
+                "their codes hold (float16: 65504) (a diverged model or a corrupted input); "
+                "the compressed history is unusable"
             )
 
     def _views(self, keys: mx.array, values: mx.array, n_sink: int):
@@ -185,12 +186,13 @@ class CompressedKVCache:
                 self._key_mean = k_old.astype(mx.float32).mean(axis=2, keepdims=True)
             if self.value_quantizer.accepts_centering:
                 self._value_mean = v_old.astype(mx.float32).mean(axis=2, keepdims=True)
-        finite = mx.isfinite(k_old).all() & mx.isfinite(v_old).all()
-        self._finite = finite if self._finite is None else self._finite & finite
         if self._key_mean is not None:
             k_old = k_old - self._key_mean
         if self._value_mean is not None:
             v_old = v_old - self._value_mean
+        # finite, and within what the codes store (e.g. float16 norms): Quantizer.storable
+        finite = self.key_quantizer.storable(k_old) & self.value_quantizer.storable(v_old)
+        self._finite = finite if self._finite is None else self._finite & finite
         start = self._comp_start + self._n_comp  # position of k_old's first token
         kc = self.key_quantizer.encode(k_old, check_finite=False, start=start)
         vc = self.value_quantizer.encode(v_old, check_finite=False)

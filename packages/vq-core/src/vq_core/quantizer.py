@@ -43,6 +43,7 @@ from vq_core.validation import (
     check_values,
     check_vectors,
     empty_like_layout,
+    storable,
 )
 
 
@@ -237,6 +238,10 @@ class Quantizer(ABC):
         check_vectors(name, x, self.head_dim, method=self.method)
         if check_finite:
             check_values(name, x, method=self.method, max_norm=self.max_norm, max_abs=self.max_abs)
+
+    def storable(self, x: mx.array) -> mx.array:
+        """Lazy bool scalar: ``x`` is finite and its codes can hold it (no host sync)."""
+        return storable(x, max_norm=self.max_norm, max_abs=self.max_abs)
 
     def check_codes(self, codes: Codes) -> tuple[int, ...]:
         """Codes against :meth:`field_layout` (shapes and dtypes only); their leading shape."""

@@ -134,21 +134,23 @@ def check_vectors(name: str, x: object, head_dim: int, *, method=None) -> mx.arr
     return x
 
 
+def storable(x: mx.array, *, max_norm=None, max_abs=None) -> mx.array:
+    """Lazy bool scalar (no sync): ``x`` is finite and within ``max_norm``/``max_abs``."""
+    ok = mx.isfinite(x).all()
+    if x.size and max_norm is not None:
+        ok = ok & (mx.linalg.norm(x.astype(mx.float32), axis=-1).max() <= max_norm)
+    if x.size and max_abs is not None:
+        ok = ok & (mx.abs(x).max() <= max_abs)
+    return ok
+
+
 def check_values(name: str, x: mx.array, *, method=None, max_norm=None, max_abs=None) -> None:
     """NaN/Inf, and norms or entries past what the method stores, refused (one host sync).
 
     ``max_norm``: largest ``||x||`` along the last axis the codes can hold (float16 norms);
     ``max_abs``: largest ``|x_i|`` (float16 scales and offsets).
     """
-    if x.size == 0:
-        return
-    ok = mx.isfinite(x).all()
-    if max_norm is not None:
-        norms = mx.linalg.norm(x.astype(mx.float32), axis=-1)
-        ok = ok & (norms.max() <= max_norm)
-    if max_abs is not None:
-        ok = ok & (mx.abs(x).max() <= max_abs)
-    if ok.item():
+    if x.size == 0 or storable(x, max_norm=max_norm, max_abs=max_abs).item():
         return
     if not mx.isfinite(x).all().item():
         raise NonFiniteError(f"{_prefix(method)}{name} contains NaN or Inf")
