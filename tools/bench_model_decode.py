@@ -138,9 +138,16 @@ def main() -> None:
     print(f"device {mx.default_device()}, MLX {mx.__version__}, layers {args.layers}", flush=True)
     cells = []
 
+    def save():
+        if args.json:  # after every cell, so a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                meta = {"device": str(mx.default_device()), "mlx": mx.__version__}
+                json.dump({**meta, "cells": cells}, f)
+
     def row(kind, n, cfg, value, base, unit, extra=""):
         ratio = value / base if base else float("nan")
         cells.append(dict(kind=kind, tokens=n, cache=cfg, value=value, fp16=base, ratio=ratio))
+        save()
         print(
             f"{kind:<8} {n:>7} {cfg:<22} {value:10.2f} {unit:<6} fp16 {base:10.2f}  "
             f"{ratio:5.2f}x {extra}",
@@ -170,6 +177,7 @@ def main() -> None:
         base, base_peak = prefill(model, n, args.chunk)
         row("prefill", n, "fp16", base, base, "tok/s", f"peak {base_peak:6.2f} GiB")
         cells[-1].update(peak_gib=base_peak, fp16_peak_gib=base_peak)
+        save()
         for cfg in args.configs + args.other_configs:
             tps, peak = prefill(_with(model, cfg), n, args.chunk)
             row(
@@ -182,6 +190,7 @@ def main() -> None:
                 f"peak {peak:6.2f} GiB (fp16 {base_peak:.2f})",
             )
             cells[-1].update(peak_gib=peak, fp16_peak_gib=base_peak)
+            save()
     _with(model, None)
     if args.json:
         with open(args.json, "w") as f:
