@@ -10,7 +10,9 @@ easy to cluster.
 
 Codes: ``idx`` uint8 ``[..., S]``, one 8-bit centroid index per sub-vector of ``D/S`` dims
 (``D/S = 8, 4, 2`` for 1, 2, 4 bits per element): exactly ``bits`` bits per element, no
-fp16 reconstruction and no norm. The layout is vq-kernels' ``pq_decode_attention`` layout.
+fp16 reconstruction and no norm. The layout is vq-kernels' ``pq_decode_attention`` layout,
+which runs VecInfer keys and values together on a GPU (1 and 2 bits: the lookup table of
+``S · 256`` floats must fit the kernel's 8192).
 
 Scores use a per-query lookup table: ``q' = H(q ⊙ s)``, ``LUT[s, k] = q'_s · centroids[s, k]``
 and ``q·k̂ = Σ_s LUT[s, idx_s]`` (``⟨q, H⁻¹(ĉ) ⊙ s⟩ = ⟨H(q ⊙ s), ĉ⟩``).
@@ -27,16 +29,21 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+import vq_kernels
 from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
+from vq_algorithms._fused import kernel_applies
 from vq_core import (
     Codes,
+    CompressedSide,
     ConfigError,
     HeadDims,
     Quantizer,
     RandomizedHadamard,
     register,
+    register_compressed_attention,
 )
 from vq_core.preconditioner import hadamard_supported
+from vq_kernels.pq_attention import LUT_FLOATS
 
 CODEBOOK_SIZE = 256
 
@@ -127,3 +134,30 @@ class VecInfer(Quantizer):
         idx = mx.broadcast_to(idx.reshape(*lead, 1, length * n_sub), (*lead, m, length * n_sub))
         picked = mx.take_along_axis(flat, idx, axis=-1)
         return picked.reshape(*lead, m, length, n_sub).sum(axis=-1)
+
+
+def fused_vecinfer_attention(
+    q: mx.array, keys: CompressedSide, values: CompressedSide, *, scale: float
+) -> tuple[mx.array, mx.array] | None:
+    """VecInfer keys and values in vq-kernels' product-VQ lookup-table kernel.
+
+    Scores ``H(q ⊙ s_k) · ĉ_k``; the kernel sums ``Σ p ĉ_v`` in the transformed space, and
+    ``H⁻¹(·) ⊙ s_v`` maps it back once. None for unequal key/value widths, a table over the
+    kernel's ``LUT_FLOATS``, ragged batches (the kernel takes one length), and unless
+    :func:`~vq_algorithms._fused.kernel_applies`."""
+    kq, vq = keys.quantizer, values.quantizer
+    if kq.centroids.shape != vq.centroids.shape or keys.lengths is not None:
+        return None
+    if kq.config.subspaces * CODEBOOK_SIZE > LUT_FLOATS:
+        return None
+    if not kernel_applies(kq.head_dim, q.shape[2]):
+        return None
+    qz = kq.hadamard.apply(q.astype(mx.float32) * kq.smooth)
+    out_z, lse = vq_kernels.pq_decode_attention(
+        qz, keys.codes["idx"], kq.centroids, values.codes["idx"], vq.centroids,
+        scale=scale, length=keys.length,
+    )  # fmt: skip
+    return vq.hadamard.inverse(out_z) * vq.smooth, lse
+
+
+register_compressed_attention("vecinfer", "vecinfer", fused_vecinfer_attention)
