@@ -11,8 +11,18 @@ from vq_mlxlm.fast_blas import enable_fast_blas
 enable_fast_blas()
 
 from vq_mlxlm.patch import patch, unpatch  # noqa: E402
+from vq_mlxlm.prompt_cache import load_prompt_cache, save_prompt_cache  # noqa: E402
 from vq_mlxlm.routing import UnsupportedModelError, route, unroute  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["UnsupportedModelError", "enable_fast_blas", "patch", "route", "unpatch", "unroute"]
+__all__ = [
+    "UnsupportedModelError",
+    "enable_fast_blas",
+    "load_prompt_cache",
+    "patch",
+    "route",
+    "save_prompt_cache",
+    "unpatch",
+    "unroute",
+]
