@@ -32,7 +32,7 @@ from vq_core.quantizer import Codes, Quantizer
 from vq_core.segments import exact_segment, merge
 
 DECODE_ROWS = 32  # query rows per KV head (GQA group x tokens) that take the decode path
-PREFILL_TILE = 4096  # history tokens decoded at once by a prefill chunk
+PREFILL_TILE = 1024  # history tokens decoded at once by a prefill chunk (CPU)
 
 
 @dataclass(frozen=True)
