@@ -213,6 +213,15 @@ _SAVER = textwrap.dedent(
         model(mx.arange(n)[None] % 97, cache=c)
         mx.eval([layer.state for layer in c])
         caches.append(c)
+    if len(sys.argv) > 3:  # pause inside the save, after writing, at its first fsync
+        import os
+        import time
+
+        def paused_fsync(fd):
+            print("mid-save", flush=True)
+            time.sleep(60)
+
+        os.fsync = paused_fsync
     print("ready", flush=True)
     i = 0
     while True:  # save and save again until killed
@@ -241,3 +250,23 @@ def test_a_save_killed_mid_write_leaves_the_previous_file_whole(tmp_path):
         assert cache[0].offset in (500, 800)
     leftovers = [p for p in tmp_path.iterdir() if p != path]
     assert all(p.name.startswith(".c.") and p.name.endswith(".tmp.safetensors") for p in leftovers)
+
+
+def test_a_save_killed_after_writing_before_the_rename_changes_nothing(tmp_path):
+    """Killed at a known point inside the save (the temporary file written, not yet
+    renamed): the target keeps its previous bytes exactly."""
+    model = _model()
+    path, _ = _saved(tmp_path, model)
+    before = path.read_bytes()
+    here = str(Path(__file__).parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(path), here, "pause"], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    assert proc.stdout.readline().strip() == "mid-save"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert path.read_bytes() == before
+    (tmp,) = [p for p in tmp_path.iterdir() if p != path]  # the half-done save, set aside
+    assert tmp.stat().st_size > 0
+    assert load_prompt_cache(path, model=model)[0].offset == TOKENS.shape[1]
