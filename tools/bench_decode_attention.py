@@ -182,10 +182,16 @@ def main() -> None:
     )
     results: dict[int, dict[str, tuple[float, int]]] = {}
     for length in (int(x) for x in args.contexts.split(",")):
-        results[length] = {
-            n: (time_us(f, args.iters, args.per_sync), nbytes)
-            for n, (f, nbytes) in cases(args.batch, length, args.variants).items()
-        }
+        results[length] = {}
+        for n, (f, nbytes) in cases(args.batch, length, args.variants).items():
+            t0 = time.perf_counter()
+            results[length][n] = (time_us(f, args.iters, args.per_sync), nbytes)
+            # one line per case as it finishes, so a slow or stuck case is named
+            print(
+                f"  {length // 1024}k {n}: {results[length][n][0]:.1f} µs "
+                f"({time.perf_counter() - t0:.1f} s wall)",
+                flush=True,
+            )
         mx.clear_cache()
     names = list(next(iter(results.values())))
     head = f"{'op':<22}" + "".join(
