@@ -104,9 +104,17 @@ def generate(args) -> int:
         print(json.dumps(result))
     else:
         print()
+        if ratio >= 1:
+            size = f"{ratio:.2f}x smaller"
+        else:  # a short context: most of its tokens are still in the exact partial block
+            block = max(getattr(c, "block", 1) for c in cache)
+            size = (
+                f"{1 / ratio:.2f}x larger: up to {block - 1} newest tokens per layer stay exact, "
+                f"in the model's activation dtype, until their {block}-token block is encoded"
+            )
         print(
             f"[vq] cache: {used:,} bytes of codes for {tokens} tokens vs fp16 {fp16:,} bytes "
-            f"({ratio:.2f}x smaller; {cache_bytes:,} bytes allocated in 256-token steps) | "
+            f"({size}; {cache_bytes:,} bytes allocated in 256-token steps) | "
             f"{args.method} {args.bits}-bit keys, {result['value_method']} "
             f"{result['value_bits']}-bit values"
         )
