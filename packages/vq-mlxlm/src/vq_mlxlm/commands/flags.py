@@ -100,6 +100,19 @@ def check_output_file(flag: str, path: str | None) -> None:
         raise FlagError(flag, f"{path}: the folder {p.parent} does not exist")
 
 
+def cache_options(args) -> dict:
+    """The cache flags as ``patch()`` keywords (besides method and bits)."""
+    return dict(
+        value_method=args.value_method,
+        value_bits=args.value_bits,
+        window=args.window,
+        sink=args.sink,
+        center=not args.no_center,
+        seed=args.seed,
+        artifacts=args.artifacts,
+    )
+
+
 def check_cache_flags(args):
     """The flags of ``vq generate`` and ``vq serve`` (``--model``, ``--method`` ...
     ``--artifacts``), each on its own, then together as :func:`vq_mlxlm.patch` would build
@@ -130,18 +143,7 @@ def check_cache_flags(args):
         )
     shape = check_model(args.model)
     try:
-        check_config(
-            shape,
-            args.method,
-            args.bits,
-            value_method=args.value_method,
-            value_bits=args.value_bits,
-            window=args.window,
-            sink=args.sink,
-            center=not args.no_center,
-            seed=args.seed,
-            artifacts=args.artifacts,
-        )
+        check_config(shape, args.method, args.bits, **cache_options(args))
     except VQError as e:
         flag = "--artifacts" if args.artifacts is not None else "--method/--bits"
         raise FlagError(flag, str(e)) from None

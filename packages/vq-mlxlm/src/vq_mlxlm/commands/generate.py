@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from vq_mlxlm.commands.flags import FlagError, check_cache_flags
+from vq_mlxlm.commands.flags import FlagError, cache_options, check_cache_flags
 from vq_mlxlm.model_shape import model_kv_shape
 
 
@@ -30,18 +30,7 @@ def load_patched(args):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_checked(args.model)
     print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    patch(
-        model,
-        args.method,
-        args.bits,
-        value_method=args.value_method,
-        value_bits=args.value_bits,
-        window=args.window,
-        sink=args.sink,
-        center=not args.no_center,
-        artifacts=args.artifacts,
-        seed=args.seed,
-    )
+    patch(model, args.method, args.bits, **cache_options(args))
     return model, tokenizer
 
 
