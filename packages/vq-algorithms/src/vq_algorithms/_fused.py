@@ -29,6 +29,39 @@ def kernel_applies(head_dim: int, rows: int) -> bool:
     )
 
 
+def codebook_keys_with_turboquant_values(
+    q_keys: mx.array,
+    key_codes: mx.array,
+    key_centroids: mx.array,
+    key_bits: int,
+    keys: CompressedSide,
+    values: CompressedSide,
+    *,
+    scale: float,
+    **key_options,
+) -> tuple[mx.array, mx.array]:
+    """vq-kernels' codebook kernel over keys prepared by their method and TurboQuant-MSE
+    values: ``q_keys [B, H, M, D]`` is the query in the keys' basis, ``key_codes`` their
+    packed codes (norms from ``keys.codes["norm"]``); returns ``(out [B, H, M, D], lse)``
+    with ``out`` rotated back from the values' basis."""
+    vc = values.quantizer.rc
+    out_rot, lse = vq_kernels.codebook_decode_attention(
+        q_keys,
+        key_codes,
+        keys.codes["norm"],
+        key_centroids,
+        key_bits,
+        values.codes["idx"],
+        values.codes["norm"],
+        vc.codebook.centroids,
+        vc.bits,
+        scale=scale,
+        **key_options,
+        **valid_tokens(keys),
+    )
+    return vc.rotation.inverse(out_rot), lse
+
+
 def valid_tokens(keys: CompressedSide) -> dict:
     """The kernels' valid-token argument: per-row ``lengths`` if ragged, else ``length``."""
     return {"length": keys.length} if keys.lengths is None else {"lengths": keys.lengths}

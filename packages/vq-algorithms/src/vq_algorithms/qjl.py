@@ -34,8 +34,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-import vq_kernels
-from vq_algorithms._fused import kernel_applies, sign_codebook, valid_tokens
+from vq_algorithms._fused import (
+    codebook_keys_with_turboquant_values,
+    kernel_applies,
+    sign_codebook,
+)
 from vq_core import (
     FLOAT16_MAX,
     Codes,
@@ -148,23 +151,13 @@ def fused_qjl_attention(
     sketched once (``sqrt(π/2)/m · S q``), the signs are 1-bit codes over ±1 with the key
     norms. None when ``sketch_dim != head_dim`` (the kernel's key and value dims are one)
     and unless :func:`~vq_algorithms._fused.kernel_applies`."""
-    kq, vc = keys.quantizer, values.quantizer.rc
+    kq = keys.quantizer
     if kq.m != kq.head_dim or not kernel_applies(kq.head_dim, q.shape[2]):
         return None
-    out_rot, lse = vq_kernels.codebook_decode_attention(
-        (q.astype(mx.float32) @ kq.sketch.T) * kq.scale,
-        keys.codes["signs"],
-        keys.codes["norm"],
-        sign_codebook(),
-        1,
-        values.codes["idx"],
-        values.codes["norm"],
-        vc.codebook.centroids,
-        vc.bits,
-        scale=scale,
-        **valid_tokens(keys),
+    q_keys = (q.astype(mx.float32) @ kq.sketch.T) * kq.scale
+    return codebook_keys_with_turboquant_values(
+        q_keys, keys.codes["signs"], sign_codebook(), 1, keys, values, scale=scale
     )
-    return vc.rotation.inverse(out_rot), lse
 
 
 register_compressed_attention("qjl", "turboquant_mse", fused_qjl_attention)

@@ -43,7 +43,11 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 import vq_kernels
-from vq_algorithms._fused import grid_codebook, kernel_applies, valid_tokens
+from vq_algorithms._fused import (
+    codebook_keys_with_turboquant_values,
+    grid_codebook,
+    kernel_applies,
+)
 from vq_algorithms._rotated_codebook import RotatedConfig, default_rotation
 from vq_core import (
     FLOAT16_MAX,
@@ -230,25 +234,20 @@ def fused_rabitq_attention(
     (the quantized query is a different estimator) and unless
     :func:`~vq_algorithms._fused.kernel_applies`.
     """
-    kq, vc = keys.quantizer, values.quantizer.rc
+    kq = keys.quantizer
     if kq.config.binary_query or not kernel_applies(kq.head_dim, q.shape[2]):
         return None
-    out_rot, lse = vq_kernels.codebook_decode_attention(
+    return codebook_keys_with_turboquant_values(
         kq.rotation.apply(q.astype(mx.float32)),
         keys.codes["idx"],
-        keys.codes["norm"],
         grid_codebook(kq.config.bits),
         kq.config.bits,
-        values.codes["idx"],
-        values.codes["norm"],
-        vc.codebook.centroids,
-        vc.bits,
+        keys,
+        values,
         scale=scale,
         k_divisor=keys.codes["ip"],
         k_unit=True,
-        **valid_tokens(keys),
     )
-    return vc.rotation.inverse(out_rot), lse
 
 
 register_compressed_attention("rabitq", "turboquant_mse", fused_rabitq_attention)

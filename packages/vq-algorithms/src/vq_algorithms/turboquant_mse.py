@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-import vq_kernels
-from vq_algorithms._fused import kernel_applies, valid_tokens
+from vq_algorithms._fused import codebook_keys_with_turboquant_values, kernel_applies
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
 from vq_core import (
     FLOAT16_MAX,
@@ -84,21 +83,16 @@ def fused_codebook_attention(
     """
     if not kernel_applies(keys.quantizer.head_dim, q.shape[2]):
         return None
-    kc, vc = keys.quantizer.rc, values.quantizer.rc
-    out_rot, lse = vq_kernels.codebook_decode_attention(
+    kc = keys.quantizer.rc
+    return codebook_keys_with_turboquant_values(
         kc.rotation.apply(q.astype(mx.float32)),
         keys.codes["idx"],
-        keys.codes["norm"],
         kc.codebook.centroids,
         kc.bits,
-        values.codes["idx"],
-        values.codes["norm"],
-        vc.codebook.centroids,
-        vc.bits,
+        keys,
+        values,
         scale=scale,
-        **valid_tokens(keys),
     )
-    return vc.rotation.inverse(out_rot), lse
 
 
 register_compressed_attention("turboquant_mse", "turboquant_mse", fused_codebook_attention)
