@@ -37,6 +37,18 @@ ARCHS = {
         ),
     ),
     "phi3": ("phi3", dict(hidden_size=192, num_attention_heads=3, num_key_value_heads=3)),
+    "gpt_oss": (  # learned attention sinks; sliding and full layers alternate
+        "gpt_oss",
+        dict(
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+        ),
+    ),
 }
 COMMON = dict(
     num_hidden_layers=2, intermediate_size=256, vocab_size=97, rms_norm_eps=1e-5, rope_theta=10000.0

@@ -29,7 +29,7 @@ import mlx.core as mx
 from vq_core.compressed_attention import CompressedSide, compressed_segment
 from vq_core.errors import ShapeError
 from vq_core.quantizer import Codes, Quantizer
-from vq_core.segments import exact_segment, merge
+from vq_core.segments import exact_segment, merge, sink_segment
 
 DECODE_ROWS = 32  # query rows per KV head (GQA group x tokens) that take the decode path
 PREFILL_TILE = 1024  # history tokens decoded at once by a prefill chunk (CPU)
@@ -75,14 +75,23 @@ class CacheView:
 
 
 def attend(
-    queries: mx.array, keys: CacheView, values: CacheView, *, scale: float, mask=None
+    queries: mx.array,
+    keys: CacheView,
+    values: CacheView,
+    *,
+    scale: float,
+    mask=None,
+    sinks: mx.array | None = None,
 ) -> mx.array:
     """Softmax attention of ``queries [B, Hq, L, D]`` over the tokens the views hold.
 
     ``mask``: None, ``"causal"`` (causal within the newest ``L`` tokens, everything older
     visible) or a boolean/additive array broadcastable to ``[B, Hq, L, tokens]`` with the
-    tokens in order (sink, compressed, exact). Returns ``[B, Hq, L, D]`` in the queries'
-    dtype; exactly softmax attention over the decoded keys and values.
+    tokens in order (sink, compressed, exact). ``sinks``: None or learned attention-sink
+    logits ``[Hq]`` (gpt-oss; as ``mx.fast.scaled_dot_product_attention`` takes them: one
+    more logit per row with a zero value, not scaled), one more segment of the merge.
+    Returns ``[B, Hq, L, D]`` in the queries' dtype; exactly softmax attention over the
+    decoded keys and values.
     """
     hq, lq = queries.shape[1], queries.shape[2]
     hkv = keys.exact.shape[1]
@@ -90,23 +99,26 @@ def attend(
         raise ShapeError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     if isinstance(mask, str) and mask != "causal":
         raise ShapeError(f"mask={mask!r} is not allowed; expected None, 'causal' or an array")
+    if sinks is not None and (not isinstance(sinks, mx.array) or sinks.shape != (hq,)):
+        got = tuple(sinks.shape) if isinstance(sinks, mx.array) else type(sinks).__name__
+        raise ShapeError(f"sinks must be an array of shape ({hq},) (one per query head), got {got}")
     g = hq // hkv
     if keys.n_comp == 0:
         out = mx.fast.scaled_dot_product_attention(
-            queries, keys.exact, values.exact, scale=scale, mask=mask
+            queries, keys.exact, values.exact, scale=scale, mask=mask, sinks=sinks
         )
     elif g * lq <= DECODE_ROWS and not isinstance(mask, mx.array):
-        out = _decode(queries, keys, values, scale, mask, g)
+        out = _decode(queries, keys, values, scale, mask, g, sinks)
     elif _prefill_on_sdpa():
-        out = _prefill_fused(queries, keys, values, scale, mask)
+        out = _prefill_fused(queries, keys, values, scale, mask, sinks)
     else:
-        out = _prefill_tiled(queries, keys, values, scale, mask, g)
+        out = _prefill_tiled(queries, keys, values, scale, mask, g, sinks)
     if keys.finite is not None:
         out = mx.where(keys.finite, out, mx.nan)
     return out
 
 
-def _decode(queries, keys: CacheView, values: CacheView, scale, mask, g):
+def _decode(queries, keys: CacheView, values: CacheView, scale, mask, g, sinks):
     b, hq, lq, d = queries.shape
     q = queries.astype(mx.float32).reshape(b, hq // g, g * lq, d)
     visible = _causal_rows(lq, keys.exact.shape[2], g) if mask == "causal" else None
@@ -121,10 +133,12 @@ def _decode(queries, keys: CacheView, values: CacheView, scale, mask, g):
             value_mean=values.mean,
         ),
     ]
+    if sinks is not None:
+        parts.append(sink_segment(sinks, b, hq // g, lq))
     return merge(parts).reshape(b, hq, lq, values.exact.shape[-1]).astype(queries.dtype)
 
 
-def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g):
+def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g, sinks):
     b, hq, lq, d = queries.shape
     hkv, n, s0 = hq // g, keys.n_comp, keys.n_sink
     q = queries.astype(mx.float32).reshape(b, hkv, g * lq, d)
@@ -143,6 +157,8 @@ def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g):
     else:
         vis = mx.concatenate([cols[..., :s0], cols[..., s0 + n :]], axis=-1)
     parts.append(exact_segment(q, keys.exact, values.exact, scale=scale, mask=vis))
+    if sinks is not None:
+        parts.append(sink_segment(sinks, b, hkv, lq))
     return merge(parts).reshape(b, hq, lq, values.exact.shape[-1]).astype(queries.dtype)
 
 
@@ -152,7 +168,7 @@ def _prefill_on_sdpa() -> bool:
     return mx.default_device() == mx.gpu
 
 
-def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask):
+def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask, sinks):
     """The history decoded in the queries' dtype, then one fused SDPA (GPU)."""
     dt, s0 = queries.dtype, keys.n_sink
     parts = []
@@ -160,7 +176,9 @@ def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask):
         hist = view.decoded(0, view.n_comp).astype(dt)
         exact = view.exact.astype(dt)
         parts.append(mx.concatenate([exact[:, :, :s0], hist, exact[:, :, s0:]], axis=2))
-    return mx.fast.scaled_dot_product_attention(queries, *parts, scale=scale, mask=mask)
+    return mx.fast.scaled_dot_product_attention(
+        queries, *parts, scale=scale, mask=mask, sinks=sinks
+    )
 
 
 def _causal_rows(lq: int, m: int, g: int) -> mx.array | None:

@@ -45,6 +45,19 @@ def exact_segment(
     return softmax_segment(s, v)
 
 
+def sink_segment(sinks: mx.array, b: int, hkv: int, lq: int) -> Segment:
+    """Learned attention-sink logits ``sinks [Hq]`` (one per query head, gpt-oss; the
+    ``sinks`` of ``mx.fast.scaled_dot_product_attention``) as a segment: one extra logit in
+    each row's softmax denominator with a zero value, so ``out = 0`` and ``lse = sink``.
+    Rows are folded as everywhere here: query head ``h`` of ``Hq = g·Hkv`` and token ``l``
+    sit in row ``(h % g)·L + l`` of KV head ``h // g``. Returns ``out [1, 1, 1, 1]`` (zeros,
+    broadcast by :func:`combine`) and ``lse [B, Hkv, g·L]`` (float32; not scaled, as in
+    MLX's SDPA)."""
+    g = sinks.shape[0] // hkv
+    lse = mx.repeat(sinks.astype(mx.float32).reshape(hkv, g), lq, axis=1)  # [Hkv, g·L]
+    return mx.zeros((1, 1, 1, 1)), mx.broadcast_to(lse, (b, hkv, g * lq))
+
+
 def combine(segments: list[Segment]) -> Segment:
     """Segments' ``(out, lse)`` -> the ``(out, lse)`` of all their tokens together."""
     if len(segments) == 1:

@@ -30,16 +30,15 @@ def _mlx_lm_sdpa():
 
 
 def routed_attention(queries, keys, values, cache, scale, mask, sinks=None):
-    """Drop-in for ``mlx_lm.models.base.scaled_dot_product_attention``."""
+    """Drop-in for ``mlx_lm.models.base.scaled_dot_product_attention`` (learned ``sinks``
+    included: gpt-oss)."""
     if isinstance(cache, CompressedKVCache):
-        if sinks is not None:
-            raise UnsupportedModelError("vq caches do not support attention sinks")
         if not (isinstance(keys, CacheView) and isinstance(values, CacheView)):
             raise TypeError(
                 "a vq cache's attention needs the views its update_and_fetch returned as "
                 f"keys/values, got {type(keys).__name__}/{type(values).__name__}"
             )
-        return attend(queries, keys, values, scale=scale, mask=mask)
+        return attend(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
     return _mlx_lm_sdpa()(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
 
