@@ -278,6 +278,46 @@ class CompressedKVCache:
     def compressed_tokens(self) -> int:
         return self._n_comp
 
+    # -- pipeline parallelism ----------------------------------------------------------------
+
+    _TIE_FIELDS = ("_sink_k", "_exact_k", "_keys")
+
+    @property
+    def keys(self) -> mx.array | None:
+        """One array of :attr:`state` (the sink's keys, else the exact keys, else a key code
+        field), for mlx-lm's pipeline-parallel models only: each stage but the last ties its
+        send of activations to its last layer's cache with ``cache.keys = mx.depends(
+        cache.keys, h)``, so that evaluating the cache state (as a prefill chunk does) also
+        sends. It is no view of all the keys; attention never reads it."""
+        name, field = self._tie_point()
+        if name is None:
+            return None
+        held = getattr(self, name)
+        return held[field] if field is not None else held
+
+    @keys.setter
+    def keys(self, value: mx.array) -> None:
+        name, field = self._tie_point()
+        if name is None or not isinstance(value, mx.array):
+            raise CacheStateError("cache.keys can only replace an array this cache holds")
+        held = getattr(self, name)
+        if tuple(value.shape) != tuple((held[field] if field else held).shape):
+            raise ShapeError(f"cache.keys: shape {value.shape} differs from the held array's")
+        if field is None:
+            setattr(self, name, value)
+        else:
+            held[field] = value
+
+    def _tie_point(self) -> tuple[str | None, str | None]:
+        """(attribute, code field or None) of the array :attr:`keys` exposes."""
+        for name in self._TIE_FIELDS:
+            held = getattr(self, name)
+            if isinstance(held, mx.array):
+                return name, None
+            if held is not None and self._n_comp:
+                return name, next(iter(held))
+        return None, None
+
     # -- state -----------------------------------------------------------------------------
 
     @property

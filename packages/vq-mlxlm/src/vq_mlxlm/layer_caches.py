@@ -37,8 +37,15 @@ class CachePlan:
     options: dict[str, Any] = field(default_factory=dict)
     block: int = DEFAULT_BLOCK
 
-    def layer_cache(self, i: int, head_dim: int) -> CompressedKVCache:
-        """Layer ``i``'s cache (seeds ``seed + 1000 i`` for keys, ``+ 1`` for values)."""
+    def layer_cache(
+        self, i: int, head_dim: int, heads: tuple[int, int, int] | None = None
+    ) -> CompressedKVCache:
+        """Layer ``i``'s cache (seeds ``seed + 1000 i`` for keys, ``+ 1`` for values).
+
+        ``heads = (first, count, total)``: the cache holds KV heads ``[first, first +
+        count)`` of ``total`` (a tensor-parallel shard); quantizers with per-head codebooks
+        keep those heads' codebooks only.
+        """
         seed = self.seed + 1000 * i
         if self.artifacts is None:
             return make_cache(
@@ -63,9 +70,28 @@ class CachePlan:
         else:
             v_options = self.options if vmethod == self.method else {}
             values = create(vmethod, bits=vbits, seed=seed + 1, kind="v", **common, **v_options)
+        if heads is not None:
+            keys, values = _head_slice(keys, heads), _head_slice(values, heads)
         return CompressedKVCache(
             keys, values, window=self.window, sink=self.sink, center=self.center, block=self.block
         )
+
+
+def _head_slice(quantizer, heads: tuple[int, int, int]):
+    """``quantizer`` restricted to KV heads ``[first, first + count)`` of ``total`` where its
+    codebooks are per head (comm_vq's ``tables [H, ...]``); shared ones are returned as is."""
+    first, count, total = heads
+    per_head = getattr(quantizer, "heads", 1)
+    if per_head == 1:
+        return quantizer
+    if per_head != total:
+        raise ConfigError(
+            f"{quantizer.method}: artifact codebooks for {per_head} KV heads, model has {total}"
+        )
+    if count == total:
+        return quantizer
+    tables = quantizer.tables[first : first + count]
+    return type(quantizer)(quantizer.config, tables=tables, geometry=quantizer.geometry)
 
 
 def plan(

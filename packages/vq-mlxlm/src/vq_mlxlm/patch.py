@@ -5,7 +5,9 @@
 ``stream_generate``, ``make_prompt_cache`` and mlx-lm's server all get compressed caches.
 Every full-attention layer (mlx-lm's ``KVCache``) gets a :class:`~vq_core.CompressedKVCache`;
 sliding-window layers keep mlx-lm's bounded ``RotatingKVCache``. ``bits`` may be one value
-or one per layer (per-layer bit allocation).
+or one per layer (per-layer bit allocation). On a model sharded over ``mx.distributed``
+(:func:`vq_mlxlm.distributed.shard`, or mlx-lm's ``sharded_load``) each rank's caches hold
+its own KV heads and layers, with the settings, seeds and artifacts of those global layers.
 """
 
 from __future__ import annotations
@@ -69,11 +71,14 @@ def patch(
             (``bits`` is then ignored).
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
+    from vq_mlxlm.distributed.layout import layout
+
     check_routable(model)
+    spread = layout(model)  # a sharded model: this rank's layers and KV heads
     layers = list(model.layers)
     head_dims = [_head_dim(model, layer) for layer in layers]
     resolved = plan(
-        _fingerprint(model, head_dims[0]),
+        _fingerprint(model, head_dims[0], spread),
         method,
         bits,
         value_method=value_method,
@@ -93,8 +98,9 @@ def patch(
     route()
     _register_cache_class()
 
-    def layer_cache(i: int) -> CompressedKVCache:
-        return resolved.layer_cache(i, head_dims[i])
+    def layer_cache(i: int) -> CompressedKVCache:  # i: local layer; settings of the global one
+        heads = (spread.first_kv_head, spread.local_kv_heads, spread.kv_heads)
+        return resolved.layer_cache(spread.first_layer + i, head_dims[i], heads=heads)
 
     first = layer_cache(0)  # bad configs fail at patch time, not mid-generation
     if first.key_quantizer.position_aware:
@@ -135,14 +141,12 @@ def unpatch(model):
     return model
 
 
-def _fingerprint(model, head_dim: int) -> dict:
-    from vq_mlxlm.model_shape import model_kv_shape
-
-    shape = model_kv_shape(model)
+def _fingerprint(model, head_dim: int, spread) -> dict:
+    """The whole model's fingerprint (a shard's artifacts are the whole model's)."""
     return {
         "architecture": str(getattr(model, "model_type", None) or model.args.model_type),
-        "layers": shape.layers,
-        "kv_heads": shape.kv_heads,
+        "layers": spread.layers,
+        "kv_heads": spread.kv_heads,
         "head_dim": head_dim,
     }
 
