@@ -102,6 +102,8 @@ CASES = [
     ("eval --markdown {root}/empty", "--markdown"),
     ("eval --text /does/not/exist", "--text"),
     ("eval --model {root}/garbage.gguf", "--model"),
+    ("eval --needle-depths 0", "--needle-depths"),
+    ("eval --held-out --text {root}/garbage.gguf", "--held-out"),
 ]
 
 

@@ -22,6 +22,8 @@ TINY = Budget(
     prefill_chunk=16,
     decode_steps=4,
     min_text=0,
+    continuations=(40, 65),
+    continuation_steps=12,
 )
 
 
@@ -89,11 +91,57 @@ def test_compressed_caches_were_used(result):
     assert tq2w["cache_bytes"] > window_bytes
 
 
+def test_intervals_and_continuations(result):
+    exact, tq4, tq2w, mlx4 = result["rows"]
+    assert exact["delta_ppl_ci"] == [0.0, 0.0] and exact["kl_ci"] == [0.0, 0.0]
+    for row in (tq4, tq2w, mlx4):
+        low, high = row["kl_ci"]
+        assert 0 <= low <= row["kl"] <= high, (row["label"], row["kl"], row["kl_ci"], row["tokens"])
+        low, high = row["delta_ppl_ci"]
+        assert low <= row["delta_ppl_pct"] <= high and low < high
+    assert [c["prompt"] for c in exact["continuations"]] == [40, 65]
+    for c in exact["continuations"]:  # the exact cache's continuation is the reference
+        assert c["agree_len"] == c["steps"] == 12 and c["match"] == 1.0
+    for row in (tq4, tq2w, mlx4):
+        for c in row["continuations"]:
+            assert 0 <= c["agree_len"] <= 12 and c["agree_len"] / 12 <= c["match"] <= 1
+        assert row["agree_len_min"] == min(c["agree_len"] for c in row["continuations"])
+
+
+def test_greedy_continuation_is_the_models_argmax():
+    """Each token ``continuation.greedy`` returns through an exact cache is the argmax of
+    one forward pass over the prompt and the tokens before it (teacher forcing)."""
+    import mlx.core as mx
+
+    from vq_mlxlm.evaluation import continuation
+    from vq_mlxlm.evaluation.prefix import exact_kv
+
+    model, tok = build("llama"), CharTokenizer()
+    prompt = tok.encode("the cache holds packed codes for keys")
+    kv = exact_kv(model, mx.array(prompt[:-1])[None])
+    out = continuation.greedy(model, parse_spec("exact").make_caches(model), kv, prompt[-1], 6)
+    logits = model(mx.array(prompt + out[:-1])[None])[0, len(prompt) - 1 :]
+    assert mx.argmax(logits, axis=-1).tolist() == out
+    assert continuation.compare([1, 2, 3, 4], [1, 2, 5, 4]) == {
+        "agree_len": 2,
+        "match": 0.75,
+        "steps": 4,
+    }
+    with pytest.raises(ValueError, match="continuations of 2 and 3"):
+        continuation.compare([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="exact prefix holds"):
+        continuation.run(model, lambda: None, kv, prompt, [len(prompt) + 5], 2)
+
+
 def test_report_files(result, tmp_path):
     table = report_io.markdown(result)
     header = table.splitlines()[2]
-    for column in ("bits/el", "cache MiB", "vs fp16", "ΔPPL %", "KL", "top-1", "needle"):
+    for column in ("bits/el", "cache MiB", "vs fp16", "ΔPPL %", "KL", "top-1", "needle", "gen"):
         assert column in header
+    tq4 = result["rows"][1]
+    low, high = tq4["kl_ci"]
+    assert f"{tq4['kl']:.4f} [{low:.4f}, {high:.4f}]" in table
+    assert "/12 |" in table  # continuation agreement of 12 generated tokens
     assert table.count("\n| ") == 1 + len(result["rows"])
     report_io.write_json(result, str(tmp_path / "r.json"))
     loaded = json.loads((tmp_path / "r.json").read_text())

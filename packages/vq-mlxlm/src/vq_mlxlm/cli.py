@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     size = v.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small token budget (default)")
     size.add_argument("--full", action="store_true", help="full token budget")
+    v.add_argument(
+        "--needle-depths",
+        type=integer(1),
+        default=None,
+        help="needle trials per haystack length (depths spread evenly; default 3 quick, 5 full)",
+    )
+    v.add_argument(
+        "--held-out",
+        action="store_true",
+        help="score the held-out half of the default text (implied by --artifacts)",
+    )
     v.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
     v.add_argument("--markdown", default=None, metavar="FILE", help="write the table")
     v.add_argument("--plot", default=None, metavar="FILE", help="KL vs bits PNG (matplotlib)")

@@ -22,7 +22,7 @@ from vq_core import available, get
 from vq_mlxlm.commands.flags import FlagError, check_input_file, check_model, check_output_file
 from vq_mlxlm.commands.generate import load_checked
 from vq_mlxlm.evaluation import report as report_io
-from vq_mlxlm.evaluation.harness import FULL, QUICK, run
+from vq_mlxlm.evaluation.harness import FULL, QUICK, needle_depths, run
 from vq_mlxlm.evaluation.specs import MLX_LM, expand, parse_spec, zero_calibration_methods
 
 
@@ -43,6 +43,8 @@ def check_flags(args) -> list:
 
     _ints(args.bits)
     check_input_file("--text", args.text)
+    if args.held_out and args.text is not None:
+        raise FlagError("--held-out", "splits the default text; it cannot be used with --text")
     for flag in ("json", "markdown", "plot"):
         check_output_file(f"--{flag}", getattr(args, flag))
     if args.plot:
@@ -128,10 +130,13 @@ def eval(args) -> int:
 
     specs = check_flags(args)
     budget = FULL if args.full else QUICK
+    if args.needle_depths:
+        depths = needle_depths(args.needle_depths)
+        budget = replace(budget, needle=tuple((n, depths) for n, _ in budget.needle))
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_checked(args.model)
-    held_out = args.artifacts is not None and args.text is None
+    held_out = (args.held_out or args.artifacts is not None) and args.text is None
     text = load_text(tokenizer, args.text, budget.min_text, held_out=held_out)
     print(
         f"{len(specs) + 1} rows ({budget.name}) on {text.source} ({len(text.tokens):,} tokens)",

@@ -1,9 +1,11 @@
 """Run the evaluation grid: every cache spec against the exact cache, on one model and text.
 
-For each row, in this order: quality (PPL/KL/top-1, :mod:`.scoring`) and the bytes the
-cache holds afterwards; speed side by side with the exact cache (:mod:`.speed`); per-layer
-attention cosine (:mod:`.layer_cosine`); needle retrieval (:mod:`.needle`). The exact row
-runs first and is the reference for all of them. Progress goes to stderr.
+For each row, in this order: quality (PPL/KL/top-1, :mod:`.scoring`, with bootstrap
+intervals from :mod:`.bootstrap`) and the bytes the cache holds afterwards; speed side by
+side with the exact cache (:mod:`.speed`); per-layer attention cosine
+(:mod:`.layer_cosine`); needle retrieval (:mod:`.needle`); greedy continuations against the
+exact cache's (:mod:`.continuation`). The exact row runs first and is the reference for
+all of them. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 from vq_core import CompressedKVCache
-from vq_mlxlm.evaluation import layer_cosine, needle, scoring, speed
+from vq_mlxlm.evaluation import bootstrap, continuation, layer_cosine, needle, scoring, speed
 from vq_mlxlm.evaluation.prefix import exact_kv, fill
 from vq_mlxlm.evaluation.specs import EXACT, CacheSpec, accounted_bits
 from vq_mlxlm.evaluation.text import EvalText
@@ -37,6 +39,8 @@ class Budget:
     prefill_chunk: int
     decode_steps: int
     min_text: int = 8000  # the text must have at least this many tokens
+    continuations: tuple[int, ...] = ()  # prompt lengths (<= prefix + 1) continued greedily
+    continuation_steps: int = 0  # tokens generated per continuation
 
     @property
     def context(self) -> int:
@@ -63,7 +67,16 @@ FULL = Budget(
     prefill_tokens=1024,
     prefill_chunk=256,
     decode_steps=32,
+    continuations=(1024, 2048),
+    continuation_steps=256,
 )
+
+
+def needle_depths(count: int) -> tuple[float, ...]:
+    """``count`` depths spread evenly over ``(0, 1)``: ``(i + 0.5) / count``."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"needle depths: expected a positive integer, got {count!r}")
+    return tuple(round((i + 0.5) / count, 4) for i in range(count))
 
 
 class Progress:
@@ -108,7 +121,7 @@ def run(
     if len(tokens) < max(b.min_text, decode_end):
         raise ValueError(f"text has {len(tokens):,} tokens; --{b.name} needs {b.min_text:,}")
     specs = [CacheSpec(EXACT)] + [s for s in specs if s.kind != EXACT]
-    progress = Progress(2 + 4 * len(specs))
+    progress = Progress(2 + 5 * len(specs))
     t0 = time.perf_counter()
 
     progress.show("exact prefix")
@@ -128,11 +141,23 @@ def run(
     for row in rows:
         row["delta_ppl_pct"] = 100 * (row["ppl"] / exact["ppl"] - 1)
         row["needle_vs_exact"] = row["needle"] - exact["needle"]
+        per_token = row.pop("_per_token")
+        if row is not exact:
+            exact_nll = exact["_exact_nll"]
+            dp = bootstrap.delta_ppl_interval(per_token.nll, exact_nll, b.chunk)
+            kl = bootstrap.mean_interval(per_token.kl, b.chunk)
+            row["delta_ppl_ci"] = [_sig(dp.low), _sig(dp.high)]
+            row["kl_ci"] = [_sig(kl.low), _sig(kl.high)]
+        else:
+            row["delta_ppl_ci"], row["kl_ci"] = [0.0, 0.0], [0.0, 0.0]
+    exact.pop("_exact_nll")
     return {
         "model": model_name,
         "text": {"source": text.source, "sha256": text.sha256, "tokens": len(tokens)},
         "budget": asdict(b),
         "scored_range": [b.prefix + 1, b.prefix + b.scored],
+        "ci_level": bootstrap.LEVEL,
+        "ci_block": b.chunk,
         "needle_haystack_start": hay_start,
         "kv_shape": asdict(model_kv_shape(model)),
         "fp16_bytes": model_kv_shape(model).fp16_bytes(b.context),
@@ -156,6 +181,7 @@ class _Shared:
     groups: list
     reference: list | None = None
     exact_full: list | None = None
+    continuations: list | None = None
 
     def row(self, spec: CacheSpec, progress: Progress) -> dict:
         model, b, t = self.model, self.budget, self.tokens
@@ -170,10 +196,14 @@ class _Shared:
             progress.step(f"{spec.label}: {name}")
 
         caches = fill(spec.make_caches(model), self.prefix_kv)
-        quality, kept = scoring.score(model, caches, t, b.prefix, b.scored, b.chunk, self.reference)
+        quality, kept, per_token = scoring.score(
+            model, caches, t, b.prefix, b.scored, b.chunk, self.reference
+        )
+        row = {**_describe(spec, caches, model, b.context), **asdict(quality)}
+        row["_per_token"] = per_token
         if spec.kind == EXACT:
             self.reference, self.exact_full = kept, caches
-        row = {**_describe(spec, caches, model, b.context), **asdict(quality)}
+            row["_exact_nll"] = per_token.nll
         lap("quality")
 
         decode = t[b.context + 1 : b.context + 1 + b.decode_steps]
@@ -213,8 +243,27 @@ class _Shared:
         row["needle"] = sum(x["retrieved"] for x in trials) / len(trials)
         row["needle_trials"] = trials
         lap("needle")
+
+        ends = b.continuations if b.continuation_steps else ()
+        gens = continuation.run(
+            model, lambda: spec.make_caches(model), self.prefix_kv, t, ends, b.continuation_steps
+        )
+        if spec.kind == EXACT:
+            self.continuations = gens
+        compared = [
+            continuation.compare(g, r) for g, r in zip(gens, self.continuations, strict=True)
+        ]
+        row["continuations"] = [{"prompt": e, **c} for e, c in zip(ends, compared, strict=True)]
+        row["agree_len_min"] = min((c["agree_len"] for c in compared), default=None)
+        row["match_mean"] = sum(c["match"] for c in compared) / len(compared) if compared else None
+        lap("continuation")
         row["seconds"] = {**stages, "total": round(time.perf_counter() - start, 1)}
         return row
+
+
+def _sig(x: float) -> float:
+    """``x`` to 6 significant digits (a KL of 1e-7 must not round to 0)."""
+    return float(f"{x:.6g}")
 
 
 def _describe(spec: CacheSpec, caches: list, model, context: int) -> dict:

@@ -3,8 +3,11 @@
 Columns: the row's cache spec, accounted bits per element (keys and values averaged, fp16
 side data), the bytes the cache really holds after ``context`` tokens (``nbytes``), the
 ratio of fp16 bytes to those bytes, perplexity and its change against the exact cache, KL
-(nats/token), top-1 agreement, needle retrieval, decode tokens/s as a ratio of the exact
-cache's (timed side by side) and the lowest per-layer attention-output cosine.
+(nats/token), each with its 95% bootstrap interval in brackets (:mod:`.bootstrap`), top-1
+agreement, needle retrieval, greedy continuations (the shortest run of tokens agreeing with
+the exact cache's continuation, of the tokens generated; ``-`` when not run), decode
+tokens/s as a ratio of the exact cache's (timed side by side) and the lowest per-layer
+attention-output cosine.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ COLUMNS = (
     ("cache MiB", "cache_bytes", "{:.2f}"),
     ("vs fp16", "ratio_vs_fp16", "{:.2f}x"),
     ("PPL", "ppl", "{:.3f}"),
-    ("ΔPPL %", "delta_ppl_pct", "{:+.2f}"),
-    ("KL", "kl", "{:.4f}"),
+    ("ΔPPL % [95% CI]", "delta_ppl_pct", "{:+.2f}"),
+    ("KL [95% CI]", "kl", "{:.4f}"),
     ("top-1", "top1", "{:.3f}"),
     ("needle", "needle", "{}"),
+    ("gen agree", "agree_len_min", "{}"),
     ("decode vs exact", "decode_ratio", "{:.2f}x"),
     ("attn cos min", "layer_cosine_min", "{:.4f}"),
 )
@@ -36,6 +40,13 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     if key == "needle":
         hits = sum(t["retrieved"] for t in row["needle_trials"])
         return f"{hits}/{len(row['needle_trials'])}"
+    if key == "agree_len_min":
+        gens = row.get("continuations") or []
+        return f"{value}/{gens[0]['steps']}" if gens else "-"
+    ci = {"delta_ppl_pct": "delta_ppl_ci", "kl": "kl_ci"}.get(key)
+    if ci and row["kind"] != "exact" and ci in row:
+        low, high = row[ci]
+        return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
     return fmt.format(value)
 
 
@@ -49,7 +60,15 @@ def markdown(report: dict) -> str:
         f"exact {b['prefix']}-token prefix, {b['chunk']} tokens per forward "
         f"(tokens {report['scored_range'][0]}-{report['scored_range'][1]}); bytes after "
         f"{b['prefix'] + b['scored']} tokens; needle: {lengths}; decode timed over "
-        f"{b['decode_steps']} tokens at {b['prefix'] + b['scored']} tokens of context.",
+        f"{b['decode_steps']} tokens at {b['prefix'] + b['scored']} tokens of context; "
+        f"intervals: {100 * report.get('ci_level', 0.95):.0f}% bootstrap over blocks of "
+        f"{report.get('ci_block', b['chunk'])} scored tokens"
+        + (
+            f"; continuations: {b['continuation_steps']} greedy tokens after prompts of "
+            f"{', '.join(map(str, b['continuations']))} tokens."
+            if b.get("continuation_steps")
+            else "."
+        ),
         "",
         "| " + " | ".join(c[0] for c in COLUMNS) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",

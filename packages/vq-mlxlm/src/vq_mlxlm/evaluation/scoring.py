@@ -12,7 +12,9 @@ scored token therefore attends to at least ``prefix`` compressed tokens, and to 
 
 Scored predictions: the logits at positions ``prefix .. prefix + count - 1`` against the
 next tokens. PPL is ``exp(mean NLL)``; KL is ``KL(p_exact || p_cache)`` in nats per token,
-averaged; top-1 is the fraction of positions where both argmaxes agree.
+averaged; top-1 is the fraction of positions where both argmaxes agree. The per-token NLL
+and KL are returned too (:class:`PerToken`), for the bootstrap intervals of
+:mod:`.bootstrap`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ class Quality:
     kl: float
     top1: float
     tokens: int  # scored predictions
+
+
+@dataclass(frozen=True)
+class PerToken:
+    """Each scored prediction's NLL and KL (nats), in text order."""
+
+    nll: list[float]
+    kl: list[float]
 
 
 def chunk_logprobs(model, caches: list, tokens: list[int], start: int, count: int, chunk: int):
@@ -49,24 +59,28 @@ def score(
     count: int,
     chunk: int,
     reference: list[mx.array] | None = None,
-) -> tuple[Quality, list[mx.array]]:
-    """Score ``count`` predictions after ``start``; returns quality and the log-probs.
+) -> tuple[Quality, list[mx.array], PerToken]:
+    """Score ``count`` predictions after ``start``; returns quality, the log-probs (kept
+    only for the reference run) and the per-token scores.
 
     With ``reference`` (the exact run's log-probs, chunk by chunk) KL and top-1 are
     measured against it and nothing is kept; without, this *is* the reference run.
     """
     if len(tokens) < start + count + 1:
         raise ValueError(f"text has {len(tokens)} tokens; scoring needs {start + count + 1}")
-    nll = kl = agree = 0.0
+    nll: list[float] = []
+    kl: list[float] = []
+    agree = 0.0
     kept = []
     for j, (logp, target) in enumerate(chunk_logprobs(model, caches, tokens, start, count, chunk)):
-        nll += -mx.take_along_axis(logp, target[:, None], axis=-1).sum().item()
+        nll += (-mx.take_along_axis(logp, target[:, None], axis=-1)[:, 0]).tolist()
         if reference is None:
             kept.append(logp)
             agree += logp.shape[0]
+            kl += [0.0] * logp.shape[0]
             continue
         ref = reference[j]
-        kl += (mx.exp(ref) * (ref - logp)).sum().item()
+        kl += (mx.exp(ref) * (ref - logp)).sum(axis=-1).tolist()
         agree += (mx.argmax(ref, axis=-1) == mx.argmax(logp, axis=-1)).sum().item()
-    quality = Quality(math.exp(nll / count), kl / count, agree / count, count)
-    return quality, kept
+    quality = Quality(math.exp(math.fsum(nll) / count), math.fsum(kl) / count, agree / count, count)
+    return quality, kept, PerToken(nll, kl)
