@@ -49,24 +49,79 @@ ARCHS = {
             sliding_window=8,
         ),
     ),
+    "qwen3_next": (  # hybrid: layer 0 gated delta (ArraysCache), layer 1 gated attention
+        "qwen3_next",
+        dict(
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+            linear_conv_kernel_dim=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            shared_expert_intermediate_size=64,
+            mlp_only_layers=[],
+            moe_intermediate_size=64,
+            partial_rotary_factor=0.5,
+            max_position_embeddings=4096,
+            full_attention_interval=2,
+        ),
+    ),
+}
+# Refused families (patch raises UnsupportedModelError): built to check the message.
+REFUSED = {
+    "deepseek_v3": (
+        "deepseek_v3",
+        dict(
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            kv_lora_rank=32,
+            q_lora_rank=None,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            qk_nope_head_dim=32,
+            n_routed_experts=None,
+            max_position_embeddings=4096,
+        ),
+    ),
+    "gemma2": (
+        "gemma2",
+        dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64),
+    ),
 }
 COMMON = dict(
     num_hidden_layers=2, intermediate_size=256, vocab_size=97, rms_norm_eps=1e-5, rope_theta=10000.0
 )
 
 
-def build(arch: str, seed: int = 0):
-    module_name, overrides = ARCHS[arch]
-    module = importlib.import_module(f"mlx_lm.models.{module_name}")
-    fields = module.ModelArgs.__dataclass_fields__
-    kwargs = {k: v for k, v in {**COMMON, **overrides}.items() if k in fields}
-    kwargs["model_type"] = arch
-    model = module.Model(module.ModelArgs(**kwargs))
-    mx.random.seed(seed)
-    params = model.parameters()
+def build(arch: str, seed: int = 0, init: str = "flat"):
+    """A random ``arch`` model. ``init="flat"``: every parameter N(0, 0.05²) (norm weights
+    too, so logits are near uniform); ``"fan_in"``: matrices N(0, 1/fan_in), norms as
+    mlx-lm initializes them, learned sink logits N(0, 1): peaked next-token distributions
+    and attention that is neither uniform nor one-hot, for greedy-token and KL tests."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    fresh = [(k, mx.random.normal(v.shape) * 0.05) for k, v in tree_flatten(params)]
+    module_name, overrides = {**ARCHS, **REFUSED}[arch]
+    module = importlib.import_module(f"mlx_lm.models.{module_name}")
+    params = {**COMMON, **overrides, "model_type": arch}
+    mx.random.seed(seed)  # before the model: its own init (biases, norms) is kept by fan_in
+    model = module.Model(module.ModelArgs.from_dict(params))
+    fresh = []
+    for k, v in tree_flatten(model.parameters()):
+        if init == "flat":
+            fresh.append((k, mx.random.normal(v.shape) * 0.05))
+        elif k.endswith("sinks"):
+            fresh.append((k, mx.random.normal(v.shape)))
+        elif "norm" in k or v.ndim < 2:
+            fresh.append((k, v))
+        else:
+            fresh.append((k, mx.random.normal(v.shape) * v.shape[-1] ** -0.5))
     model.update(tree_unflatten(fresh))
     mx.eval(model.parameters())
     return model

@@ -17,8 +17,9 @@ from typing import Any
 
 from vq_core import CompressedKVCache, ConfigError
 from vq_core.cache import DEFAULT_BLOCK
+from vq_mlxlm.architectures import check_architecture
 from vq_mlxlm.layer_caches import plan
-from vq_mlxlm.routing import check_routable, route
+from vq_mlxlm.routing import route
 
 
 def _head_dim(model, layer) -> int:
@@ -73,7 +74,7 @@ def patch(
     """
     from vq_mlxlm.distributed.layout import layout
 
-    check_routable(model)
+    check_architecture(model)
     spread = layout(model)  # a sharded model: this rank's layers and KV heads
     layers = list(model.layers)
     head_dims = [_head_dim(model, layer) for layer in layers]

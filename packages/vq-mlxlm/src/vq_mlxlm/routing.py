@@ -75,16 +75,3 @@ def is_routed(model) -> bool:
     """True when the module defining ``model`` calls the routed attention."""
     module = sys.modules.get(type(model).__module__)
     return getattr(module, _NAME, None) is routed_attention
-
-
-def check_routable(model) -> None:
-    """Raise :class:`UnsupportedModelError` if the model's attention cannot be routed."""
-    module = sys.modules.get(type(model).__module__)
-    if getattr(module, _NAME, None) not in (routed_attention, _mlx_lm_sdpa()):
-        arch = getattr(getattr(model, "args", None), "model_type", type(model).__module__)
-        raise UnsupportedModelError(
-            f"architecture {arch!r} computes attention without mlx-lm's "
-            f"scaled_dot_product_attention (e.g. gemma2's soft-capping, MLA models), so vq "
-            f"cannot route it; supported: llama, mistral, qwen2, qwen3, gemma3_text, phi3 and "
-            f"other models that call mlx_lm.models.base.scaled_dot_product_attention"
-        )

@@ -63,12 +63,13 @@ def generate(args) -> int:
         if not args.json:
             print(resp.text, end="", flush=True)
         last = resp
-    shape = model_kv_shape(model)
-    tokens = max(c.offset for c in cache)
-    cache_bytes = sum(c.nbytes for c in cache)
-    used = sum(c.used_nbytes if isinstance(c, CompressedKVCache) else c.nbytes for c in cache)
-    fp16 = sum(2 * c.offset * shape.kv_heads * shape.head_dim * 2 for c in cache)
-    ratio = fp16 / used if used else float("nan")
+    from vq_mlxlm.cache_memory import cache_memory
+
+    mem = cache_memory(cache, model_kv_shape(model).kv_heads)
+    tokens, ratio = mem.tokens, mem.ratio
+    used = mem.compressed_used_bytes + mem.exact_kv_bytes + mem.state_bytes
+    cache_bytes = mem.compressed_bytes + mem.exact_kv_bytes + mem.state_bytes
+    first = next((c for c in cache if isinstance(c, CompressedKVCache)), None)
     result = {
         "text": "".join(text),
         "prompt_tokens": last.prompt_tokens,
@@ -76,16 +77,20 @@ def generate(args) -> int:
         "cache_tokens": tokens,
         "cache_bytes": cache_bytes,
         "used_cache_bytes": used,
-        "fp16_cache_bytes": fp16,
+        "fp16_cache_bytes": mem.fp16_bytes,
+        "compressed_used_bytes": mem.compressed_used_bytes,
         "ratio": round(ratio, 3),
-        "compressed_layers": sum(isinstance(c, CompressedKVCache) for c in cache),
+        "layers": mem.layers,
+        "compressed_layers": mem.compressed_layers,
+        "exact_kv_layers": mem.exact_kv_layers,
+        "exact_kv_bytes": mem.exact_kv_bytes,
+        "state_layers": mem.state_layers,
+        "state_bytes": mem.state_bytes,
         "prompt_tps": round(last.prompt_tps, 2),
         "generation_tps": round(last.generation_tps, 2),
         "method": args.method,
         "bits": args.bits,
-        "value_method": cache[0].value_quantizer.method
-        if isinstance(cache[0], CompressedKVCache)
-        else None,
+        "value_method": first.value_quantizer.method if first is not None else None,
         "value_bits": args.value_bits or args.bits,
         "window": args.window,
     }
@@ -102,11 +107,14 @@ def generate(args) -> int:
                 f"in the model's activation dtype, until their {block}-token block is encoded"
             )
         print(
-            f"[vq] cache: {used:,} bytes of codes for {tokens} tokens vs fp16 {fp16:,} bytes "
-            f"({size}; {cache_bytes:,} bytes allocated in 256-token steps) | "
+            f"[vq] cache: {mem.compressed_used_bytes:,} bytes of codes for {tokens} tokens in "
+            f"{mem.compressed_layers} of {mem.layers} layers vs fp16 {mem.fp16_bytes:,} bytes "
+            f"({size}; {mem.compressed_bytes:,} bytes allocated in 256-token steps) | "
             f"{args.method} {args.bits}-bit keys, {result['value_method']} "
             f"{result['value_bits']}-bit values"
         )
+        if mem.untouched():
+            print(f"[vq] not compressed: {mem.untouched()}")
         print(
             f"[vq] prompt {last.prompt_tokens} tokens at {last.prompt_tps:.1f} tok/s, "
             f"generation {last.generation_tokens} tokens at {last.generation_tps:.1f} tok/s"

@@ -1,4 +1,5 @@
-"""``vq methods``: every registered method, its family, calibration need and bit options."""
+"""``vq methods``: every registered method, its family, calibration need and bit options,
+then the supported and refused mlx-lm architectures."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def method_table(head_dim: int = HEAD_DIM) -> list[dict]:
 
 
 def methods(args) -> int:
+    from vq_mlxlm.architectures import markdown_table
+
     rows = method_table()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -47,4 +50,6 @@ def methods(args) -> int:
         bpe = ", ".join(f"{b}->{v}" for b, v in r["bits_per_element"].items())
         calib = "yes" if r["needs_calibration"] else "no"
         print(f"{r['method']:<16} {r['family']:<46} {calib:<5} {bpe}")
+    print("\narchitectures (vq_mlxlm.architectures; each model type is tested):")
+    print(markdown_table())
     return 0

@@ -1,0 +1,150 @@
+"""Every row of vq_mlxlm.architectures.ARCHITECTURES, run on a tiny random model of it.
+
+Supported rows: greedy tokens at 8 bits (turboquant_rvq) equal the exact cache's, and the
+4-bit (turboquant_mse) next-token distributions stay within ``KL_BOUND_4BIT`` of the exact
+cache's. Refused rows: ``patch`` raises the row's reason, naming the architecture.
+"""
+
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+from tiny_models import ARCHS, REFUSED, build
+
+from vq_core import CompressedKVCache
+from vq_mlxlm import UnsupportedModelError, patch
+from vq_mlxlm.architectures import ARCHITECTURES, markdown_table
+
+ROWS = [(a, t) for a in ARCHITECTURES for t in a.model_types]
+SUPPORTED = [t for a, t in ROWS if not a.refused]
+REFUSED_ROWS = [(a, t) for a, t in ROWS if a.refused]
+PROMPT = mx.array([[(7 * i + 3) % 97 for i in range(40)]])
+MARGIN = 0.1  # logits; 8-bit turboquant_rvq moves these models' logits by at most ~0.05
+STEPS, SEEDS = 6, 20
+KL_BOUND_4BIT = 0.05  # mean over positions; measured 0.002-0.01 on these models (fan_in init)
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _greedy(model, cache, n, chunk=16):
+    """Prefill PROMPT in chunks, then ``n`` greedy tokens one at a time; returns the tokens
+    and the smallest top-1 over top-2 logit margin of the steps."""
+    for i in range(0, PROMPT.shape[1], chunk):
+        logits = model(PROMPT[:, i : i + chunk], cache=cache)
+    out, margin = [], mx.inf
+    for _ in range(n):
+        top2 = mx.sort(logits[0, -1])[-2:]
+        margin = min(margin, (top2[1] - top2[0]).item())
+        tok = logits[:, -1].argmax(-1)
+        out.append(tok.item())
+        logits = model(tok[:, None], cache=cache)
+    return out, margin
+
+
+def _decisive(arch):
+    """The first seed whose model's greedy run on the exact cache never has two tokens
+    within ``MARGIN`` (chosen from the exact run alone: a near tie would make any error,
+    even fp16 rounding, flip a token)."""
+    for seed in range(SEEDS):
+        model = build(arch, seed=seed, init="fan_in")
+        tokens, margin = _greedy(model, make_prompt_cache(model), STEPS)
+        if margin > MARGIN:
+            return model, tokens
+    raise AssertionError(f"no seed below {SEEDS} gives {arch} a greedy run with margins > {MARGIN}")
+
+
+def _logits(model, cache, chunk=8):
+    outs = [model(PROMPT[:, i : i + chunk], cache=cache) for i in range(0, PROMPT.shape[1], chunk)]
+    return mx.concatenate(outs, axis=1)[0].astype(mx.float32)
+
+
+def _compressed(cache):
+    layers = [c for c in cache if isinstance(c, CompressedKVCache)]
+    assert layers and all(c.compressed_tokens > 0 for c in layers)
+    return layers
+
+
+def test_every_model_type_in_the_table_is_built_by_the_tests():
+    assert {t for _, t in ROWS if t not in REFUSED} <= set(ARCHS)
+    assert {t for _, t in REFUSED_ROWS} <= set(REFUSED)
+
+
+def test_the_readme_and_vq_methods_print_the_code_table(capsys):
+    from argparse import Namespace
+
+    from vq_mlxlm.commands.methods import methods
+
+    assert markdown_table() in README.read_text()
+    assert methods(Namespace(json=False)) == 0
+    assert markdown_table() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_greedy_tokens_at_8_bits_equal_the_exact_cache(arch):
+    model, exact = _decisive(arch)
+    patch(model, "turboquant_rvq", bits=8, block=8)
+    cache = make_prompt_cache(model)
+    assert _greedy(model, cache, STEPS)[0] == exact
+    _compressed(cache)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_four_bit_kl_to_the_exact_cache_is_bounded(arch):
+    model = build(arch, init="fan_in")
+    ref = _logits(model, make_prompt_cache(model))
+    patch(model, "turboquant_mse", bits=4, block=8)
+    cache = make_prompt_cache(model)
+    out = _logits(model, cache)
+    _compressed(cache)
+    lp, lq = (x - mx.logsumexp(x, axis=-1, keepdims=True) for x in (ref, out))
+    kl = (mx.exp(lp) * (lp - lq)).sum(-1)[16:]  # positions with compressed history
+    assert 0 < kl.mean().item() < KL_BOUND_4BIT
+
+
+@pytest.mark.parametrize(("row", "arch"), REFUSED_ROWS, ids=[t for _, t in REFUSED_ROWS])
+def test_refused_architectures_say_which_and_why(row, arch):
+    model = build(arch)
+    with pytest.raises(UnsupportedModelError, match=f"architecture '{arch}'") as err:
+        patch(model, "turboquant_mse", bits=4)
+    for reason in row.refused.split("; and "):
+        assert reason in str(err.value)
+    assert not hasattr(model, "_vq_config")  # nothing was patched
+
+
+def test_vq_generate_memory_line_says_what_a_hybrid_leaves_untouched(monkeypatch, capsys):
+    """qwen3_next: the gated-delta layer's ArraysCache is not compressed, and the memory
+    line says so with its bytes; the ratio compares the compressed layer with fp16."""
+    import importlib
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    import mlx_lm
+
+    command = importlib.import_module("vq_mlxlm.commands.generate")
+
+    model = patch(build("qwen3_next", init="fan_in"), "turboquant_mse", bits=4, block=8)
+
+    def fake_stream(model, tokenizer, prompt, max_tokens, prompt_cache):
+        model(PROMPT, cache=prompt_cache)
+        yield SimpleNamespace(
+            text="x", prompt_tokens=40, generation_tokens=1, prompt_tps=1.0, generation_tps=1.0
+        )
+
+    monkeypatch.setattr(command, "load_patched", lambda args: (model, SimpleNamespace()))
+    monkeypatch.setattr(mlx_lm, "stream_generate", fake_stream)
+    args = Namespace(
+        prompt="p", max_tokens=1, json=False, no_chat_template=True, method="turboquant_mse",
+        bits=4, value_bits=None, window=0,
+    )  # fmt: skip
+    assert command.generate(args) == 0
+    out = capsys.readouterr().out
+    assert "in 1 of 2 layers" in out
+    state = re.search(r"1 recurrent-state layers untouched \(([\d,]+) bytes\)", out)
+    assert state and int(state.group(1).replace(",", "")) > 0
+    args.json = True
+    assert command.generate(args) == 0
+    r = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (r["compressed_layers"], r["state_layers"], r["exact_kv_layers"]) == (1, 1, 0)
+    assert r["fp16_cache_bytes"] == 2 * 40 * 2 * 64 * 2  # K and V, 40 tokens, 2 heads, fp16
+    assert r["used_cache_bytes"] == r["compressed_used_bytes"] + r["state_bytes"]
