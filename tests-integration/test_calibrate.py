@@ -4,9 +4,10 @@ import mlx.core as mx
 import pytest
 from tiny_models import build
 
-from vq_calibrate import calibrate, load_allocation
-from vq_calibrate.capture import fresh_caches
+from vq_calibrate import load_allocation
 from vq_core import ArtifactError, CompressedKVCache, create
+from vq_mlxlm.calibration import calibrate
+from vq_mlxlm.model_shape import original_caches as fresh_caches
 from vq_mlxlm.routing import route
 
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from vq_calibrate import SafetensorsStore
+from vq_core import ArtifactStore
 from vq_mlxlm import default_model
 from vq_mlxlm.cli import main
 
@@ -34,9 +34,9 @@ def files(tmp_path_factory):
         arrays[f"layers.0.{kind}.smooth"] = np.ones(64, np.float32)
         arrays[f"layers.0.{kind}.centroids"] = rng.standard_normal((16, 256, 4), np.float32)
     meta = {"method": "vecinfer", "version": 1, "text_sha256": "0" * 64, "bits": 2}
-    SafetensorsStore(vec).save("vecinfer", arrays, meta | {"fingerprint": DEFAULT_FP})
+    ArtifactStore(vec).save("vecinfer", arrays, meta | {"fingerprint": DEFAULT_FP})
     other = root / "other_model"
-    SafetensorsStore(other).save(
+    ArtifactStore(other).save(
         "vecinfer", arrays, meta | {"fingerprint": DEFAULT_FP | {"kv_heads": 2}}
     )
     return root

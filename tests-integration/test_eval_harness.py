@@ -176,7 +176,7 @@ def test_cli_grid():
 def test_artifact_rows_run_in_the_harness(tmp_path):
     """``vq eval --artifacts``: each calibrated method at its trained bits, and RateQuant
     next to the uniform split of the same mean, all scored in one run."""
-    from vq_calibrate import calibrate
+    from vq_mlxlm.calibration import calibrate
 
     tok, model = CharTokenizer(), build("llama")
     text = " ".join(WORDS.split() * 40)

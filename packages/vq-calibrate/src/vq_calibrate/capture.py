@@ -1,17 +1,13 @@
-"""Capture per-layer keys and values from an mlx-lm model running calibration text.
+"""What calibration saw, as arrays: the input every trainer of :mod:`vq_calibrate.train`
+takes.
 
-Each layer's cache is wrapped in a :class:`RecordingCache` that forwards everything to the
-real cache and records the ``keys``/``values`` passed to ``update_and_fetch``: exactly what a
-compressed cache would receive (post-RoPE keys, ``[B, H_kv, L, D]``). Per layer and kind
-(``"k"``, ``"v"``) it keeps streaming moments (:class:`~vq_calibrate.pca.Moments`, over all
-heads and tokens) and a bounded uniform sample of vectors (reservoir sampling, Vitter's
-Algorithm R, deterministic from ``seed``) for k-means.
-
-Methods with per-head key codebooks ask for ``head_samples``: a sample of whole tokens'
-keys, ``[n, H·D]`` per layer, so every head keeps its own rows. With ``ropes`` (one
-:class:`~vq_algorithms._rope.RopeGeometry` per layer, from
-:func:`vq_mlxlm.model_shape.model_ropes`) those keys
-are rotated back to their pre-RoPE form, using each token's position (the cache offset).
+:class:`Capture` is fed key and value batches (``[B, H_kv, L, D]`` numpy arrays, whatever
+produced them; vq-mlxlm's ``vq_mlxlm.calibration.capture`` records them from a model). Per
+layer and kind (``"k"``, ``"v"``) it keeps streaming moments
+(:class:`~vq_calibrate.pca.Moments`, over all heads and tokens) and a bounded uniform sample
+of vectors (reservoir sampling, Vitter's Algorithm R, deterministic from ``seed``) for
+k-means. Methods with per-head key codebooks also get :meth:`Capture.record_tokens`: a
+sample of whole tokens' keys, ``[n, H·D]`` per layer, so every head keeps its own rows.
 """
 
 from __future__ import annotations
@@ -79,35 +75,6 @@ class Capture:
         self.head_samples[key].update(rows)
 
 
-class RecordingCache:
-    """Forwards the mlx-lm cache protocol to ``inner``; records ``update_and_fetch`` inputs."""
-
-    def __init__(self, inner, layer: int, sink):
-        self.__dict__.update(_inner=inner, _layer=layer, _sink=sink)
-
-    def update_and_fetch(self, keys, values):
-        self._sink(self._layer, keys, values, self._inner.offset)
-        return self._inner.update_and_fetch(keys, values)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def __setattr__(self, name, value):
-        setattr(self._inner, name, value)
-
-
-def fresh_caches(model) -> list:
-    """mlx-lm's own caches for ``model`` (its unpatched ``make_cache`` if vq patched it)."""
-    original = model.__dict__.get("_vq_original_make_cache", "unset")
-    if original not in ("unset", None):
-        return original()
-    if original is None or not hasattr(model, "make_cache"):
-        from mlx_lm.models.cache import KVCache
-
-        return [KVCache() for _ in model.layers]
-    return model.make_cache()
-
-
 def progress_bar(label: str, i: int, n: int, enabled: bool) -> None:
     if enabled:
         width = 30
@@ -116,62 +83,3 @@ def progress_bar(label: str, i: int, n: int, enabled: bool) -> None:
         if i == n:
             sys.stderr.write("\n")
         sys.stderr.flush()
-
-
-def model_fingerprint(model, head_dim: int, kv_heads: int) -> dict[str, Any]:
-    args = getattr(model, "args", None)
-    arch = getattr(model, "model_type", None) or getattr(args, "model_type", None)
-    return {
-        "architecture": str(arch),
-        "layers": len(model.layers),
-        "kv_heads": int(kv_heads),
-        "head_dim": int(head_dim),
-    }
-
-
-def capture(
-    model,
-    sequences: list[list[int]],
-    *,
-    text_sha256: str,
-    max_samples: int = 16384,
-    seed: int = 0,
-    progress: bool = True,
-    head_samples: int = 0,
-    ropes: list | None = None,
-) -> Capture:
-    """Run ``model`` on token ``sequences`` (one forward pass each) and record every layer;
-    ``head_samples`` > 0 also keeps that many whole tokens' keys per layer (pre-RoPE when
-    ``ropes`` is given)."""
-    import mlx.core as mx
-
-    state: dict[str, Any] = {}
-    cap: Capture | None = None
-
-    def sink(layer, keys, values, offset):
-        state["shape"] = keys.shape
-        keys, values = keys.astype(mx.float32), values.astype(mx.float32)
-        if head_samples:
-            if ropes is not None:
-                g = ropes[layer]
-                keys_pre = g.from_pairs(g.rotate_pairs(g.to_pairs(keys), offset, inverse=True))
-            else:
-                keys_pre = keys
-            state.setdefault("tokens", []).append((layer, "k", np.array(keys_pre)))
-        for kind, x in (("k", keys), ("v", values)):
-            state.setdefault("batch", []).append((layer, kind, np.array(x)))
-
-    for i, seq in enumerate(sequences):
-        progress_bar("capture", i, len(sequences), progress)
-        caches = [RecordingCache(c, j, sink) for j, c in enumerate(fresh_caches(model))]
-        mx.eval(model(mx.array([seq]), cache=caches))
-        if cap is None:
-            _, kv_heads, _, head_dim = state["shape"]
-            cap = Capture(model_fingerprint(model, head_dim, kv_heads), text_sha256)
-        for layer, kind, arr in state.pop("batch"):
-            cap.record(layer, kind, arr, max_samples, seed)
-        for layer, kind, arr in state.pop("tokens", []):
-            cap.record_tokens(layer, kind, arr, head_samples, seed)
-    progress_bar("capture", len(sequences), len(sequences), progress)
-    cap.tokens = [list(s) for s in sequences]
-    return cap

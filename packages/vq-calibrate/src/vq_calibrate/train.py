@@ -1,14 +1,18 @@
 """Training of each calibrated method from a :class:`~vq_calibrate.capture.Capture`.
 
 A trainer returns the artifact arrays, named ``layers.<i>.<k|v>.<field>`` as the method's
-quantizer reads them (see :mod:`vq_algorithms.spectral`, :mod:`vq_algorithms.vecinfer`),
-plus method-specific metadata.
+quantizer in vq-algorithms reads them (``vq_algorithms.spectral``, ``vecinfer``,
+``comm_vq``), plus method-specific metadata. :func:`train` runs one and writes the artifact
+(:mod:`vq_core.artifacts`). Nothing here runs a model or imports vq-algorithms: what a
+trainer needs to know about its method (codebook size, stage count, RoPE pairing) is passed
+in by the caller.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +21,7 @@ from vq_calibrate.capture import Capture, progress_bar
 from vq_calibrate.commutative_em import DEFAULT_EM, EMSettings, train_tables
 from vq_calibrate.kmeans import product_kmeans
 from vq_calibrate.pca import pca
+from vq_core import ArtifactStore, RandomizedHadamard, invalid_choice
 
 
 def train_spectral(cap: Capture, bits: int, progress: bool = False) -> tuple[dict, dict]:
@@ -43,17 +48,20 @@ def smoothing_factors(max_abs: np.ndarray) -> np.ndarray:
 
 def hadamard_matrix(dim: int) -> np.ndarray:
     """The fixed transform VecInfer uses (vq_core's RandomizedHadamard with seed 0)."""
-    from vq_core import RandomizedHadamard
-
     return np.array(RandomizedHadamard(dim, seed=0).matrix, dtype=np.float64)
 
 
 def train_vecinfer(
-    cap: Capture, bits: int, *, iters: int = 20, seed: int = 0, progress: bool = False
+    cap: Capture,
+    bits: int,
+    *,
+    codebook_size: int,
+    iters: int = 20,
+    seed: int = 0,
+    progress: bool = False,
 ) -> tuple[dict, dict]:
-    """Smoothing ``[D]`` and k-means product codebooks ``[S, 256, D/S]`` per layer/kind."""
-    from vq_algorithms.vecinfer import CODEBOOK_SIZE
-
+    """Smoothing ``[D]`` and k-means product codebooks ``[S, codebook_size, D/S]`` per
+    layer/kind (``S = D / (8 / bits)``; VecInfer's ``CODEBOOK_SIZE`` is 256)."""
     arrays: dict[str, Any] = {}
     items = sorted(cap.moments.items())
     for n, ((layer, kind), m) in enumerate(items):
@@ -62,7 +70,7 @@ def train_vecinfer(
         d = x.shape[1]
         s = smoothing_factors(m.max_abs)
         z = (x / s) @ hadamard_matrix(d)
-        books, _ = product_kmeans(z, d // (8 // bits), CODEBOOK_SIZE, iters=iters, seed=seed)
+        books, _ = product_kmeans(z, d // (8 // bits), codebook_size, iters=iters, seed=seed)
         p = f"layers.{layer}.{kind}."
         arrays[p + "smooth"] = s.astype(np.float32)
         arrays[p + "centroids"] = books.astype(np.float32)
@@ -74,29 +82,27 @@ def train_comm_vq(
     cap: Capture,
     bits: int,
     *,
+    stages: int,
+    ropes: list,
     table_bits: int = 6,
-    ropes: list | None = None,
     seed: int = 0,
     settings: EMSettings = DEFAULT_EM,
     progress: bool = False,
 ) -> tuple[dict, dict]:
-    """EM-trained key tables ``[H, R, K, P, 2]`` per layer, from ``cap.head_samples``
-    (pre-RoPE keys), plus each layer's RoPE geometry (``rope_perm``, ``rope_freqs``).
-    Values are left to comm_vq's value partner (see :mod:`vq_algorithms.comm_vq`).
+    """EM-trained key tables ``[H, R, K, P, 2]`` per layer (``R = stages``, ``K =
+    2**table_bits``), from ``cap.head_samples`` (pre-RoPE keys), plus each layer's RoPE
+    geometry (``rope_perm``, ``rope_freqs``). ``ropes``: per layer an object with ``perm
+    [D]`` and ``freqs [D/2]`` (``vq_algorithms._rope.RopeGeometry``); ``stages``: what
+    ``CommVQConfig(head_dim, bits, table_bits).stages`` gives. Values are left to comm_vq's
+    value partner.
 
     One job per (layer, head), run on every CPU core (numpy releases the GIL).
     """
-    from vq_algorithms._rope import RopeGeometry
-    from vq_algorithms.comm_vq import CommVQConfig
-
     keys = {layer: res for (layer, kind), res in cap.head_samples.items() if kind == "k"}
     if not keys:
         raise ValueError("comm_vq needs per-head samples: capture(..., head_samples=N)")
     d = cap.fingerprint["head_dim"]
-    config = CommVQConfig(head_dim=d, bits=bits, table_bits=table_bits)
-    geometry = {
-        layer: ropes[layer] if ropes is not None else RopeGeometry.identity(d) for layer in keys
-    }
+    geometry = {layer: ropes[layer] for layer in keys}
     jobs = []  # (layer, head, pre-RoPE keys in pair order [n, D])
     for layer in sorted(keys):
         rows = keys[layer].sample.reshape(len(keys[layer].sample), -1, d)
@@ -106,7 +112,7 @@ def train_comm_vq(
     def run(job):
         layer, h, x = job
         job_seed = seed + 1009 * layer + h
-        return train_tables(x, config.stages, table_bits, seed=job_seed, settings=settings)
+        return train_tables(x, stages, table_bits, seed=job_seed, settings=settings)
 
     results = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -129,3 +135,31 @@ def train_comm_vq(
 
 
 TRAINERS = {"spectral": train_spectral, "vecinfer": train_vecinfer, "comm_vq": train_comm_vq}
+
+
+def train(
+    method: str,
+    cap: Capture,
+    bits: int,
+    out: str | os.PathLike,
+    *,
+    version: int,
+    config: dict[str, Any] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> Path:
+    """Train ``method`` on ``cap`` and write ``<out>/<method>.safetensors``; its path.
+
+    ``version``: the method's config version (what its quantizer checks on load);
+    ``config``: quantizer options saved with the artifact (``patch()`` passes them on, e.g.
+    comm_vq's ``table_bits``); ``options`` go to the trainer (see each ``train_*``). The
+    metadata holds ``method``, ``version``, ``bits``, the capture's ``fingerprint`` and
+    ``text_sha256``, and what the trainer adds.
+    """
+    invalid_choice("method", method, tuple(TRAINERS))
+    arrays, extra = TRAINERS[method](cap, int(bits), progress=progress, **options)
+    meta: dict[str, Any] = {"text_sha256": cap.text_sha256, "bits": bits}
+    if config:
+        meta["config"] = dict(config)
+    meta |= extra | {"method": method, "version": version, "fingerprint": cap.fingerprint}
+    return ArtifactStore(out).save(method, arrays, meta)

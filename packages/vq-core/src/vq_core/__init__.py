@@ -5,7 +5,7 @@ Quantizers turn ``[..., head_dim]`` vectors into packed codes (:class:`Quantizer
 one :class:`CompressedKVCache` stores packed keys and values for an attention layer.
 """
 
-from vq_core.artifacts import ArtifactStore, MemoryStore
+from vq_core.artifacts import Artifact, ArtifactStore, read_artifact
 from vq_core.attention import CacheView, attend
 from vq_core.cache import CompressedKVCache
 from vq_core.codebook import LloydMax, ScalarCodebook, VectorCodebook, lloyd_max
@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FLOAT16_MAX",
+    "Artifact",
     "ArtifactError",
     "ArtifactStore",
     "CacheStateError",
@@ -57,7 +58,6 @@ __all__ = [
     "HeadDims",
     "Identity",
     "LloydMax",
-    "MemoryStore",
     "NonFiniteError",
     "Preconditioner",
     "Quantizer",
@@ -86,6 +86,7 @@ __all__ = [
     "make_preconditioner",
     "pack",
     "packed_words",
+    "read_artifact",
     "register",
     "register_compressed_attention",
     "registered_compressed_attention",

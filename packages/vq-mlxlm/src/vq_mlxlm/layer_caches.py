@@ -170,17 +170,15 @@ def _per_layer(name: str, value, n: int) -> list:
 def check_artifact(fingerprint: dict[str, Any], method: str, artifacts: str) -> dict:
     """The metadata of ``method``'s artifact in ``artifacts``; ArtifactError unless it was
     calibrated for a model with this fingerprint."""
-    from vq_algorithms._artifact import artifact_path, check_meta, verify
+    from vq_core.artifacts import artifact_path, read_artifact
 
-    path = artifact_path(artifacts, method)
-    meta = verify(path)
-    check_meta(meta, path, method=method, fingerprint=fingerprint)
-    return meta
+    art = read_artifact(artifact_path(artifacts, method))
+    return art.check(method=method, fingerprint=fingerprint).meta
 
 
 def ratequant_bits(fingerprint: dict[str, Any], method: str, artifacts: str) -> list[int]:
     """Per-layer bits from ``vq calibrate --method ratequant`` (for ``method``)."""
-    from vq_algorithms._artifact import artifact_path, check_meta, read
+    from vq_core.artifacts import artifact_path, check_meta, read
 
     path = artifact_path(artifacts, "ratequant")
     if not path.exists():

@@ -1,5 +1,6 @@
-"""The KV-cache shape of a model (layers, KV heads, head_dim) without loading its weights,
-and the RoPE geometry of a loaded one."""
+"""The KV-cache shape of a model (layers, KV heads, head_dim) without loading its weights;
+for a loaded one also its fingerprint (what artifacts and prompt caches are checked
+against), its RoPE geometry and the caches mlx-lm itself builds for it."""
 
 from __future__ import annotations
 
@@ -75,14 +76,45 @@ def layer_windows(model: str) -> list[int | None]:
     ]
 
 
+def layer_head_dim(model, layer) -> int:
+    """``head_dim`` of one layer of a loaded mlx-lm model (its attention's, else the
+    model args', else ``hidden_size / num_attention_heads``)."""
+    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+    for obj in (attn, getattr(model, "args", None)):
+        value = getattr(obj, "head_dim", None)
+        if isinstance(value, int):
+            return value
+    args = model.args
+    return args.hidden_size // args.num_attention_heads
+
+
 def model_kv_shape(model) -> KVShape:
     """The same for a loaded mlx-lm model."""
-    from vq_mlxlm.patch import _head_dim
-
     layer = model.layers[0]
     attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
     kv = getattr(attn, "n_kv_heads", None) or model.args.num_key_value_heads
-    return KVShape(len(model.layers), kv, _head_dim(model, layer))
+    return KVShape(len(model.layers), kv, layer_head_dim(model, layer))
+
+
+def model_fingerprint(model) -> dict:
+    """``{"architecture", "layers", "kv_heads", "head_dim"}`` of a loaded mlx-lm model: what
+    an artifact (:mod:`vq_core.artifacts`) or a saved prompt cache must match."""
+    shape = model_kv_shape(model)
+    return {
+        "architecture": str(getattr(model, "model_type", None) or model.args.model_type),
+        "layers": shape.layers,
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+    }
+
+
+def original_caches(model) -> list:
+    """mlx-lm's own caches for ``model``: its ``make_cache`` from before
+    :func:`vq_mlxlm.patch` replaced it, else one ``KVCache`` per layer."""
+    from mlx_lm.models.cache import KVCache
+
+    maker = model.__dict__.get("_vq_original_make_cache", getattr(model, "make_cache", None))
+    return maker() if maker is not None else [KVCache() for _ in model.layers]
 
 
 def model_ropes(model, head_dim: int) -> list:

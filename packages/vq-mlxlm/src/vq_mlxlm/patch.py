@@ -19,26 +19,11 @@ from vq_core import CompressedKVCache, ConfigError
 from vq_core.cache import DEFAULT_BLOCK
 from vq_mlxlm.architectures import check_architecture
 from vq_mlxlm.layer_caches import plan
+from vq_mlxlm.model_shape import layer_head_dim, model_fingerprint, original_caches
 from vq_mlxlm.routing import route
 
-
-def _head_dim(model, layer) -> int:
-    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
-    for obj in (attn, getattr(model, "args", None)):
-        value = getattr(obj, "head_dim", None)
-        if isinstance(value, int):
-            return value
-    args = model.args
-    return args.hidden_size // args.num_attention_heads
-
-
-def _original_caches(model) -> list:
-    from mlx_lm.models.cache import KVCache
-
-    maker = getattr(model, "_vq_original_make_cache", None)
-    if maker is not None:
-        return maker()
-    return [KVCache() for _ in model.layers]
+# Kept importable for one release (now vq_mlxlm.model_shape.layer_head_dim).
+_head_dim = layer_head_dim
 
 
 def patch(
@@ -77,9 +62,9 @@ def patch(
     check_architecture(model)
     spread = layout(model)  # a sharded model: this rank's layers and KV heads
     layers = list(model.layers)
-    head_dims = [_head_dim(model, layer) for layer in layers]
+    head_dims = [layer_head_dim(model, layer) for layer in layers]
     resolved = plan(
-        _fingerprint(model, head_dims[0], spread),
+        _fingerprint(model, spread),
         method,
         bits,
         value_method=value_method,
@@ -108,7 +93,7 @@ def patch(
         _check_ropes(model, [layer_cache(i) for i in range(len(layers))], head_dims[0])
 
     def make_vq_cache() -> list:
-        caches = _original_caches(model)
+        caches = original_caches(model)
         out = [layer_cache(i) if type(c).__name__ == "KVCache" else c for i, c in enumerate(caches)]
         if not any(isinstance(c, CompressedKVCache) for c in out):
             raise ConfigError("no layer of this model uses a full-attention KVCache to replace")
@@ -142,14 +127,9 @@ def unpatch(model):
     return model
 
 
-def _fingerprint(model, head_dim: int, spread) -> dict:
+def _fingerprint(model, spread) -> dict:
     """The whole model's fingerprint (a shard's artifacts are the whole model's)."""
-    return {
-        "architecture": str(getattr(model, "model_type", None) or model.args.model_type),
-        "layers": spread.layers,
-        "kv_heads": spread.kv_heads,
-        "head_dim": head_dim,
-    }
+    return model_fingerprint(model) | {"layers": spread.layers, "kv_heads": spread.kv_heads}
 
 
 def _check_ropes(model, caches: list, head_dim: int) -> None:

@@ -6,7 +6,7 @@ with two more entries in its user metadata:
 
 * ``vq_prompt_cache``: JSON ``{"format", "fingerprint": {"architecture", "layers",
   "kv_heads", "head_dim"}, "config": the patch() config, "layers": [{"class", "sha256"}]}``,
-  ``sha256`` being :func:`~vq_algorithms._artifact.content_checksum` of that layer's arrays
+  ``sha256`` being :func:`~vq_core.artifacts.content_checksum` of that layer's arrays
   (so data moved between layers, or two layers swapped whole, is caught);
 * ``vq_checksum``: sha256 of every other metadata entry (an edited config, class list or
   string table is caught).
@@ -28,14 +28,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from vq_algorithms._artifact import content_checksum
 from vq_core import CacheStateError, CompressedKVCache, ConfigError
+from vq_core.artifacts import content_checksum
+from vq_mlxlm.model_shape import model_fingerprint
 
 FORMAT = 1
 _DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
@@ -63,7 +63,7 @@ def save_prompt_cache(path, cache: list, *, model, metadata: dict[str, str] | No
     user["vq_prompt_cache"] = json.dumps(
         {
             "format": FORMAT,
-            "fingerprint": _fingerprint(model),
+            "fingerprint": model_fingerprint(model),
             "config": getattr(model, "_vq_config", None),
             "layers": layers,
         },
@@ -140,7 +140,7 @@ def _layer(path: Path, i: int, cls, state, want, use_file_config: bool):
 
 
 def _check_model(path: Path, info: dict, model) -> None:
-    saved, actual = info.get("fingerprint", {}), _fingerprint(model)
+    saved, actual = info.get("fingerprint", {}), model_fingerprint(model)
     diff = [
         f"{k}: file {saved.get(k)!r}, model {v!r}" for k, v in actual.items() if saved.get(k) != v
     ]
@@ -240,12 +240,6 @@ def _layer_sha(arrays: dict[str, mx.array], i: int) -> str:
 def _meta_checksum(meta: dict[str, str]) -> str:
     body = json.dumps(sorted((k, v) for k, v in meta.items() if k != "0.vq_checksum"))
     return hashlib.sha256(body.encode()).hexdigest()
-
-
-def _fingerprint(model) -> dict[str, Any]:
-    from vq_mlxlm.patch import _fingerprint, _head_dim
-
-    return _fingerprint(model, _head_dim(model, model.layers[0]))
 
 
 def _show(value) -> str:

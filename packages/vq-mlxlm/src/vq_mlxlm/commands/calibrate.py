@@ -4,7 +4,7 @@
 ``artifacts/spectral.safetensors``; ``--method ratequant --bits 2.5`` writes a per-layer bit
 allocation over ``--base-method``; ``--method comm_vq`` trains RoPE-commuting codebooks by EM
 on pre-RoPE keys (``--table-bits``, ``--head-samples``). Calibration text defaults to the
-first half of Python's reference manual topics (:func:`vq_calibrate.calibration_text`);
+first half of Python's reference manual topics (:func:`vq_mlxlm.calibration.calibration_text`);
 evaluation uses the other half. Every flag is checked (widths the trainer can produce, the
 output directory, the text) before the model loads.
 """
@@ -18,25 +18,20 @@ from pathlib import Path
 from vq_mlxlm.commands.flags import FlagError, check_input_file, check_model
 from vq_mlxlm.commands.generate import load_checked
 
-# vq_calibrate.calibrate argument -> flag, where the names differ
+# vq_mlxlm.calibration.calibrate argument -> flag, where the names differ
 _FLAGS = {"n_sequences": "--sequences"}
 
 
 def _flag(err: Exception) -> str:
-    """The flag behind a ``name=value is not allowed`` error of vq_calibrate."""
+    """The flag behind a ``name=value is not allowed`` error of the calibration options."""
     name = str(err).split("=", 1)[0]
     return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def calibrate(args) -> int:
-    try:
-        from vq_calibrate import calibrate as run
-        from vq_calibrate.calibrate import check_model_options, check_options
-    except ImportError as e:
-        raise ImportError(
-            "vq calibrate needs vq-calibrate: pip install 'vq-mlxlm[calibrate]'"
-        ) from e
     from vq_core import ConfigError, UnknownMethodError
+    from vq_mlxlm.calibration import calibrate as run
+    from vq_mlxlm.calibration import check_model_options, check_options
 
     options = dict(
         n_sequences=args.sequences,

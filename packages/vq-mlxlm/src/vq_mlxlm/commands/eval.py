@@ -108,7 +108,7 @@ def grid(args) -> list:
 def artifact_rows(directory: str) -> list:
     """Rows for what ``directory`` holds: each calibrated method at its trained bits, and a
     RateQuant allocation next to the uniform split of the same mean."""
-    from vq_algorithms._artifact import artifact_path, verify
+    from vq_core.artifacts import artifact_path, verify
 
     rows = []
     for name in available():

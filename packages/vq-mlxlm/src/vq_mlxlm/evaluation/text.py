@@ -3,9 +3,10 @@
 ``pydoc_data.topics.topics`` is the text behind ``help("topic")``: about 110k tokens of
 real technical English (SmolLM2's tokenizer) in every CPython install, so the default
 needs no download and is the same on every machine with the same Python minor version.
-Its topics are joined in sorted key order with blank lines between them. Runs that score
-calibrated methods use only the second half of the topics (``held_out``): vq-calibrate
-calibrates on the first half (:mod:`vq_calibrate.text` splits them the same way).
+Its topics are joined in sorted key order with blank lines between them. The sorted keys
+are split at ``n // 2``: :func:`calibration_text` is the first half (what ``vq calibrate``
+trains on by default), ``default_text(held_out=True)`` the second (what runs scoring
+calibrated methods use); no topic is in both.
 """
 
 from __future__ import annotations
@@ -26,15 +27,25 @@ class EvalText:
     tokens: list[int]
 
 
-def default_text(held_out: bool = False) -> str:
-    """The Python reference manual's topics, joined in sorted key order (``held_out``: only
-    ``sorted(keys)[n // 2 :]``, never used for calibration)."""
+def _topics(half: str | None) -> str:
+    """All topics, or the ``"first"``/``"second"`` half of the sorted keys, joined."""
     from pydoc_data.topics import topics
 
     keys = sorted(topics)
-    if held_out:
-        keys = keys[len(keys) // 2 :]
+    cut = len(keys) // 2
+    keys = {None: keys, "first": keys[:cut], "second": keys[cut:]}[half]
     return "\n\n".join(topics[key] for key in keys)
+
+
+def default_text(held_out: bool = False) -> str:
+    """The Python reference manual's topics, joined in sorted key order (``held_out``: only
+    ``sorted(keys)[n // 2 :]``, never used for calibration)."""
+    return _topics("second" if held_out else None)
+
+
+def calibration_text() -> str:
+    """Topics ``sorted(keys)[: n // 2]`` joined by blank lines (the default calibration text)."""
+    return _topics("first")
 
 
 def load_text(

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vq_calibrate import calibrate
 from vq_core import ConfigError, UnknownMethodError
+from vq_mlxlm.calibration import calibrate
 
 
 class NoModel:

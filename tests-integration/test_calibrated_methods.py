@@ -1,16 +1,16 @@
-"""Each calibrated method, trained on synthetic data with the structure it exploits, beats its
-untrained neighbour at the same bits per element; RateQuant meets its budget exactly."""
-
-import itertools
+"""Each calibrated method, trained (vq-calibrate) on synthetic data with the structure it
+exploits, beats its untrained neighbour (vq-algorithms) at the same bits per element."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
-from vq_calibrate import SafetensorsStore, allocate
-from vq_calibrate.capture import Capture
-from vq_calibrate.train import train_spectral, train_vecinfer
-from vq_core import ArtifactError, ConfigError, create
+from vq_algorithms._rope import probe_rope
+from vq_algorithms.comm_vq import CommVQConfig
+from vq_algorithms.vecinfer import CODEBOOK_SIZE
+from vq_calibrate import Capture, train_comm_vq, train_spectral, train_vecinfer
+from vq_core import ArtifactError, ArtifactStore, ConfigError, create
 
 
 def _capture(x: np.ndarray, kind_data=None) -> Capture:
@@ -26,7 +26,7 @@ def _capture(x: np.ndarray, kind_data=None) -> Capture:
 def _save(tmp_path, method, cap, arrays, extra=None):
     meta = {"method": method, "version": 1, "fingerprint": cap.fingerprint}
     meta |= {"text_sha256": cap.text_sha256, **(extra or {})}
-    SafetensorsStore(tmp_path).save(method, arrays, meta)
+    ArtifactStore(tmp_path).save(method, arrays, meta)
     return str(tmp_path)
 
 
@@ -76,7 +76,7 @@ def _outliers_and_clusters(n, d, seed):
 def test_vecinfer_trained_beats_untrained(tmp_path):
     d, bits = 32, 2
     cap = _capture(_outliers_and_clusters(8192, d, 0))
-    arrays, extra = train_vecinfer(cap, bits, iters=8)
+    arrays, extra = train_vecinfer(cap, bits, codebook_size=CODEBOOK_SIZE, iters=8)
     art = _save(tmp_path, "vecinfer", cap, arrays, extra)
     trained = create("vecinfer", head_dim=d, bits=bits, artifact=art, layer=0, kind="v")
     untrained = create("vecinfer", head_dim=d, bits=bits, untrained=True)
@@ -104,22 +104,54 @@ def test_artifact_errors_from_the_quantizer(tmp_path):
         create("vecinfer", head_dim=16, bits=2, artifact=art)
 
 
-def test_ratequant_allocation_is_exact_and_optimal():
-    rng = np.random.default_rng(0)
-    options = [1, 2, 3, 4]
-    base = rng.uniform(0.1, 10, size=(6, 1))
-    sens = base * np.array([[1.0, 0.3, 0.08, 0.02]])  # more bits, less KL; layers differ
-    alloc = allocate(sens, options, 2.5)
-    assert sum(alloc) == 15 and set(alloc) <= set(options)
-    cost = sum(sens[i, options.index(b)] for i, b in enumerate(alloc))
-    brute = min(
-        sum(sens[i, options.index(b)] for i, b in enumerate(c))
-        for c in itertools.product(options, repeat=6)
-        if sum(c) == 15
-    )
-    assert cost == pytest.approx(brute)
-    # beats (or equals) the uniform 2/3 split at the same budget
-    uniform = sum(sens[i, options.index(2 if i % 2 else 3)] for i in range(6))
-    assert cost <= uniform
-    with pytest.raises(ValueError, match="not a whole number"):
-        allocate(sens, options, 2.45)
+def _keys(n, d, seed, rope):
+    """Pre-RoPE keys with the structure real ones have (a mean, a decaying spectrum, an
+    outlier pair), seen post-RoPE at random positions."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((d, d)))
+    pre = (rng.standard_normal((n, d)) * 3.0 * 0.85 ** np.arange(d)) @ basis.T + 1.0
+    pre[:, [1, d // 2 + 1]] *= 6.0
+    return pre.astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_trained_beats_untrained_and_turboquant_rvq_on_rope_keys(tmp_path, bits):
+    d, heads = 32, 2
+    rope = nn.RoPE(d, base=10000)
+    geometry = probe_rope(rope, d)
+    fp = {"architecture": "synthetic", "layers": 1, "kv_heads": heads, "head_dim": d}
+    cap = Capture(fp, "0" * 64)
+    train = np.stack([_keys(2048, d, 0, rope), _keys(2048, d, 1, rope)], axis=1)  # [n, H, D]
+    cap.record_tokens(0, "k", train.transpose(1, 0, 2)[None], cap=2048, seed=0)
+    stages = CommVQConfig(head_dim=d, bits=bits, table_bits=4).stages
+    arrays, extra = train_comm_vq(cap, bits, stages=stages, table_bits=4, ropes=[geometry])
+    meta = {"method": "comm_vq", "version": 1, "fingerprint": fp, "text_sha256": "0" * 64}
+    ArtifactStore(tmp_path).save("comm_vq", arrays, meta | extra)
+    art = str(tmp_path)
+    trained = create("comm_vq", head_dim=d, bits=bits, table_bits=4, artifact=art, kind="k")
+    assert trained.position_aware and trained.geometry.matches(geometry)
+    untrained = create("comm_vq", head_dim=d, bits=bits, table_bits=4, untrained=True)
+    # calibration-free neighbours, at more bits per element (their fp16 norms)
+    neighbours = [create("turboquant_mse", head_dim=d, bits=bits)]
+    if bits >= 2:
+        neighbours.append(create("turboquant_rvq", head_dim=d, bits=bits))  # 1+1 passes
+    held_out = np.stack([_keys(512, d, 10, rope), _keys(512, d, 11, rope)])[None]
+    pre = mx.array(held_out)  # [1, H, L, D]
+    start = 300
+    post = rope(pre, offset=start)  # what the cache receives
+
+    def err(q, x, **kw):
+        xh = q.decode(q.encode(x, **kw), **kw)
+        return (((xh - x) ** 2).sum() / (x**2).sum()).item()
+
+    e_trained = err(trained, post, start=start)
+    assert e_trained < 0.5 * err(untrained, post)
+    for other in neighbours:
+        assert trained.bits_per_element <= bits < other.bits_per_element
+        assert e_trained < err(other, post)
+    assert e_trained == pytest.approx(err(trained, post[..., :256, :], start=start), rel=0.3)
+    with pytest.raises(ConfigError, match="tables have shape"):
+        create("comm_vq", head_dim=d, bits=bits, table_bits=3, artifact=art, kind="k")
+    with pytest.raises(ArtifactError, match="head_dim"):
+        create("comm_vq", head_dim=64, bits=bits, artifact=art, kind="k")
+    assert "layers.0.v.tables" not in arrays  # values go to turboquant_mse

@@ -1,4 +1,4 @@
-"""The artifact store: round trip, mismatch and corruption errors, atomic writes."""
+"""The artifact format: round trip, mismatch and corruption errors, atomic writes."""
 
 import json
 import os
@@ -8,10 +8,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from vq_algorithms import _artifact as artifact_mod
-from vq_calibrate import SafetensorsStore, check_model
-from vq_calibrate import store as store_mod
-from vq_core import ArtifactError, ArtifactStore
+from vq_core import ArtifactError, ArtifactStore, _safetensors
+from vq_core import artifacts as artifact_mod
+from vq_core.artifacts import check_model
 
 FP = {"architecture": "llama", "layers": 2, "kv_heads": 3, "head_dim": 8}
 
@@ -29,9 +28,8 @@ def _arrays(seed=0):
 
 
 def test_round_trip(tmp_path):
-    s = SafetensorsStore(tmp_path)
-    assert isinstance(s, ArtifactStore)
-    s.save("spectral", _arrays(), _meta())
+    s = ArtifactStore(tmp_path)
+    assert s.save("spectral", _arrays(), _meta()) == tmp_path / "spectral.safetensors"
     arrays, meta = s.load("spectral", method="spectral", version=1, fingerprint=FP)
     assert meta == _meta()
     for k, v in _arrays().items():
@@ -50,14 +48,14 @@ def test_round_trip(tmp_path):
     ],
 )
 def test_mismatch_is_a_clear_error(tmp_path, kw, match):
-    s = SafetensorsStore(tmp_path)
+    s = ArtifactStore(tmp_path)
     s.save("spectral", _arrays(), _meta())
     with pytest.raises(ArtifactError, match=match):
         s.load("spectral", **kw)
 
 
 def test_check_model(tmp_path):
-    SafetensorsStore(tmp_path).save("spectral", _arrays(), _meta())
+    ArtifactStore(tmp_path).save("spectral", _arrays(), _meta())
     check_model(tmp_path, "spectral", FP)
     with pytest.raises(ArtifactError, match="head_dim: artifact 8 vs model 64"):
         check_model(tmp_path, "spectral", FP | {"head_dim": 64})
@@ -65,12 +63,12 @@ def test_check_model(tmp_path):
 
 def test_missing_metadata_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="lacks"):
-        SafetensorsStore(tmp_path).save("x", _arrays(), {"method": "spectral"})
+        ArtifactStore(tmp_path).save("x", _arrays(), {"method": "spectral"})
 
 
 @pytest.mark.parametrize("where", ["data", "header"])
 def test_flipped_byte_is_detected(tmp_path, where):
-    s = SafetensorsStore(tmp_path)
+    s = ArtifactStore(tmp_path)
     s.save("spectral", _arrays(), _meta())
     raw = bytearray(s.path("spectral").read_bytes())
     n = int.from_bytes(raw[:8], "little")
@@ -83,7 +81,7 @@ def test_flipped_byte_is_detected(tmp_path, where):
 
 @pytest.mark.parametrize("keep", [0, 5, 40, -3])
 def test_truncated_file_is_detected(tmp_path, keep):
-    s = SafetensorsStore(tmp_path)
+    s = ArtifactStore(tmp_path)
     s.save("spectral", _arrays(), _meta())
     raw = s.path("spectral").read_bytes()
     s.path("spectral").write_bytes(raw[:keep])
@@ -93,17 +91,17 @@ def test_truncated_file_is_detected(tmp_path, keep):
 
 def test_missing_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
-        SafetensorsStore(tmp_path).load("spectral")
+        ArtifactStore(tmp_path).load("spectral")
 
 
 def test_crash_before_rename_keeps_the_old_artifact(tmp_path, monkeypatch):
-    s = SafetensorsStore(tmp_path)
+    s = ArtifactStore(tmp_path)
     s.save("spectral", _arrays(0), _meta())
 
     def crash(src, dst):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(store_mod.os, "replace", crash)
+    monkeypatch.setattr(_safetensors.os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
         s.save("spectral", _arrays(1), _meta())
     monkeypatch.undo()
@@ -116,8 +114,8 @@ def test_crash_before_rename_keeps_the_old_artifact(tmp_path, monkeypatch):
 
 def test_crash_mid_write_leaves_nothing_loadable(tmp_path, monkeypatch):
     """A write killed halfway (no earlier artifact): the name does not load at all."""
-    s = SafetensorsStore(tmp_path)
-    data = store_mod.encode_artifact(_arrays(), _meta())
+    s = ArtifactStore(tmp_path)
+    data = artifact_mod.encode(_arrays(), _meta())
     real_open = open
 
     class HalfFile:
@@ -136,7 +134,7 @@ def test_crash_mid_write_leaves_nothing_loadable(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", lambda p, m="r": HalfFile(real_open(p, m)))
     with pytest.raises(KeyboardInterrupt):
-        store_mod.atomic_write(s.path("spectral"), data)
+        _safetensors.atomic_write(s.path("spectral"), data)
     monkeypatch.undo()
     assert s.names() == []
     with pytest.raises(ArtifactError):
@@ -173,7 +171,7 @@ ENTRY = "layers.0.k.rotation"
     ],
 )
 def test_malformed_header_names_the_file_and_entry(tmp_path, edit, message):
-    s = SafetensorsStore(tmp_path)
+    s = ArtifactStore(tmp_path)
     s.save("spectral", _arrays(), _meta())
     _rewrite_header(s.path("spectral"), edit)
     with pytest.raises(ArtifactError, match=message) as err:
@@ -192,7 +190,7 @@ def test_in_place_corruption_after_a_good_read_is_caught(tmp_path, monkeypatch):
     """Even with the mtime set back: the cache key holds the ctime, which utime cannot set."""
     monkeypatch.setattr(artifact_mod, "_RACY_NS", 0)  # cache even a file written just now
     calls = _count_verifications(monkeypatch)
-    s = SafetensorsStore(tmp_path)
+    s = ArtifactStore(tmp_path)
     s.save("spectral", _arrays(), _meta())
     path = s.path("spectral")
     s.load("spectral")
@@ -213,7 +211,7 @@ def test_in_place_corruption_after_a_good_read_is_caught(tmp_path, monkeypatch):
 
 def test_replaced_file_is_read_again(tmp_path, monkeypatch):
     monkeypatch.setattr(artifact_mod, "_RACY_NS", 0)
-    s = SafetensorsStore(tmp_path)
+    s = ArtifactStore(tmp_path)
     s.save("spectral", _arrays(0), _meta())
     st = s.path("spectral").stat()
     s.load("spectral")
@@ -225,8 +223,26 @@ def test_replaced_file_is_read_again(tmp_path, monkeypatch):
 
 def test_a_file_changed_just_now_is_not_cached(tmp_path, monkeypatch):
     calls = _count_verifications(monkeypatch)
-    s = SafetensorsStore(tmp_path)
+    s = ArtifactStore(tmp_path)
     s.save("spectral", _arrays(), _meta())
     s.load("spectral")
     s.load("spectral")
     assert len(calls) == 2
+
+
+def test_written_files_load_in_mlx_and_float64_is_refused(tmp_path):
+    path = ArtifactStore(tmp_path).save("spectral", _arrays(), _meta())
+    arrays, header = mx.load(str(path), return_metadata=True)
+    assert header["vq_format"] == "1" and json.loads(header["vq_meta"]) == _meta()
+    assert np.array_equal(np.array(arrays["layers.0.k.idx"]), np.arange(12))
+    with pytest.raises(ArtifactError, match="dtype float64"):
+        ArtifactStore(tmp_path).save("x", {"a": np.zeros(3)}, _meta())
+
+
+def test_the_checksum_is_the_files_and_changes_with_any_tensor(tmp_path):
+    s = ArtifactStore(tmp_path)
+    s.save("spectral", _arrays(0), _meta())
+    first = artifact_mod.read_artifact(s.path("spectral")).checksum
+    assert first == mx.load(str(s.path("spectral")), return_metadata=True)[1]["vq_checksum"]
+    s.save("spectral", _arrays(1), _meta())
+    assert artifact_mod.read_artifact(s.path("spectral")).checksum != first
