@@ -94,6 +94,8 @@ class ToyFused(ToyUniform):
 
 def _toy_fused(q, keys, values, *, scale):
     """Decode + exact softmax: a stand-in 'kernel' to test the table and the merge."""
+    if keys.lengths is not None:
+        return None  # a ragged batch: this stand-in cannot skip each row's padding
     ToyFused.calls += 1
     k = keys.quantizer.decode(keys.valid())
     v = values.quantizer.decode(values.valid())

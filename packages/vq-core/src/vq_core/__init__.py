@@ -7,6 +7,7 @@ one :class:`CompressedKVCache` stores packed keys and values for an attention la
 
 from vq_core.artifacts import Artifact, ArtifactStore, read_artifact
 from vq_core.attention import CacheView, attend
+from vq_core.batch_cache import BatchCompressedKVCache
 from vq_core.cache import CompressedKVCache
 from vq_core.codebook import LloydMax, ScalarCodebook, VectorCodebook, lloyd_max
 from vq_core.compressed_attention import (
@@ -48,6 +49,7 @@ __all__ = [
     "Artifact",
     "ArtifactError",
     "ArtifactStore",
+    "BatchCompressedKVCache",
     "CacheStateError",
     "CacheView",
     "Codes",

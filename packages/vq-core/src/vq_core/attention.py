@@ -43,8 +43,14 @@ class CacheView:
     ``m`` newest tokens held exactly (the last ``L`` are the current chunk's own). Between
     them in token order: ``n_comp`` compressed tokens, the first ``n_comp`` of the
     preallocated ``codes`` buffers ``[B, H, Lbuf, ...]``, shifted by ``mean [B, H, 1, D]``
-    (or None) before encoding. ``finite``: a lazy boolean scalar, False once a non-finite
-    key or value reached this cache (attention's output is then NaN).
+    (or None) before encoding. ``finite``: a lazy boolean scalar (or ``[B, 1, 1, 1]``, one
+    per row), False once a non-finite key or value reached this cache (attention's output is
+    then NaN).
+
+    Batches of ragged sequences (:class:`~vq_core.BatchCompressedKVCache`) add padding:
+    ``lengths`` int32 ``[B]`` (row ``b`` holds only its first ``lengths[b] <= n_comp``
+    compressed tokens) and ``valid`` bool ``[B, s + m]`` (which exact columns are real).
+    Attention never sees a padded position.
     """
 
     quantizer: Quantizer
@@ -54,6 +60,8 @@ class CacheView:
     n_sink: int = 0
     mean: mx.array | None = None
     finite: mx.array | None = None
+    lengths: mx.array | None = None
+    valid: mx.array | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -65,7 +73,9 @@ class CacheView:
         return self.exact.dtype
 
     def compressed(self) -> CompressedSide:
-        return CompressedSide(self.quantizer, self.codes, self.n_comp, start=self.n_sink)
+        return CompressedSide(
+            self.quantizer, self.codes, self.n_comp, self.lengths, start=self.n_sink
+        )
 
     def decoded(self, begin: int, stop: int) -> mx.array:
         """Compressed tokens ``[begin, stop)`` decoded, mean added: float32 ``[B, H, n, D]``."""
@@ -104,6 +114,9 @@ def attend(
         raise ShapeError(f"sinks must be an array of shape ({hq},) (one per query head), got {got}")
     g = hq // hkv
     if keys.n_comp == 0:
+        if keys.valid is not None:
+            m = keys.exact.shape[2]
+            mask = _both(_causal(lq, m) if mask == "causal" else mask, _exact_visible(keys))
         out = mx.fast.scaled_dot_product_attention(
             queries, keys.exact, values.exact, scale=scale, mask=mask, sinks=sinks
         )
@@ -122,6 +135,7 @@ def _decode(queries, keys: CacheView, values: CacheView, scale, mask, g, sinks):
     b, hq, lq, d = queries.shape
     q = queries.astype(mx.float32).reshape(b, hq // g, g * lq, d)
     visible = _causal_rows(lq, keys.exact.shape[2], g) if mask == "causal" else None
+    visible = _both(visible, _exact_visible(keys))
     parts = [
         exact_segment(q, keys.exact, values.exact, scale=scale, mask=visible),
         compressed_segment(
@@ -151,11 +165,13 @@ def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g, 
         stop = min(n, begin + tile)
         k, v = keys.decoded(begin, stop), values.decoded(begin, stop)
         vis = None if cols is None else cols[..., s0 + begin : s0 + stop]
+        vis = _both(vis, _compressed_visible(keys, begin, stop))
         parts.append(exact_segment(q, k, v, scale=scale, mask=vis))
     if cols is None:
         vis = _causal_rows(lq, m, g) if mask == "causal" else None
     else:
         vis = mx.concatenate([cols[..., :s0], cols[..., s0 + n :]], axis=-1)
+    vis = _both(vis, _exact_visible(keys))
     parts.append(exact_segment(q, keys.exact, values.exact, scale=scale, mask=vis))
     if sinks is not None:
         parts.append(sink_segment(sinks, b, hkv, lq))
@@ -176,6 +192,14 @@ def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask, sin
         hist = view.decoded(0, view.n_comp).astype(dt)
         exact = view.exact.astype(dt)
         parts.append(mx.concatenate([exact[:, :, :s0], hist, exact[:, :, s0:]], axis=2))
+    if keys.valid is not None or keys.lengths is not None:  # a ragged batch: mask padding
+        b, n, m, lq = keys.exact.shape[0], keys.n_comp, keys.exact.shape[2], queries.shape[2]
+        ones = mx.ones((b, m), dtype=mx.bool_)
+        ex = ones if keys.valid is None else keys.valid
+        comp = _compressed_visible(keys, 0, n)
+        comp = mx.ones((b, n), dtype=mx.bool_) if comp is None else comp[:, 0, 0]
+        cols = mx.concatenate([ex[:, :s0], comp, ex[:, s0:]], axis=1)[:, None, None, :]
+        mask = _both(_causal(lq, n + m) if mask == "causal" else mask, cols)
     return mx.fast.scaled_dot_product_attention(
         queries, *parts, scale=scale, mask=mask, sinks=sinks
     )
@@ -189,6 +213,35 @@ def _causal_rows(lq: int, m: int, g: int) -> mx.array | None:
     rows = mx.arange(lq)[:, None] + (m - lq)
     vis = mx.arange(m)[None, :] <= rows
     return mx.tile(vis, (g, 1))
+
+
+def _causal(lq: int, total: int) -> mx.array:
+    """``[L, total]``: query ``l`` (the chunk is the last ``L`` tokens) sees tokens up to itself."""
+    return mx.arange(total)[None, :] <= mx.arange(lq)[:, None] + (total - lq)
+
+
+def _exact_visible(keys: CacheView) -> mx.array | None:
+    """bool ``[B, 1, 1, s + m]``: the real exact columns of a ragged batch (None: all)."""
+    return None if keys.valid is None else keys.valid[:, None, None, :]
+
+
+def _compressed_visible(keys: CacheView, begin: int, stop: int) -> mx.array | None:
+    """bool ``[B, 1, 1, stop - begin]``: compressed tokens ``[begin, stop)`` each row holds."""
+    if keys.lengths is None:
+        return None
+    return (mx.arange(begin, stop)[None, :] < keys.lengths[:, None])[:, None, None, :]
+
+
+def _both(a: mx.array | None, b: mx.array | None) -> mx.array | None:
+    """Visible under both masks (each None, boolean or additive)."""
+    if a is None or b is None:
+        return b if a is None else a
+    if a.dtype == mx.bool_ and b.dtype == mx.bool_:
+        return a & b
+    if a.dtype != mx.bool_ and b.dtype != mx.bool_:
+        return a + b
+    vis, add = (a, b) if a.dtype == mx.bool_ else (b, a)
+    return mx.where(vis, add, -mx.inf)
 
 
 def _mask_columns(mask, b, hq, lq, total, g):

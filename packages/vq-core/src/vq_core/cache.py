@@ -5,7 +5,9 @@ codes** for both, grown in steps of ``step`` tokens, plus two optional exact par
 first ``sink`` tokens (attention sinks, StreamingLLM arXiv 2309.17453: heads park attention
 there, so their errors cost the most) and a window of the most recent ``window`` tokens. It follows mlx-lm's duck-typed cache protocol
 (``update_and_fetch``, ``offset``, ``state``, ``meta_state``, ``from_state``,
-``is_trimmable``, ``trim``, ``make_mask``, ``nbytes``, ``empty``) without importing mlx-lm.
+``is_trimmable``, ``trim``, ``make_mask``, ``nbytes``, ``empty``, and ``merge``, which
+mlx-lm's batching needs: it returns a :class:`~vq_core.BatchCompressedKVCache`) without
+importing mlx-lm.
 It has no ``bits`` attribute and no ``to_quantized`` method on purpose: mlx-lm reroutes or
 replaces caches that have them.
 
@@ -36,6 +38,7 @@ import json
 import mlx.core as mx
 
 from vq_core.attention import CacheView
+from vq_core.batch_cache import BatchCompressedKVCache, CacheRow
 from vq_core.cache_integrity import (
     CHECKSUM,
     META,
@@ -317,6 +320,46 @@ class CompressedKVCache:
             if held is not None and self._n_comp:
                 return name, next(iter(held))
         return None, None
+
+    # -- batching (mlx-lm's BatchGenerator) ------------------------------------------------
+
+    @classmethod
+    def merge(cls, caches: list[CompressedKVCache]) -> BatchCompressedKVCache:
+        """One :class:`~vq_core.BatchCompressedKVCache` holding these caches' sequences
+        (mlx-lm batches requests only when every layer's cache has ``merge``)."""
+        return BatchCompressedKVCache.merge(caches)
+
+    def row(self) -> CacheRow:
+        """The tokens held, as one row of a batch (views of this cache's arrays)."""
+        codes = None
+        if self._n_comp:
+            codes = tuple(
+                _slice(c, q, self._n_comp)
+                for c, q in ((self._keys, self.key_quantizer), (self._values, self.value_quantizer))
+            )
+        return CacheRow(
+            sink=None if self._sink_k is None else (self._sink_k, self._sink_v),
+            codes=codes,
+            n_comp=self._n_comp,
+            exact=None if self._exact_k is None else (self._exact_k, self._exact_v),
+            mean=(self._key_mean, self._value_mean),
+            finite=self._finite,
+            dtype=self._dtype,
+        )
+
+    def load_row(self, row: CacheRow) -> None:
+        """Hold exactly ``row`` (this cache must be empty): a sequence leaving a batch."""
+        if not self.empty():
+            raise CacheStateError(f"load_row needs an empty cache; this one holds {self.offset}")
+        self._sink_k, self._sink_v = row.sink or (None, None)
+        self._keys, self._values = row.codes or (None, None)
+        self._n_comp = row.n_comp
+        self._exact_k, self._exact_v = row.exact or (None, None)
+        self._key_mean, self._value_mean = row.mean
+        self._finite = row.finite
+        self._input_dtype = row.dtype
+        self.offset = sum(0 if a is None else a.shape[2] for a in (self._sink_k, self._exact_k))
+        self.offset += self._n_comp
 
     # -- state -----------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 mlx-lm's model modules import ``scaled_dot_product_attention`` from ``mlx_lm.models.base``
 by name, so replacing the function in ``base`` alone changes nothing. :func:`route` swaps
 the name in every loaded ``mlx_lm.models.*`` module for :func:`routed_attention`, which
-sends layers whose cache is a :class:`~vq_core.CompressedKVCache` to
+sends layers whose cache is a :class:`~vq_core.CompressedKVCache` (or the
+:class:`~vq_core.BatchCompressedKVCache` mlx-lm's batching merges them into) to
 :func:`vq_core.attend` over the views its ``update_and_fetch`` returned (mlx-lm passes them
 in as ``keys``/``values``) and everything else to mlx-lm's own function. Idempotent and
 reversible (:func:`unroute`).
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from vq_core import CacheView, CompressedKVCache, attend
+from vq_core import BatchCompressedKVCache, CacheView, CompressedKVCache, attend
 
 _ORIGINALS: dict[str, object] = {}
 _NAME = "scaled_dot_product_attention"
@@ -32,7 +33,7 @@ def _mlx_lm_sdpa():
 def routed_attention(queries, keys, values, cache, scale, mask, sinks=None):
     """Drop-in for ``mlx_lm.models.base.scaled_dot_product_attention`` (learned ``sinks``
     included: gpt-oss)."""
-    if isinstance(cache, CompressedKVCache):
+    if isinstance(cache, (CompressedKVCache, BatchCompressedKVCache)):
         if not (isinstance(keys, CacheView) and isinstance(values, CacheView)):
             raise TypeError(
                 "a vq cache's attention needs the views its update_and_fetch returned as "
