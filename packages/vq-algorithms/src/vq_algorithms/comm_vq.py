@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
+from vq_algorithms._artifact import Calibrated, CalibratedConfig, check_tensors
 from vq_algorithms._byte_fields import pad_last, twelve_bit_fields
 from vq_algorithms._rope import RopeGeometry
 from vq_core import (
@@ -46,7 +46,6 @@ from vq_core import (
     Codes,
     ConfigError,
     HeadDims,
-    Quantizer,
     ShapeError,
     invalid_choice,
     pack,
@@ -106,7 +105,7 @@ def untrained_tables(config: CommVQConfig) -> mx.array:
 
 
 @register
-class CommVQ(Quantizer):
+class CommVQ(Calibrated):
     method = "comm_vq"
     config_class = CommVQConfig
     family = "RoPE-commuting additive VQ (EM-trained codebooks)"
@@ -121,20 +120,21 @@ class CommVQ(Quantizer):
     def __init__(
         self,
         config: CommVQConfig,
+        tensors: dict[str, mx.array] | None = None,
         *,
         tables: mx.array | None = None,
         geometry: RopeGeometry | None = None,
     ):
-        """``tables [H, R, K, P, 2]`` and ``geometry`` given directly (trainers, tests)
-        replace the artifact's."""
+        """``tensors``: one layer's ``tables [H, R, K, P, 2]``, ``rope_perm [D]`` and
+        ``rope_freqs [D/2]`` (None with ``untrained=True``); ``tables`` and ``geometry``
+        given directly (a shard's heads, trainers, tests) replace them."""
         super().__init__(config)
         c = config
-        if tables is None and c.artifact:
-            a = load_layer(c.artifact, self.method, c.version, c.layer, c.kind, c.head_dim)
-            tables = a["tables"]
-            geometry = RopeGeometry(a["rope_perm"].astype(mx.int32), a["rope_freqs"])
         if tables is None:
-            require_artifact(self.method, c)
+            a = check_tensors(self.method, c, tensors, ("tables", "rope_perm", "rope_freqs"))
+            if a is not None:
+                tables = a["tables"]
+                geometry = RopeGeometry(a["rope_perm"].astype(mx.int32), a["rope_freqs"])
         tables = untrained_tables(c) if tables is None else tables.astype(mx.float32)
         want = (c.stages, c.table_size, c.head_dim // 2, 2)
         if tables.ndim != 5 or tuple(tables.shape[1:]) != want:

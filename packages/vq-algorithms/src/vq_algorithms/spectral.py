@@ -30,11 +30,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
+from vq_algorithms._artifact import Calibrated, CalibratedConfig, check_tensors
 from vq_core import (
     FLOAT16_MAX,
     Codes,
-    Quantizer,
     RandomOrthogonal,
     ScalarCodebook,
     lloyd_max,
@@ -70,7 +69,7 @@ class SpectralConfig(CalibratedConfig):
 
 
 @register
-class Spectral(Quantizer):
+class Spectral(Calibrated):
     method = "spectral"
     config_class = SpectralConfig
     family = "calibrated PCA rotation + water-filled scalar codebooks"
@@ -79,16 +78,16 @@ class Spectral(Quantizer):
     # 0.0095) plus the fp16 norm and sampling margin.
     round_trip_bound = {1: 0.37, 2: 0.122, 3: 0.037, 4: 0.0105}
 
-    def __init__(self, config: SpectralConfig):
+    def __init__(self, config: SpectralConfig, tensors: dict[str, mx.array] | None = None):
+        """``tensors``: one layer's ``rotation [D, D]``, ``eigenvalues [D]``, ``mean [D]``
+        (None with ``untrained=True``)."""
         super().__init__(config)
         d = config.head_dim
-        if config.artifact:
-            a = load_layer(config.artifact, self.method, config.version, config.layer,
-                           config.kind, d)  # fmt: skip
+        a = check_tensors(self.method, config, tensors, ("rotation", "eigenvalues", "mean"))
+        if a is not None:
             self.rotation, self.mean = a["rotation"], a["mean"]
             lam = a["eigenvalues"].tolist()
         else:
-            require_artifact(self.method, config)
             self.rotation = RandomOrthogonal(d, config.seed).matrix
             self.mean, lam = mx.zeros((d,)), [1.0] * d
         # codes keep ||x - mean|| as float16: refuse what could exceed it (check_finite)

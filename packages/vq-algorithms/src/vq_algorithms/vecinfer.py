@@ -30,14 +30,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 import vq_kernels
-from vq_algorithms._artifact import CalibratedConfig, load_layer, require_artifact
+from vq_algorithms._artifact import Calibrated, CalibratedConfig, check_tensors
 from vq_algorithms._fused import kernel_applies
 from vq_core import (
     Codes,
     CompressedSide,
     ConfigError,
     HeadDims,
-    Quantizer,
     RandomizedHadamard,
     register,
     register_compressed_attention,
@@ -73,7 +72,7 @@ class VecInferConfig(CalibratedConfig):
 
 
 @register
-class VecInfer(Quantizer):
+class VecInfer(Calibrated):
     method = "vecinfer"
     config_class = VecInferConfig
     family = "smoothing + Hadamard + product VQ (k-means codebooks)"
@@ -81,13 +80,14 @@ class VecInfer(Quantizer):
     # Untrained (random Gaussian codebooks) on Gaussian vectors; trained codebooks do better.
     round_trip_bound = {1: 0.38, 2: 0.135, 4: 0.023}
 
-    def __init__(self, config: VecInferConfig):
+    def __init__(self, config: VecInferConfig, tensors: dict[str, mx.array] | None = None):
+        """``tensors``: one layer's ``smooth [D]`` and ``centroids [S, 256, D/S]`` (None with
+        ``untrained=True``)."""
         super().__init__(config)
         d, n_sub, sub = config.head_dim, config.subspaces, config.sub_dim
         self.hadamard = RandomizedHadamard(d, seed=0)
-        if config.artifact:
-            a = load_layer(config.artifact, self.method, config.version, config.layer,
-                           config.kind, d)  # fmt: skip
+        a = check_tensors(self.method, config, tensors, ("smooth", "centroids"))
+        if a is not None:
             self.smooth, self.centroids = a["smooth"], a["centroids"]
             if tuple(self.centroids.shape) != (n_sub, CODEBOOK_SIZE, sub):
                 raise ConfigError(
@@ -96,7 +96,6 @@ class VecInfer(Quantizer):
                     "these bits)"
                 )
         else:
-            require_artifact(self.method, config)
             self.smooth = mx.ones((d,))
             key = mx.random.key(config.seed)
             self.centroids = mx.random.normal((n_sub, CODEBOOK_SIZE, sub), key=key)

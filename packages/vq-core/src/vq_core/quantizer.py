@@ -117,6 +117,13 @@ class Quantizer(ABC):
             raise TypeError(f"{self.method} needs a {self.config_class.__name__}, got {config!r}")
         self.config = config
 
+    @classmethod
+    def from_config(cls, config: QuantizerConfig) -> Quantizer:
+        """What :func:`vq_core.create` calls: the quantizer for ``config``. Calibrated
+        methods override it to load their artifact's tensors (constructors take tensors,
+        never paths)."""
+        return cls(config)
+
     @property
     def head_dim(self) -> int:
         return self.config.head_dim

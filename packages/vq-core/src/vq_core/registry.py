@@ -60,7 +60,7 @@ def create(method: str, **config: Any) -> Quantizer:
         raise ConfigError(
             f"{method}: unknown config option(s) {unknown}; allowed: {sorted(fields)}"
         )
-    return cls(cls.config_class(**config))
+    return cls.from_config(cls.config_class(**config))
 
 
 def from_description(desc: dict[str, Any]) -> Quantizer:
