@@ -1,4 +1,5 @@
-"""The ``vq`` command line: ``vq generate | methods | estimate | serve | eval | bench``.
+"""The ``vq`` command line: ``vq generate | methods | estimate | serve | eval | plan |
+calibrate``.
 
 Each subcommand lives in :mod:`vq_mlxlm.commands`; this module only parses arguments. A
 fast BLAS is loaded before MLX is first imported (see :mod:`vq_mlxlm.fast_blas`).
@@ -30,6 +31,12 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
         help="vq calibrate output dir (calibrated methods, or a RateQuant per-layer allocation)",
     )
     p.add_argument("--seed", type=integer(0, SEED_LIMIT), default=0)
+    p.add_argument(
+        "--plan",
+        default=None,
+        metavar="FILE",
+        help="a `vq plan` file: its method, per-layer bits and window replace the cache flags",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--markdown", default=None, metavar="FILE", help="write the table")
     v.add_argument("--plot", default=None, metavar="FILE", help="KL vs bits PNG (matplotlib)")
     v.add_argument("--artifacts", default=None, help="vq calibrate output dir for calibrated rows")
+    v.add_argument(
+        "--plan",
+        default=None,
+        metavar="FILE",
+        help="add the row of a `vq plan` file (scores the held-out half of the default text)",
+    )
+
+    pl = sub.add_parser("plan", help="choose per-layer key/value bits and window for a budget")
+    pl.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
+    budget = pl.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bits", type=float, default=None, help="mean bits per element")
+    budget.add_argument("--budget-mib", type=float, default=None, help="cache MiB (measured)")
+    pl.add_argument(
+        "--context", type=integer(1), default=4096, help="tokens the budget is for (default 4096)"
+    )
+    pl.add_argument("--out", required=True, metavar="FILE", help="plan file to write (JSON)")
+    pl.add_argument("--methods", default="rabitq,turboquant_mse", help="candidate key methods")
+    pl.add_argument("--widths", default="2,3,4", help="candidate key and value widths")
+    pl.add_argument("--windows", default="0,32,64,128", help="candidate exact windows (tokens)")
+    pl.add_argument(
+        "--window-fraction", type=float, default=None, help="also try a window of this fraction"
+    )
+    pl.add_argument("--text", default=None, help="probe text (default: calibration half)")
+    pl.add_argument("--prefix", type=integer(1), default=512, help="probe's compressed prefix")
+    pl.add_argument("--scored", type=integer(1), default=64, help="probe's scored tokens")
+    pl.add_argument(
+        "--artifacts", default=None, help="vq calibrate dir with a RateQuant sensitivity table"
+    )
+    pl.add_argument(
+        "--probe-from", default=None, metavar="PLAN", help="reuse an earlier plan's probe tables"
+    )
+    pl.add_argument("--quiet", action="store_true", help="no progress lines")
 
     c = sub.add_parser("calibrate", help="train a calibrated method's artifact")
     c.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")

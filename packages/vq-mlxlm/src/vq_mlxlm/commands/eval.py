@@ -8,7 +8,8 @@ and in one run (see :mod:`vq_mlxlm.evaluation`). Prints the Markdown table; ``--
 ``--artifacts DIR`` (from ``vq calibrate``) adds a row per calibrated method found in
 ``DIR`` at the bits it was trained for, and for a RateQuant allocation its row and the
 uniform split at the same mean; without ``--text`` the run then scores the held-out half
-of the default text (calibration used the other half).
+of the default text (calibration used the other half). ``--plan FILE`` (from ``vq plan``,
+which probes the calibration half) adds the plan's row and scores the held-out half too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from vq_core import available, get
-from vq_mlxlm.commands.flags import FlagError, check_input_file, check_model, check_output_file
+from vq_mlxlm.commands.flags import (
+    FlagError,
+    check_input_file,
+    check_model,
+    check_output_file,
+    check_plan,
+)
 from vq_mlxlm.commands.generate import load_checked
 from vq_mlxlm.evaluation import report as report_io
 from vq_mlxlm.evaluation.harness import FULL, QUICK, needle_depths, run
@@ -52,6 +59,8 @@ def check_flags(args) -> list:
             import matplotlib  # noqa: F401
         except ImportError:
             raise FlagError("--plot", "needs matplotlib (pip install matplotlib)") from None
+    if args.plan is not None and not Path(args.plan).is_file():
+        raise FlagError("--plan", f"{args.plan} is not a file (write one with `vq plan`)")
     if args.artifacts is not None and not Path(args.artifacts).is_dir():
         raise FlagError("--artifacts", f"{args.artifacts} is not a directory")
     try:
@@ -61,6 +70,13 @@ def check_flags(args) -> list:
     shape = check_model(args.model)
     for spec in specs:
         if spec.kind != "vq":
+            continue
+        if spec.plan is not None:
+            kwargs = check_plan("--plan", spec.plan, shape).patch_kwargs()
+            try:
+                check_config(shape, kwargs.pop("method"), kwargs.pop("bits"), **kwargs)
+            except (ValueError, VQError) as e:
+                raise FlagError("--plan", str(e)) from None
             continue
         if get(spec.method).needs_calibration and not spec.artifacts:
             raise FlagError(
@@ -102,7 +118,19 @@ def grid(args) -> list:
             for s in specs
         ]
         specs += [s for s in artifact_rows(args.artifacts) if s not in specs]
+    if args.plan:
+        specs.append(plan_row(args.plan))
     return specs
+
+
+def plan_row(path: str):
+    """The row of a ``vq plan`` file: its method, labelled with its mean key width."""
+    from vq_mlxlm.evaluation.specs import CacheSpec
+    from vq_mlxlm.planner import load_plan
+
+    plan = load_plan(path)
+    mean = round(sum(plan.key_bits) / len(plan.key_bits), 2)
+    return CacheSpec(plan.method, mean, plan=path)
 
 
 def artifact_rows(directory: str) -> list:
@@ -136,7 +164,8 @@ def eval(args) -> int:
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_checked(args.model)
-    held_out = (args.held_out or args.artifacts is not None) and args.text is None
+    tuned = args.held_out or args.artifacts is not None or args.plan is not None
+    held_out = tuned and args.text is None
     text = load_text(tokenizer, args.text, budget.min_text, held_out=held_out)
     print(
         f"{len(specs) + 1} rows ({budget.name}) on {text.source} ({len(text.tokens):,} tokens)",

@@ -113,12 +113,55 @@ def cache_options(args) -> dict:
     )
 
 
+def bits_label(bits) -> str:
+    """``4`` for one width; ``3.40 (per layer)`` for a plan's list of widths."""
+    if isinstance(bits, list):
+        return f"{sum(bits) / len(bits):.2f} (per layer)"
+    return str(bits)
+
+
+def check_plan(flag: str, path: str, shape):
+    """The plan at ``path`` for a model of ``shape`` (a KVShape), or FlagError."""
+    from vq_core import ArtifactError
+    from vq_mlxlm.planner import load_plan
+
+    fingerprint = {"layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim}
+    try:
+        return load_plan(path, fingerprint)
+    except ArtifactError as e:
+        raise FlagError(flag, str(e)) from None
+
+
+def _apply_plan(args):
+    """``--plan FILE``: its method, per-layer widths, window and sink replace the cache flags."""
+    from vq_core import VQError
+    from vq_mlxlm.layer_caches import check_config
+
+    if args.artifacts is not None:
+        raise FlagError("--plan", "a plan holds zero-calibration settings; drop --artifacts")
+    shape = check_model(args.model)
+    plan = check_plan("--plan", args.plan, shape)
+    kwargs = plan.patch_kwargs()
+    args.method, args.bits = kwargs["method"], kwargs["bits"]
+    args.value_method, args.value_bits = kwargs["value_method"], kwargs["value_bits"]
+    args.window, args.sink = kwargs["window"], kwargs["sink"]
+    try:
+        check_config(shape, args.method, args.bits, **cache_options(args))
+    except VQError as e:
+        raise FlagError("--plan", str(e)) from None
+    return shape
+
+
 def check_cache_flags(args):
     """The flags of ``vq generate`` and ``vq serve`` (``--model``, ``--method`` ...
     ``--artifacts``), each on its own, then together as :func:`vq_mlxlm.patch` would build
-    them for the model's shape (returned)."""
+    them for the model's shape (returned). With ``--plan`` the plan's settings replace the
+    cache flags (``args`` is updated)."""
     from vq_core import VQError
     from vq_mlxlm.layer_caches import check_config
+
+    if getattr(args, "plan", None) is not None:
+        return _apply_plan(args)
 
     cls = check_method("--method", args.method)
     check_width("--bits", args.bits, args.method)

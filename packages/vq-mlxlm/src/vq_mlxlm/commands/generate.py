@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from vq_mlxlm.commands.flags import FlagError, cache_options, check_cache_flags
+from vq_mlxlm.commands.flags import FlagError, bits_label, cache_options, check_cache_flags
 from vq_mlxlm.model_shape import model_kv_shape
 
 
@@ -110,8 +110,8 @@ def generate(args) -> int:
             f"[vq] cache: {mem.compressed_used_bytes:,} bytes of codes for {tokens} tokens in "
             f"{mem.compressed_layers} of {mem.layers} layers vs fp16 {mem.fp16_bytes:,} bytes "
             f"({size}; {mem.compressed_bytes:,} bytes allocated in 256-token steps) | "
-            f"{args.method} {args.bits}-bit keys, {result['value_method']} "
-            f"{result['value_bits']}-bit values"
+            f"{args.method} {bits_label(args.bits)}-bit keys, {result['value_method']} "
+            f"{bits_label(result['value_bits'])}-bit values"
         )
         if mem.untouched():
             print(f"[vq] not compressed: {mem.untouched()}")

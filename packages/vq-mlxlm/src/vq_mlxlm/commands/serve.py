@@ -17,7 +17,7 @@ import json
 import re
 import sys
 
-from vq_mlxlm.commands.flags import FlagError
+from vq_mlxlm.commands.flags import FlagError, bits_label
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(M|G|MB|GB)?$", re.IGNORECASE)
@@ -108,12 +108,14 @@ def serve(args) -> int:
     original_load, original_http, argv = mlx_server.load, mlx_server._run_http_server, sys.argv
     mlx_server.load, mlx_server._run_http_server = load_patched_model, http_server_with_vq_handler
     print(
-        f"vq serve: http://{args.host}:{args.port}/v1 ({args.method} {args.bits}-bit keys, "
+        f"vq serve: http://{args.host}:{args.port}/v1 ({args.method} "
+        f"{bits_label(args.bits)}-bit keys, "
         f"at most {args.max_tokens} tokens a request)",
         file=sys.stderr,
         flush=True,
     )
-    sys.argv = ["vq serve", "--model", f"vq-{args.method}-{args.bits}bit"]
+    name = "plan" if args.plan else f"{args.bits}bit"
+    sys.argv = ["vq serve", "--model", f"vq-{args.method}-{name}"]
     sys.argv += ["--host", args.host, "--port", str(args.port)]
     for name in FORWARDED:
         value = getattr(args, name)

@@ -13,7 +13,9 @@ Per-layer bits: ``METHOD@2.5+split=uniform`` gives the first half of the layers 
 the rest 2 (any mean: ``ceil`` on the first layers, ``floor`` on the others);
 ``METHOD@2.5+split=ratequant+artifacts=DIR`` uses the RateQuant allocation in ``DIR``
 (``vq calibrate --method ratequant``), which must have that mean. ``artifacts=DIR`` on a
-calibrated method loads its trained codebooks.
+calibrated method loads its trained codebooks. ``METHOD@MEAN+plan=FILE`` is a ``vq plan``
+file's configuration (its method, per-layer key and value widths, window and sink; ``MEAN``,
+the mean key width, only labels the row).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _CACHE_KEYS = (
     "block",
     "split",
     "artifacts",
+    "plan",
 )
 SPLITS = ("uniform", "ratequant")
 
@@ -54,6 +57,7 @@ class CacheSpec:
     block: int = DEFAULT_BLOCK
     split: str | None = None
     artifacts: str | None = None
+    plan: str | None = None
     options: tuple[tuple[str, object], ...] = ()
 
     @property
@@ -77,6 +81,14 @@ class CacheSpec:
 
         from vq_mlxlm.patch import patch, unpatch
 
+        if self.plan is not None:
+            from vq_mlxlm.planner import load_plan
+
+            patch(model, **load_plan(self.plan).patch_kwargs())
+            try:
+                return model.make_cache()
+            finally:
+                unpatch(model)
         if self.kind == "vq":
             patch(
                 model,
@@ -219,6 +231,10 @@ def _check(spec: CacheSpec) -> None:
         raise ValueError(f"{spec.label}: split=ratequant needs artifacts=DIR")
     if spec.split == "uniform" and spec.artifacts and not get(spec.method).needs_calibration:
         raise ValueError(f"{spec.label}: artifacts=DIR would replace the uniform split")
+    if spec.plan is not None:
+        if spec.split or spec.artifacts or spec.options or spec.window or spec.value_bits:
+            raise ValueError(f"{spec.label}: a plan row takes no other settings")
+        return
     if isinstance(spec.bits, float) and spec.split is None:
         raise ValueError(f"{spec.label}: fractional bits need split=uniform or split=ratequant")
     if spec.method == MLX_LM:

@@ -48,13 +48,25 @@ def calibration_text() -> str:
     return _topics("first")
 
 
+PARTS = {"all": "", "held_out": " (held-out half)", "calibration": " (calibration half)"}
+
+
 def load_text(
-    tokenizer, path: str | None = None, min_tokens: int = 0, held_out: bool = False
+    tokenizer,
+    path: str | None = None,
+    min_tokens: int = 0,
+    held_out: bool = False,
+    part: str | None = None,
 ) -> EvalText:
-    """Tokenize ``path`` (UTF-8) or the default text; fail clearly if it is too short."""
+    """Tokenize ``path`` (UTF-8) or the default text, all of it or one ``part`` of
+    :data:`PARTS` (``held_out=True`` means ``part="held_out"``; ``"calibration"`` is what
+    ``vq calibrate`` and ``vq plan`` use); fail clearly if it is too short."""
     if path is None:
-        source = DEFAULT_TEXT + (" (held-out half)" if held_out else "")
-        text = default_text(held_out)
+        part = part or ("held_out" if held_out else "all")
+        if part not in PARTS:
+            raise ValueError(f"text part {part!r}; choose from {sorted(PARTS)}")
+        source = DEFAULT_TEXT + PARTS[part]
+        text = calibration_text() if part == "calibration" else default_text(part == "held_out")
     else:
         file = Path(path).expanduser()
         if not file.is_file():
