@@ -195,7 +195,7 @@ def test_plan_from_a_ratequant_table(model, tokens, tmp_path):
     """With calibration data (a RateQuant table) the plan uses its sensitivities and says so."""
     from test_eval_harness import WORDS, CharTokenizer
 
-    from vq_calibrate import calibrate
+    from vq_mlxlm.calibration import calibrate
     from vq_mlxlm.planner.search import read_calibrated
 
     text = " ".join(WORDS.split() * 40)

@@ -1,6 +1,6 @@
 """Measured sensitivity: what compressing one layer's keys (or values) costs the output.
 
-The probe is the one RateQuant's allocation uses (:mod:`vq_calibrate.ratequant`),
+The probe is the one RateQuant's allocation uses (:mod:`vq_mlxlm.calibration.probe`),
 sensitivity by perturbation, measured instead of estimated from a Hessian: for layer ``i``
 and a width ``b``, only layer ``i``'s cache is compressed, every other layer stays exact,
 and the cost is the
@@ -92,7 +92,8 @@ class Probe:
     def __post_init__(self):
         from mlx_lm.models.cache import make_prompt_cache
 
-        from vq_mlxlm.patch import _head_dim, unpatch
+        from vq_mlxlm.model_shape import layer_head_dim
+        from vq_mlxlm.patch import unpatch
         from vq_mlxlm.routing import route
 
         if self.prefix < 2 * DEFAULT_BLOCK or self.scored < 1:
@@ -107,7 +108,7 @@ class Probe:
         unpatch(self.model)
         route()  # compressed caches need the routed attention (patch() would call it)
         self.layers = _layer_list(self.model)
-        self.head_dims = [_head_dim(self.model, layer) for layer in self.layers]
+        self.head_dims = [layer_head_dim(self.model, layer) for layer in self.layers]
         self.kv = exact_kv(self.model, mx.array(self.tokens[: self.prefix])[None])
         self.chunk = mx.array(self.tokens[self.prefix : self.prefix + self.scored])[None]
         self.exact = fill(make_prompt_cache(self.model), self.kv)

@@ -52,7 +52,7 @@ class Calibrated:
 
 def read_calibrated(artifacts: str, fingerprint: dict) -> Calibrated:
     """The RateQuant table in ``artifacts`` (ArtifactError if missing or for another model)."""
-    from vq_algorithms._artifact import artifact_path, check_meta, read
+    from vq_core.artifacts import artifact_path, check_meta, read
 
     path = artifact_path(artifacts, "ratequant")
     arrays, meta = read(path)
@@ -154,7 +154,7 @@ def make_plan(
     with ``calibrated`` (a RateQuant table), its sensitivities replace the probe's; with
     ``reuse`` (an earlier plan's ``report["sensitivity"]`` for this model and probe), the
     probe's tables are not measured again."""
-    from vq_mlxlm.model_shape import model_kv_shape
+    from vq_mlxlm.model_shape import model_fingerprint, model_kv_shape
 
     t0 = time.perf_counter()
     say = progress or (lambda _msg: None)
@@ -253,15 +253,8 @@ def make_plan(
         "sensitivity": saved,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    architecture = getattr(model, "model_type", None) or model.args.model_type
-    fingerprint = {
-        "architecture": str(architecture),
-        "layers": n,
-        "kv_heads": shape.kv_heads,
-        "head_dim": probe.head_dims[0],
-    }
     return Plan(
-        fingerprint,
+        model_fingerprint(model),
         m,
         value_method,
         list(kbits),
