@@ -3,11 +3,14 @@
 mlx-lm's server builds caches through ``make_prompt_cache(model)``, which calls
 ``model.make_cache()``; ``patch`` replaces that, so every request gets compressed caches.
 The server's own loader is pointed at the already loaded, patched model, so nothing is
-fetched from a model hub (any ``model`` a request names gets this one). vq caches have no
-``merge``, so requests run one at a time. Requests are answered by
-:class:`~vq_mlxlm.server_handler.VQHandler` (a UTF-8 body check and the ``--max-tokens``
-cap); the mlx-lm server options in :data:`FORWARDED` are checked here, before the model
-loads, and passed on.
+fetched from a model hub (any ``model`` a request names gets this one). vq caches merge
+into :class:`~vq_core.BatchCompressedKVCache`, so mlx-lm's continuous batching serves
+concurrent requests together (up to ``--decode-concurrency`` decoding, ``--prompt-concurrency``
+in prefill), through :class:`~vq_mlxlm.server_batch.LoggedBatchGenerator`, which logs the KV
+bytes per active session. Requests are answered by
+:class:`~vq_mlxlm.server_handler.VQHandler` (a UTF-8 body check, the ``--max-tokens`` cap,
+the context-length check); the mlx-lm server options in :data:`FORWARDED` are checked here,
+before the model loads, and passed on.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ _SIZE = re.compile(r"^\d+(\.\d+)?\s*(M|G|MB|GB)?$", re.IGNORECASE)
 
 # vq serve flag -> mlx-lm server flag (the same name), with its check
 FORWARDED = ("max_tokens", "temp", "top_p", "top_k", "min_p", "prompt_cache_size",
-             "prompt_cache_bytes", "prefill_step_size", "chat_template_args",
-             "allowed_origins", "log_level")  # fmt: skip
+             "prompt_cache_bytes", "prefill_step_size", "decode_concurrency",
+             "prompt_concurrency", "chat_template_args", "allowed_origins",
+             "log_level")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,6 +57,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prefill-step-size", type=int, default=2048, help="prompt tokens per prefill chunk"
     )
     p.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=32,
+        help="requests decoded together in one batch (mlx-lm's continuous batching)",
+    )
+    p.add_argument(
+        "--prompt-concurrency", type=int, default=8, help="prompts prefilled together in one batch"
+    )
+    p.add_argument(
         "--chat-template-args",
         default="{}",
         help="JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}'",
@@ -74,6 +87,8 @@ def check_arguments(args) -> None:
         ("min_p", 0 <= args.min_p <= 1, "in [0, 1]"),
         ("prompt_cache_size", args.prompt_cache_size >= 0, "an integer >= 0"),
         ("prefill_step_size", args.prefill_step_size >= 1, "an integer >= 1"),
+        ("decode_concurrency", args.decode_concurrency >= 1, "an integer >= 1"),
+        ("prompt_concurrency", args.prompt_concurrency >= 1, "an integer >= 1"),
         (
             "prompt_cache_bytes",
             args.prompt_cache_bytes is None or _SIZE.match(args.prompt_cache_bytes),
@@ -92,21 +107,29 @@ def serve(args) -> int:
     from mlx_lm import server as mlx_server
 
     from vq_mlxlm.commands.generate import load_patched
+    from vq_mlxlm.model_shape import model_kv_shape
+    from vq_mlxlm.server_batch import LoggedBatchGenerator
     from vq_mlxlm.server_handler import VQHandler
 
     if args.host not in LOOPBACK:
         print(f"warning: serving on {args.host}, reachable beyond this machine", file=sys.stderr)
     model, tokenizer = load_patched(args)
+    shape = model_kv_shape(model)
+    LoggedBatchGenerator.fp16_bytes_per_token = shape.layers * shape.kv_heads * shape.head_dim * 4
+    context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    handler = VQHandler.configured(tokenizer, context if isinstance(context, int) else None)
 
     def load_patched_model(*_args, **_kwargs):
         return model, tokenizer, {}
 
     def http_server_with_vq_handler(host, port, response_generator, **_kwargs):
         # mlx-lm's run() takes a handler_class but does not pass it on; this is where it counts
-        return original_http(host, port, response_generator, handler_class=VQHandler)
+        return original[1](host, port, response_generator, handler_class=handler)
 
-    original_load, original_http, argv = mlx_server.load, mlx_server._run_http_server, sys.argv
+    original = (mlx_server.load, mlx_server._run_http_server, mlx_server.BatchGenerator)
+    argv = sys.argv
     mlx_server.load, mlx_server._run_http_server = load_patched_model, http_server_with_vq_handler
+    mlx_server.BatchGenerator = LoggedBatchGenerator
     print(
         f"vq serve: http://{args.host}:{args.port}/v1 ({args.method} "
         f"{bits_label(args.bits)}-bit keys, "
@@ -124,7 +147,8 @@ def serve(args) -> int:
     try:
         mlx_server.main()
     finally:
-        sys.argv, mlx_server.load, mlx_server._run_http_server = argv, original_load, original_http
+        sys.argv = argv
+        mlx_server.load, mlx_server._run_http_server, mlx_server.BatchGenerator = original
     return 0
 
 
