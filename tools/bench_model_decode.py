@@ -45,6 +45,23 @@ ARGS = dict(
 GIB = 1024**3
 
 
+def build(layers: int = 32, hidden: int = 4096):
+    """``(model, dtype)``: the Llama-3-8B shape with random 4-bit weights (group 64), fp16
+    on a GPU and fp32 on the CPU; ``layers``/``hidden`` smaller for a smoke test (32 heads
+    of ``hidden / 32``, 8 KV heads, a small MLP and vocabulary)."""
+    shape = {**ARGS, "num_hidden_layers": layers}
+    if hidden != 4096:
+        shape.update(
+            hidden_size=hidden, head_dim=hidden // 32, intermediate_size=256, vocab_size=1024
+        )
+    model = llama.Model(llama.ModelArgs(**shape))
+    dtype = mx.float16 if mx.default_device() == mx.gpu else mx.float32  # CPU: fp32 compute
+    model.set_dtype(dtype)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model, dtype
+
+
 def _arrays(cache) -> list[mx.array]:
     """Every array a cache object holds (to evaluate it without building its state)."""
     out = []
@@ -121,20 +138,8 @@ def main() -> None:
     ap.add_argument("--other-contexts", type=int, nargs="*", default=[32768])
     ap.add_argument("--json", help="write every cell here")
     args = ap.parse_args()
-    shape = {**ARGS, "num_hidden_layers": args.layers}
-    if args.hidden != 4096:  # smoke test: 32 heads of hidden/32, 8 KV heads
-        shape.update(
-            hidden_size=args.hidden,
-            head_dim=args.hidden // 32,
-            intermediate_size=256,
-            vocab_size=1024,
-        )
-    kv_heads, head_dim = shape["num_key_value_heads"], shape["head_dim"]
-    model = llama.Model(llama.ModelArgs(**shape))
-    dtype = mx.float16 if mx.default_device() == mx.gpu else mx.float32  # CPU: fp32 compute
-    model.set_dtype(dtype)
-    nn.quantize(model, group_size=64, bits=4)
-    mx.eval(model.parameters())
+    model, dtype = build(args.layers, args.hidden)
+    kv_heads, head_dim = model.args.num_key_value_heads, model.args.head_dim
     print(f"device {mx.default_device()}, MLX {mx.__version__}, layers {args.layers}", flush=True)
     cells = []
 
