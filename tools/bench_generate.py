@@ -12,13 +12,16 @@ are the baseline every ratio divides by. ``peak`` is ``mx.get_peak_memory()`` ov
 memory held before the run (``mx.reset_peak_memory()`` first), in MiB.
 """
 
-# ruff: noqa: I001  (vq_mlxlm must load a fast BLAS before mlx.core is imported)
+# ruff: noqa: I001, E402  (a fast BLAS must be loaded before mlx.core is imported)
 from __future__ import annotations
 
 import argparse
 import platform
 
 import vq_mlxlm
+
+vq_mlxlm.enable_fast_blas()  # before mlx.core is imported (MLX's Linux CPU backend)
+
 import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.models.cache import make_prompt_cache

@@ -8,13 +8,16 @@ to the baselines measured in the same run: ``mx.quantize`` for encoding and fp16
     uv run python tools/bench_methods.py [--tokens 4096] [--repeats 20]
 """
 
-# ruff: noqa: I001  (vq_mlxlm must load a fast BLAS before mlx.core is imported)
+# ruff: noqa: I001, E402  (a fast BLAS must be loaded before mlx.core is imported)
 from __future__ import annotations
 
 import argparse
 import time
 
-import vq_mlxlm  # noqa: F401  (loads a fast BLAS before MLX, where one exists)
+import vq_mlxlm
+
+vq_mlxlm.enable_fast_blas()  # before mlx.core is imported (MLX's Linux CPU backend)
+
 import mlx.core as mx
 import vq_algorithms  # noqa: F401
 from vq_core import attend, available, create, get, make_cache

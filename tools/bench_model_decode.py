@@ -17,7 +17,7 @@ Every cell prints the same-run fp16 baseline and the ratio. ``--json PATH`` writ
         --configs turboquant_mse:4 turboquant_mse:2 rabitq:4 rabitq:2 --json out.json
 """
 
-# ruff: noqa: I001  (vq_mlxlm must load a fast BLAS before mlx.core is imported)
+# ruff: noqa: E402  (a fast BLAS must be loaded before mlx.core is imported)
 from __future__ import annotations
 
 import argparse
@@ -25,6 +25,9 @@ import json
 import time
 
 import vq_mlxlm
+
+vq_mlxlm.enable_fast_blas()  # before mlx.core is imported (MLX's Linux CPU backend)
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import llama

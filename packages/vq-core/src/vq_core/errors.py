@@ -43,6 +43,14 @@ class ArtifactError(VQError):
     """A saved artifact is missing, corrupt, or belongs to another model/method/version."""
 
 
+class MissingFileError(VQError, FileNotFoundError):
+    """A file vq was pointed at (a model, a text) does not exist or is not the kind asked for."""
+
+
+class MissingDependencyError(VQError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
 class CacheStateError(VQError, ValueError):
     """A saved cache state (e.g. a prompt-cache file) is corrupt, truncated, or does not
     match the model or the cache configuration it is loaded into."""

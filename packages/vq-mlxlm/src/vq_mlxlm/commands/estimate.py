@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 
 import vq_algorithms  # noqa: F401  (registers the methods)
-from vq_core import available, get, make_cache
+from vq_core import ConfigError, available, get, make_cache
 from vq_mlxlm.commands.flags import check_model
 from vq_mlxlm.model_shape import kv_shape, layer_windows
 
 
 def estimate_rows(model: str, context: int) -> tuple[dict, list[dict]]:
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
-        raise ValueError(f"--context must be a positive number of tokens, got {context}")
+        raise ConfigError(f"--context must be a positive number of tokens, got {context}")
     shape = kv_shape(model)
     windows = layer_windows(model)
     compressed = sum(w is None for w in windows)

@@ -13,10 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
+from vq_core import ConfigError
+
 SEED_LIMIT = 2**32  # seeds are 0 <= seed < 2**32 (per-layer seeds add 1000 * layer)
 
 
-class FlagError(ValueError):
+class FlagError(ConfigError):
     """A bad command-line flag: ``str()`` is ``"<flag>: <what is wrong>"``."""
 
     def __init__(self, flag: str, message: str):

@@ -22,6 +22,8 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from vq_core import ConfigError
+
 RESAMPLES = 2000
 LEVEL = 0.95
 
@@ -42,9 +44,9 @@ class Interval:
 def _blocks(values: Sequence[float], block: int) -> list[tuple[float, int]]:
     """``(sum, count)`` of consecutive runs of ``block`` values (the last may be short)."""
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive integer, got {block!r}")
+        raise ConfigError(f"block must be a positive integer, got {block!r}")
     if len(values) == 0:
-        raise ValueError("no values to bootstrap")
+        raise ConfigError("no values to bootstrap")
     return [
         (math.fsum(values[i : i + block]), len(values[i : i + block]))
         for i in range(0, len(values), block)
@@ -61,9 +63,9 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 def _check(resamples: int, level: float) -> None:
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 10:
-        raise ValueError(f"resamples must be an integer >= 10, got {resamples!r}")
+        raise ConfigError(f"resamples must be an integer >= 10, got {resamples!r}")
     if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
+        raise ConfigError(f"level must be in (0, 1), got {level!r}")
 
 
 def paired_interval(
@@ -81,7 +83,7 @@ def paired_interval(
     _check(resamples, level)
     n = len(columns[0])
     if any(len(c) != n for c in columns):
-        raise ValueError(f"columns differ in length: {[len(c) for c in columns]}")
+        raise ConfigError(f"columns differ in length: {[len(c) for c in columns]}")
     blocks = [_blocks(c, block) for c in columns]
     counts = [cnt for _, cnt in blocks[0]]
     sums = [[s for s, _ in b] for b in blocks]

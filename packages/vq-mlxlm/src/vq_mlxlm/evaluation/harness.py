@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
-from vq_core import CompressedKVCache
+from vq_core import CompressedKVCache, ConfigError
 from vq_mlxlm.evaluation import bootstrap, continuation, layer_cosine, needle, scoring, speed
 from vq_mlxlm.evaluation.prefix import exact_kv, fill
 from vq_mlxlm.evaluation.specs import EXACT, CacheSpec, accounted_bits
@@ -75,7 +75,7 @@ FULL = Budget(
 def needle_depths(count: int) -> tuple[float, ...]:
     """``count`` depths spread evenly over ``(0, 1)``: ``(i + 0.5) / count``."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"needle depths: expected a positive integer, got {count!r}")
+        raise ConfigError(f"needle depths: expected a positive integer, got {count!r}")
     return tuple(round((i + 0.5) / count, 4) for i in range(count))
 
 
@@ -119,7 +119,7 @@ def run(
     b, tokens = budget, text.tokens
     decode_end = b.context + 1 + b.decode_steps
     if len(tokens) < max(b.min_text, decode_end):
-        raise ValueError(f"text has {len(tokens):,} tokens; --{b.name} needs {b.min_text:,}")
+        raise ConfigError(f"text has {len(tokens):,} tokens; --{b.name} needs {b.min_text:,}")
     specs = [CacheSpec(EXACT)] + [s for s in specs if s.kind != EXACT]
     progress = Progress(2 + 5 * len(specs))
     t0 = time.perf_counter()

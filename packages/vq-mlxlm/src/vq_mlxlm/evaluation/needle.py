@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from vq_core import ConfigError
 from vq_mlxlm.evaluation.prefix import KV, exact_kv, fill, sliced
 
 NEEDLE = "\nThe special magic number is {number}.\n"
@@ -79,7 +80,7 @@ def build(model, tokenizer, text: list[int], plan, chunk: int = 256, seed: int =
         needles = [_encode(tokenizer, NEEDLE.format(number=n)) for n in numbers]
         size = length - len(head) - len(needles[0]) - len(tail)
         if size < 16 or size > len(text):
-            raise ValueError(f"needle length {length} needs a haystack of {size} tokens")
+            raise ConfigError(f"needle length {length} needs a haystack of {size} tokens")
         spots = [_line_start(tokenizer, text, max(1, int(d * size))) for d in depths]
         plans.append((length, tuple(depths), numbers, needles, size, spots))
     deepest = max(s for *_, spots in plans for s in spots)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vq_core import MissingDependencyError
+
 PLOT_EXTRA = "plot"
 
 COLUMNS = (
@@ -93,7 +95,7 @@ def write_plot(report: dict, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             f"matplotlib is not installed, so no plot was written; install it with "
             f"`pip install 'vq-mlxlm[{PLOT_EXTRA}]'` (or `uv run --with matplotlib ...`)"
         ) from err

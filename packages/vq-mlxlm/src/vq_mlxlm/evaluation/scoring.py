@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from vq_core import ConfigError
+
 
 @dataclass(frozen=True)
 class Quality:
@@ -67,7 +69,7 @@ def score(
     measured against it and nothing is kept; without, this *is* the reference run.
     """
     if len(tokens) < start + count + 1:
-        raise ValueError(f"text has {len(tokens)} tokens; scoring needs {start + count + 1}")
+        raise ConfigError(f"text has {len(tokens)} tokens; scoring needs {start + count + 1}")
     nll: list[float] = []
     kl: list[float] = []
     agree = 0.0

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 
 import vq_algorithms  # noqa: F401  (registers the methods)
-from vq_core import available, get
+from vq_core import ConfigError, available, get
 from vq_core.cache import DEFAULT_BLOCK
 
 EXACT, MLX_LM = "exact", "mlx_lm"
@@ -113,7 +113,7 @@ class CacheSpec:
                 ]
                 mean = sum(layer_bits) / len(layer_bits)
                 if abs(mean - self.bits) > 1e-9:
-                    raise ValueError(
+                    raise ConfigError(
                         f"{self.label}: the RateQuant allocation in {self.artifacts} has mean "
                         f"{mean:g} bits, not {self.bits}"
                     )
@@ -145,13 +145,13 @@ def parse_spec(text: str) -> CacheSpec:
     if method == EXACT:
         return CacheSpec(EXACT)
     if not bits:
-        raise ValueError(f"spec {text!r} needs @BITS (e.g. {method}@4)")
+        raise ConfigError(f"spec {text!r} needs @BITS (e.g. {method}@4)")
     fields: dict = {}
     options = []
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"spec {text!r}: setting {item!r} is not key=value")
+            raise ConfigError(f"spec {text!r}: setting {item!r} is not key=value")
         parsed = _value(value)
         if key in _CACHE_KEYS:
             fields[key] = parsed
@@ -226,25 +226,25 @@ def _value(text: str):
 
 def _check(spec: CacheSpec) -> None:
     if spec.split not in (None, *SPLITS):
-        raise ValueError(f"{spec.label}: split={spec.split!r}; choose from {SPLITS}")
+        raise ConfigError(f"{spec.label}: split={spec.split!r}; choose from {SPLITS}")
     if spec.split == "ratequant" and not spec.artifacts:
-        raise ValueError(f"{spec.label}: split=ratequant needs artifacts=DIR")
+        raise ConfigError(f"{spec.label}: split=ratequant needs artifacts=DIR")
     if spec.split == "uniform" and spec.artifacts and not get(spec.method).needs_calibration:
-        raise ValueError(f"{spec.label}: artifacts=DIR would replace the uniform split")
+        raise ConfigError(f"{spec.label}: artifacts=DIR would replace the uniform split")
     if spec.plan is not None:
         if spec.split or spec.artifacts or spec.options or spec.window or spec.value_bits:
-            raise ValueError(f"{spec.label}: a plan row takes no other settings")
+            raise ConfigError(f"{spec.label}: a plan row takes no other settings")
         return
     if isinstance(spec.bits, float) and spec.split is None:
-        raise ValueError(f"{spec.label}: fractional bits need split=uniform or split=ratequant")
+        raise ConfigError(f"{spec.label}: fractional bits need split=uniform or split=ratequant")
     if spec.method == MLX_LM:
         if spec.bits not in (2, 3, 4, 5, 6, 8):
-            raise ValueError(f"mlx_lm@{spec.bits}: mlx quantizes to 2, 3, 4, 5, 6 or 8 bits")
+            raise ConfigError(f"mlx_lm@{spec.bits}: mlx quantizes to 2, 3, 4, 5, 6 or 8 bits")
         if spec.options or spec.window or spec.value_bits or spec.value_method:
-            raise ValueError(f"{spec.label}: mlx_lm takes no settings")
+            raise ConfigError(f"{spec.label}: mlx_lm takes no settings")
         return
     if spec.method not in available():
-        raise ValueError(
+        raise ConfigError(
             f"unknown method {spec.method!r}; choose from {', '.join(available())}, "
             f"{MLX_LM}, {EXACT}"
         )

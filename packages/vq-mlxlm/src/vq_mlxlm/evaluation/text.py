@@ -15,6 +15,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from vq_core import ConfigError, MissingFileError
+
 DEFAULT_TEXT = "pydoc_data.topics"
 
 
@@ -64,17 +66,17 @@ def load_text(
     if path is None:
         part = part or ("held_out" if held_out else "all")
         if part not in PARTS:
-            raise ValueError(f"text part {part!r}; choose from {sorted(PARTS)}")
+            raise ConfigError(f"text part {part!r}; choose from {sorted(PARTS)}")
         source = DEFAULT_TEXT + PARTS[part]
         text = calibration_text() if part == "calibration" else default_text(part == "held_out")
     else:
         file = Path(path).expanduser()
         if not file.is_file():
-            raise FileNotFoundError(f"--text: {file} is not a file")
+            raise MissingFileError(f"--text: {file} is not a file")
         source, text = str(file), file.read_text(encoding="utf-8")
     tokens = list(tokenizer.encode(text))
     if len(tokens) < min_tokens:
-        raise ValueError(
+        raise ConfigError(
             f"--text {source} has {len(tokens):,} tokens; this evaluation needs at least "
             f"{min_tokens:,} (use a longer text or --quick)"
         )

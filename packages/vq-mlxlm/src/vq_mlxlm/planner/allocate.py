@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from vq_core import ConfigError
+
 INF = math.inf
 
 
@@ -39,7 +41,7 @@ def units(costs: Sequence[Sequence[float]], budget: float, resolution: int) -> t
     """Integer costs (``ceil(cost / unit)``) and the capacity (``floor(budget / unit)``),
     with ``unit = budget / resolution``."""
     if budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget}")
+        raise ConfigError(f"budget must be positive, got {budget}")
     unit = budget / resolution
     return [[math.ceil(c / unit - 1e-9) for c in row] for row in costs], resolution
 
@@ -50,7 +52,7 @@ def allocate(distortion: Sequence[Sequence[float]], cost: Sequence[Sequence[int]
     if len(distortion) != len(cost) or any(
         len(d) != len(c) for d, c in zip(distortion, cost, strict=True)
     ):
-        raise ValueError("distortion and cost tables differ in shape")
+        raise ConfigError("distortion and cost tables differ in shape")
     best = [0.0] + [INF] * capacity  # best[t]: least distortion spending exactly t units
     choices = []
     for d_row, c_row in zip(distortion, cost, strict=True):
@@ -68,7 +70,7 @@ def allocate(distortion: Sequence[Sequence[float]], cost: Sequence[Sequence[int]
     end = min(range(capacity + 1), key=lambda t: best[t])
     if best[end] == INF:
         cheapest = sum(min(row) for row in cost)
-        raise ValueError(
+        raise ConfigError(
             f"no option fits: the cheapest plan costs {cheapest} units, the budget {capacity}"
         )
     out = []

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_core import CompressedKVCache, create
+from vq_core import CompressedKVCache, ConfigError, create
 from vq_core.cache import DEFAULT_BLOCK
 from vq_mlxlm.evaluation.prefix import exact_kv, fill
 
@@ -97,12 +97,12 @@ class Probe:
         from vq_mlxlm.routing import route
 
         if self.prefix < 2 * DEFAULT_BLOCK or self.scored < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"probe needs prefix >= {2 * DEFAULT_BLOCK} and scored >= 1 tokens, got "
                 f"prefix={self.prefix}, scored={self.scored}"
             )
         if len(self.tokens) < self.prefix + self.scored + 1:
-            raise ValueError(
+            raise ConfigError(
                 f"probe text has {len(self.tokens)} tokens; needs {self.prefix + self.scored + 1}"
             )
         unpatch(self.model)
@@ -165,7 +165,7 @@ class Probe:
             keys = create(exact_method, head_dim=d, bits=exact_bits, seed=seed)
             values = create(method, head_dim=d, bits=bits, seed=seed + 1)
         else:
-            raise ValueError(f"side must be 'k' or 'v', got {side!r}")
+            raise ConfigError(f"side must be 'k' or 'v', got {side!r}")
         return CompressedKVCache(keys, values, sink=1, center=True)
 
 

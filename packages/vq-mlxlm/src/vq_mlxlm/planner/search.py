@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_core import CompressedKVCache, get, make_cache
+from vq_core import CompressedKVCache, ConfigError, get, make_cache
 from vq_core.cache import DEFAULT_BLOCK
 from vq_mlxlm.planner.allocate import accounted_bits, allocate, units
 from vq_mlxlm.planner.plan_file import Plan
@@ -75,13 +75,13 @@ class Target:
 
     def __post_init__(self):
         if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 1:
-            raise ValueError(f"context must be a positive number of tokens, got {self.context!r}")
+            raise ConfigError(f"context must be a positive number of tokens, got {self.context!r}")
         if (self.bits is None) == (self.nbytes is None):
-            raise ValueError("give exactly one of a bits-per-element target and a byte budget")
+            raise ConfigError("give exactly one of a bits-per-element target and a byte budget")
         if self.bits is not None and not 1 <= self.bits <= 16:
-            raise ValueError(f"bits per element must be in [1, 16], got {self.bits}")
+            raise ConfigError(f"bits per element must be in [1, 16], got {self.bits}")
         if self.nbytes is not None and self.nbytes <= 0:
-            raise ValueError(f"byte budget must be positive, got {self.nbytes}")
+            raise ConfigError(f"byte budget must be positive, got {self.nbytes}")
 
 
 def value_partner(method: str) -> str:
@@ -162,7 +162,7 @@ def make_plan(
         methods, key_widths = (calibrated.method,), list(calibrated.widths)
     partners = {value_partner(m) for m in methods}
     if len(partners) != 1:
-        raise ValueError(f"methods {list(methods)} pair with different value methods {partners}")
+        raise ConfigError(f"methods {list(methods)} pair with different value methods {partners}")
     value_method = partners.pop()
     probe = Probe(model, tokens, prefix, scored)
     n = len(probe.layers)
@@ -177,7 +177,7 @@ def make_plan(
             widths = [list(key_widths), list(value_widths)]
             missing = [m for m in methods if m not in reuse.get("key", {})]
             if reuse.get("widths") != widths or missing or len(reuse["value"]) != n:
-                raise ValueError(
+                raise ConfigError(
                     f"the reused sensitivities hold widths {reuse.get('widths')} and methods "
                     f"{sorted(reuse.get('key', {}))} for {len(reuse.get('value', []))} layers; "
                     f"this plan needs {widths}, {list(methods)}, {n} layers"
@@ -188,7 +188,7 @@ def make_plan(
         saved = {"value": s_value, "key": s_key, "widths": [list(key_widths), list(value_widths)]}
     else:
         if len(calibrated.table) != n:
-            raise ValueError(f"{calibrated.source} has {len(calibrated.table)} layers, not {n}")
+            raise ConfigError(f"{calibrated.source} has {len(calibrated.table)} layers, not {n}")
         options = [(b, b) for b in key_widths]
         tables = {calibrated.method: [list(row) for row in calibrated.table]}
         kind = f"calibrated: RateQuant sensitivity from {calibrated.source} (keys = values)"
@@ -215,7 +215,7 @@ def make_plan(
                 kb, vb = options[j]
                 uniforms.append(((m, [kb] * n, [vb] * n, w), sum(row[j] for row in cost)))
     if not candidates:
-        raise ValueError(f"no setting of {list(methods)} fits the target {target}")
+        raise ConfigError(f"no setting of {list(methods)} fits the target {target}")
 
     def measure(entries, kind):
         out = []
