@@ -85,7 +85,8 @@ def write_json(report: dict, path: str) -> None:
 
 
 def write_plot(report: dict, path: str) -> None:
-    """KL against bits per element, one line per method (and per tuned setting).
+    """KL against bits per element, one line per method (and per tuned setting; all
+    ``vq plan`` rows of a method on one line), with the KL's bootstrap interval as error bars.
 
     Raises ImportError naming the extra when matplotlib is not installed.
     """
@@ -99,21 +100,26 @@ def write_plot(report: dict, path: str) -> None:
             f"matplotlib is not installed, so no plot was written; install it with "
             f"`pip install 'vq-mlxlm[{PLOT_EXTRA}]'` (or `uv run --with matplotlib ...`)"
         ) from err
-    lines: dict[str, list[tuple[float, float]]] = {}
+    lines: dict[str, list[tuple[float, float, float, float]]] = {}
     for row in report["rows"]:
         if row["kind"] == "exact":
             continue
         name = row["label"].replace(f"@{row['bits']}", "")
-        lines.setdefault(name, []).append((row["bits_per_element"], max(row["kl"], 1e-6)))
+        if "+plan=" in name:  # one line for every plan row
+            name = f"{row['method']} (vq plan)"
+        kl = max(row["kl"], 1e-6)
+        low, high = row.get("kl_ci", (kl, kl))
+        point = (row["bits_per_element"], kl, kl - max(low, 1e-6), max(high, 1e-6) - kl)
+        lines.setdefault(name, []).append(point)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = plt.get_cmap("tab20").colors  # distinct colours (the default cycle repeats at 10)
     markers = "os^vD<>ph*"
     for i, (name, points) in enumerate(sorted(lines.items())):
-        xs, ys = zip(*sorted(points), strict=True)
+        xs, ys, lo, hi = zip(*sorted(points), strict=True)
         style = dict(color=colors[i % len(colors)], marker=markers[i % len(markers)])
         if name == "mlx_lm":
             style = dict(color="black", linestyle="--", linewidth=2, marker="o")
-        ax.plot(xs, ys, label=name, **style)
+        ax.errorbar(xs, ys, yerr=[lo, hi], label=name, capsize=2, **style)
     ax.set_yscale("log")
     ax.set_xlabel("bits per element (keys and values, accounted)")
     ax.set_ylabel("KL(exact || cache), nats per token")
