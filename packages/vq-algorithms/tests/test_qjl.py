@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 
 from vq_algorithms.qjl import gaussian_sketch
-from vq_core import ConfigError, create, make_cache, unpack
+from vq_core import ConfigError, create, make_cache, stream_key, unpack
 
 D = 128
 
@@ -99,7 +99,7 @@ def test_decode_is_the_estimator_vector():
 
 @pytest.mark.parametrize(("m", "d"), [(128, 128), (96, 128), (300, 128), (80, 80)])
 def test_orthogonal_sketch_rows(m, d):
-    s = gaussian_sketch(m, d, seed=1, orthogonal=True)
+    s = gaussian_sketch(m, d, stream_key(1, "sketch"), orthogonal=True)
     assert s.shape == (m, d)
     for start in range(0, m, d):
         blk = s[start : start + d]

@@ -194,3 +194,18 @@ def test_code_search_in_slices_equals_one_pass(monkeypatch):
     sliced = quant.encode(x)
     assert all(mx.array_equal(whole[f], sliced[f]).item() for f in whole)
     assert quant.decode(quant.encode(mx.zeros((0, D)))).shape == (0, D)
+
+
+def test_query_rounding_noise_is_independent_of_the_rotation():
+    """RaBitQ's estimator is unbiased over the rounding noise *given* the rotation: the two
+    must come from independent streams. With one key for both (the bug this catches), the
+    noise u_j < 1/2 exactly where the Hadamard sign s_j is +1 (bernoulli(1/2) = uniform < 1/2)."""
+    agree = []
+    for seed in range(16):
+        q = create("rabitq", head_dim=128, bits=1, seed=seed, binary_query=True,
+                   rotation="hadamard")  # fmt: skip
+        u = mx.random.uniform(shape=(128,), key=q.query_key)
+        agree.append(((u < 0.5) == (q.rotation.signs > 0)).astype(mx.float32).mean().item())
+    mean = sum(agree) / len(agree)
+    assert 0.45 < mean < 0.55  # independent: 1/2 ± 0.011 (std over 2048 coin flips)
+    assert max(agree) < 0.7

@@ -2,7 +2,8 @@
 
 For a Gaussian ``S [m, d]`` and any ``q, k``:
 ``E[ sqrt(π/2)/m · ||k|| · <S q, sign(S k)> ] = <q, k>``. The signs are packed 32 per word
-(bit = 1 for a non-negative projection).
+(bit = 1 for a non-negative projection). :func:`gaussian_sketch` is the one sketch matrix
+of vq (QJL's and turboquant_prod's).
 """
 
 from __future__ import annotations
@@ -14,22 +15,29 @@ import mlx.core as mx
 from vq_core import pack, packed_words, unpack
 
 
-class SignSketch:
-    """``S [m, d]`` drawn from ``seed``; optional orthogonalized rows (blocks of d)."""
+def gaussian_sketch(m: int, d: int, key: mx.array, orthogonal: bool = False) -> mx.array:
+    """``S [m, d]`` whose rows are each N(0, I_d), drawn from ``key`` (a
+    :func:`vq_core.stream_key`); with ``orthogonal``, rows within each block of ``d`` are
+    mutually orthogonal (Gram–Schmidt of the Gaussian rows, each then rescaled to its
+    Gaussian row's length, which is independent of the direction)."""
+    g = mx.random.normal((m, d), key=key)
+    if not orthogonal:
+        return g
+    blocks = []
+    for start in range(0, m, d):
+        blk = g[start : start + d]  # [b, d], b <= d
+        q, r = mx.linalg.qr(blk.T, stream=mx.cpu)  # q [d, b]: Gram–Schmidt of blk's rows
+        directions = (q * mx.sign(mx.diagonal(r))[None, :]).T
+        blocks.append(directions * mx.linalg.norm(blk, axis=-1, keepdims=True))
+    return mx.concatenate(blocks, axis=0)
 
-    def __init__(self, dim: int, sketch_dim: int, seed: int, orthogonal: bool = False):
+
+class SignSketch:
+    """Packed signs of ``S x`` for ``S`` = :func:`gaussian_sketch` ``[m, d]`` from ``key``."""
+
+    def __init__(self, dim: int, sketch_dim: int, key: mx.array, orthogonal: bool = False):
         self.dim, self.m = dim, sketch_dim
-        key = mx.random.key(seed)
-        s = mx.random.normal((sketch_dim, dim), key=key)
-        if orthogonal:
-            blocks = []
-            for i in range(0, sketch_dim, dim):
-                g = s[i : i + dim]
-                q, _ = mx.linalg.qr(g.T, stream=mx.cpu)  # [d, rows], orthonormal columns
-                rows = q.T[: g.shape[0]]
-                blocks.append(rows * math.sqrt(dim))  # keep E||row||² = d like a Gaussian row
-            s = mx.concatenate(blocks, axis=0)
-        self.matrix = s
+        self.matrix = gaussian_sketch(sketch_dim, dim, key, orthogonal)
         self.scale = math.sqrt(math.pi / 2) / sketch_dim
 
     @property

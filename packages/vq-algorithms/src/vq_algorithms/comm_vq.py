@@ -51,6 +51,7 @@ from vq_core import (
     pack,
     packed_words,
     register,
+    stream_key,
 )
 from vq_core.packing import unpack_fields
 
@@ -100,7 +101,7 @@ def untrained_tables(config: CommVQConfig) -> mx.array:
     c = config
     shape = (1, c.stages, c.table_size, c.head_dim // 2, 2)
     scale = 0.3 * 0.95 ** mx.arange(c.stages, dtype=mx.float32) / c.head_dim**0.5
-    noise = mx.random.normal(shape, key=mx.random.key(c.seed))
+    noise = mx.random.normal(shape, key=stream_key(c.seed, "codebook"))
     return noise * scale[None, :, None, None, None]
 
 

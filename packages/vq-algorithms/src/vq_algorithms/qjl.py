@@ -39,6 +39,7 @@ from vq_algorithms._fused import (
     kernel_applies,
     sign_codebook,
 )
+from vq_algorithms._sign_sketch import gaussian_sketch
 from vq_core import (
     FLOAT16_MAX,
     Codes,
@@ -52,6 +53,7 @@ from vq_core import (
     packed_words,
     register,
     register_compressed_attention,
+    stream_key,
     unpack,
 )
 
@@ -80,23 +82,6 @@ class QJLConfig(QuantizerConfig):
         check_bool("orthogonal", self.orthogonal, method="qjl")
 
 
-def gaussian_sketch(m: int, d: int, seed: int, orthogonal: bool) -> mx.array:
-    """``S [m, d]`` whose rows are each N(0, I_d); with ``orthogonal``, rows within each
-    block of ``d`` are mutually orthogonal (Gram–Schmidt of the Gaussian rows, each then
-    rescaled to its Gaussian row's length, which is independent of the direction)."""
-    # A split key, not key(seed) itself: data drawn as normal(key(seed)) must not be S.
-    g = mx.random.normal((m, d), key=mx.random.split(mx.random.key(seed))[0])
-    if not orthogonal:
-        return g
-    blocks = []
-    for start in range(0, m, d):
-        blk = g[start : start + d]  # [b, d], b <= d
-        q, r = mx.linalg.qr(blk.T, stream=mx.cpu)  # q [d, b]: Gram–Schmidt of blk's rows
-        directions = (q * mx.sign(mx.diagonal(r))[None, :]).T
-        blocks.append(directions * mx.linalg.norm(blk, axis=-1, keepdims=True))
-    return mx.concatenate(blocks, axis=0)
-
-
 @register
 class QJL(Quantizer):
     method = "qjl"
@@ -110,7 +95,8 @@ class QJL(Quantizer):
     def __init__(self, config: QJLConfig):
         super().__init__(config)
         self.m = config.sketch_dim
-        self.sketch = gaussian_sketch(self.m, config.head_dim, config.seed, config.orthogonal)
+        key = stream_key(config.seed, "sketch")
+        self.sketch = gaussian_sketch(self.m, config.head_dim, key, config.orthogonal)
         self.scale = math.sqrt(math.pi / 2) / self.m
 
     def field_layout(self):

@@ -59,6 +59,7 @@ from vq_core import (
     packed_words,
     register,
     register_compressed_attention,
+    stream_key,
     unpack,
 )
 from vq_core.preconditioner import hadamard_supported, make_preconditioner
@@ -147,7 +148,8 @@ class RaBitQ(Quantizer):
         self.rotation = make_preconditioner(default_rotation(d, config.rotation), d, config.seed)
         self.half = ((1 << b) - 1) / 2  # offset between code u and grid value v
         self.words = packed_words(d, b)
-        self.query_key = mx.random.split(mx.random.key(config.seed))[1]
+        # Independent of the rotation's stream (it was the same key before 0.2).
+        self.query_key = stream_key(config.seed, "rounding")
 
     def field_layout(self):
         f16 = ((), mx.float16)

@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
 from vq_algorithms._sign_sketch import SignSketch
-from vq_core import FLOAT16_MAX, Codes, HeadDims, Quantizer, register
+from vq_core import FLOAT16_MAX, Codes, HeadDims, Quantizer, register, stream_key
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class TurboQuantProd(Quantizer):
         super().__init__(config)
         d = config.head_dim
         self.rc = RotatedCodebook(d, config.bits - 1, config.seed, config.rotation)
-        self.sketch = SignSketch(d, d, seed=config.seed + 7919)
+        self.sketch = SignSketch(d, d, stream_key(config.seed + 7919, "codebook"))
 
     def field_layout(self):
         return {

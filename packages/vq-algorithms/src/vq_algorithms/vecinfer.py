@@ -40,6 +40,7 @@ from vq_core import (
     RandomizedHadamard,
     register,
     register_compressed_attention,
+    stream_key,
 )
 from vq_core.preconditioner import hadamard_supported
 from vq_kernels.pq_attention import LUT_FLOATS
@@ -97,7 +98,7 @@ class VecInfer(Calibrated):
                 )
         else:
             self.smooth = mx.ones((d,))
-            key = mx.random.key(config.seed)
+            key = stream_key(config.seed, "codebook")
             self.centroids = mx.random.normal((n_sub, CODEBOOK_SIZE, sub), key=key)
         self._flat = self.centroids.reshape(n_sub * CODEBOOK_SIZE, sub)
         self._sq = (self.centroids * self.centroids).sum(axis=-1)  # [S, K]

@@ -42,12 +42,14 @@ from vq_core.preconditioner import (
 )
 from vq_core.quantizer import Codes, Quantizer, QuantizerConfig
 from vq_core.registry import available, create, from_description, get, register
+from vq_core.streams import STREAMS, stream_key
 from vq_core.validation import FLOAT16_MAX, HeadDims, check_bool, check_int
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FLOAT16_MAX",
+    "STREAMS",
     "Artifact",
     "ArtifactError",
     "ArtifactStore",
@@ -96,6 +98,7 @@ __all__ = [
     "register",
     "register_compressed_attention",
     "registered_compressed_attention",
+    "stream_key",
     "unpack",
     "unpack_fields",
 ]

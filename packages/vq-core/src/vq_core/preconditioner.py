@@ -18,15 +18,15 @@ from abc import ABC, abstractmethod
 import mlx.core as mx
 
 from vq_core.errors import ConfigError, ShapeError
+from vq_core.streams import stream_key
 
 # mx.hadamard_transform supports n = m * 2**k with m in this set (Sylvester and Paley sizes).
 HADAMARD_BASES = (1, 12, 20, 28)
 
 
 def _key(seed: int) -> mx.array:
-    """A key derived from ``seed`` that does not replay ``mx.random.key(seed)``'s stream
-    (test and user data are often drawn from the plain key of a small seed)."""
-    return mx.random.split(mx.random.key(seed), 2)[1]
+    """The ``"rotation"`` stream of ``seed`` (:func:`vq_core.streams.stream_key`)."""
+    return stream_key(seed, "rotation")
 
 
 def _check_dim(dim: int) -> None:
