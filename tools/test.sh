@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run every test: each package in an environment holding only that package, its declared
-# dependencies and its test group (so importing an undeclared neighbour fails), then the
-# integration tests in the full workspace environment.
+# dependencies and its test group (so importing an undeclared neighbour fails), with its
+# slim-install check (tools/slim_install.py: the environment holds no undeclared workspace
+# package, and the package's main entry point works there), then the integration tests in
+# the full workspace environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -14,6 +16,7 @@ for pkg in vq-core vq-kernels vq-algorithms vq-calibrate vq-mlxlm; do
   echo "== $pkg (isolated environment)"
   uv sync --frozen --quiet --package "$pkg" --no-default-groups --group test
   pytest_ok "packages/$pkg"
+  uv run --frozen --no-sync python tools/slim_install.py "$pkg"
 done
 echo "== integration (full workspace)"
 uv sync --frozen --quiet
