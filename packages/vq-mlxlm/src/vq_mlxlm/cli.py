@@ -1,5 +1,5 @@
 """The ``vq`` command line: ``vq generate | methods | estimate | serve | eval | plan |
-calibrate``.
+calibrate | launch``.
 
 Each subcommand lives in :mod:`vq_mlxlm.commands`; this module only parses arguments.
 :func:`main` loads a fast BLAS before anything imports MLX (see :mod:`vq_mlxlm.fast_blas`),
@@ -45,6 +45,7 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from vq_mlxlm.calibration.options import METHODS, CalibrationOptions
     from vq_mlxlm.commands.flags import SEED_LIMIT, Parser, integer
+    from vq_mlxlm.commands.ranks import add_arguments as ranks_arguments
     from vq_mlxlm.commands.serve import add_arguments as serve_arguments
 
     defaults = CalibrationOptions()
@@ -60,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=integer(1), default=64)
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt raw")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    ranks_arguments(g)
+
+    sub.add_parser(
+        "launch",
+        help="mlx.launch (same arguments) exiting non-zero when a rank fails, e.g. "
+        "vq launch --backend ring -n 2 -- vq generate --parallel tensor",
+        add_help=False,
+    )
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--json", action="store_true")
@@ -172,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     from vq_mlxlm.fast_blas import enable_fast_blas
 
     enable_fast_blas()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # every later argument is mlx.launch's
+        from vq_mlxlm.distributed.launch import main as launch
+
+        return launch(argv[1:])
     args = build_parser().parse_args(argv)
     from vq_core import VQError
     from vq_mlxlm import commands
