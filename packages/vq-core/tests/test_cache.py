@@ -5,9 +5,11 @@ from vq_core import CompressedKVCache, ConfigError, NonFiniteError, ShapeError, 
 
 
 def _cache(window=0, step=256, method="toy_uniform", bits=8, block=1):
+    """The cache mechanics alone: no sink, no centering (the defaults keep one sink token
+    and center; tests of those pass them)."""
     k = create(method, head_dim=64, bits=bits)
     v = create(method, head_dim=64, bits=bits, seed=1)
-    return CompressedKVCache(k, v, window=window, step=step, block=block)
+    return CompressedKVCache(k, v, window=window, step=step, block=block, sink=0, center=False)
 
 
 def _kv(n, b=1, h=2, d=64, seed=0):
@@ -132,7 +134,9 @@ def test_used_bytes_match_accounting_without_step_padding():
     bpe = cache.key_quantizer.bits_per_element + cache.value_quantizer.bits_per_element
     assert cache.used_nbytes == bpe * 3 * 100 * 64 / 8
     assert cache.nbytes == bpe * 3 * 256 * 64 / 8  # allocated: one 256-token step
-    centered = CompressedKVCache(cache.key_quantizer, cache.value_quantizer, center=True, block=1)
+    centered = CompressedKVCache(
+        cache.key_quantizer, cache.value_quantizer, sink=0, center=True, block=1
+    )
     centered.update_and_fetch(*_kv(100, h=3))
     means = 2 * 3 * 64 * 4  # one fp32 mean key and value per head
     assert centered.used_nbytes == cache.used_nbytes + means

@@ -18,6 +18,7 @@ DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence, then na
 
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
+    from vq_core.cache import DEFAULT_SINK
     from vq_mlxlm.commands.flags import SEED_LIMIT, integer
 
     p.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
@@ -26,7 +27,12 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--value-method", default=None, help="value method (default: paired)")
     p.add_argument("--value-bits", type=int, default=None, help="value bits (default: --bits)")
     p.add_argument("--window", type=integer(0), default=0, help="recent tokens kept exact")
-    p.add_argument("--sink", type=integer(0), default=1, help="first tokens kept exact (default 1)")
+    p.add_argument(
+        "--sink",
+        type=integer(0),
+        default=DEFAULT_SINK,
+        help=f"first tokens kept exact (default {DEFAULT_SINK})",
+    )
     p.add_argument("--no-center", action="store_true", help="do not subtract the mean key/value")
     p.add_argument(
         "--artifacts",

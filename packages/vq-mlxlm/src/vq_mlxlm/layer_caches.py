@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import vq_algorithms  # noqa: F401  (registers the methods even without installed entry points)
-from vq_core import CompressedKVCache, ConfigError, check_value_method, create, get, make_cache
-from vq_core.cache import DEFAULT_BLOCK
+from vq_core import CompressedKVCache, ConfigError, check_value_method, get, make_cache
+from vq_core.cache import DEFAULT_BLOCK, DEFAULT_CENTER, DEFAULT_SINK
 
 
 @dataclass(frozen=True)
@@ -46,32 +46,27 @@ class CachePlan:
         count)`` of ``total`` (a tensor-parallel shard); quantizers with per-head codebooks
         keep those heads' codebooks only.
         """
-        seed = self.seed + 1000 * i
-        if self.artifacts is None:
-            return make_cache(
-                self.method,
-                head_dim=head_dim,
-                bits=self.bits[i],
-                value_method=self.value_method,
-                value_bits=self.value_bits[i],
-                window=self.window,
-                sink=self.sink,
-                center=self.center,
-                block=self.block,
-                seed=seed,
-                **self.options,
-            )
-        common = dict(head_dim=head_dim, artifact=self.artifacts, layer=i)
-        keys = create(self.method, bits=self.bits[i], seed=seed, kind="k", **common, **self.options)
-        vbits = self.value_bits[i] or self.bits[i]
-        vmethod = self.value_method
-        if not get(vmethod).needs_calibration:
-            values = create(vmethod, head_dim=head_dim, bits=vbits, seed=seed + 1)
-        else:
-            v_options = self.options if vmethod == self.method else {}
-            values = create(vmethod, bits=vbits, seed=seed + 1, kind="v", **common, **v_options)
-        if heads is not None:
-            keys, values = _head_slice(keys, heads), _head_slice(values, heads)
+        cache = make_cache(
+            self.method,
+            head_dim=head_dim,
+            bits=self.bits[i],
+            value_method=self.value_method,
+            value_bits=self.value_bits[i],
+            window=self.window,
+            sink=self.sink,
+            center=self.center,
+            block=self.block,
+            seed=self.seed + 1000 * i,
+            artifact=self.artifacts,
+            layer=i,
+            **self.options,
+        )
+        if heads is None:
+            return cache
+        keys = _head_slice(cache.key_quantizer, heads)
+        values = _head_slice(cache.value_quantizer, heads)
+        if keys is cache.key_quantizer and values is cache.value_quantizer:
+            return cache
         return CompressedKVCache(
             keys, values, window=self.window, sink=self.sink, center=self.center, block=self.block
         )
@@ -102,8 +97,8 @@ def plan(
     value_method: str | None = None,
     value_bits: int | Sequence[int] | None = None,
     window: int = 0,
-    sink: int = 1,
-    center: bool = True,
+    sink: int = DEFAULT_SINK,
+    center: bool = DEFAULT_CENTER,
     block: int = DEFAULT_BLOCK,
     seed: int = 0,
     artifacts: str | None = None,

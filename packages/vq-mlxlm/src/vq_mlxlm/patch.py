@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vq_core import CompressedKVCache, ConfigError
-from vq_core.cache import DEFAULT_BLOCK
+from vq_core.cache import DEFAULT_BLOCK, DEFAULT_CENTER, DEFAULT_SINK
 from vq_mlxlm.architectures import check_architecture
 from vq_mlxlm.layer_caches import plan
 from vq_mlxlm.model_shape import layer_head_dim, model_fingerprint, original_caches
@@ -34,8 +34,8 @@ def patch(
     value_method: str | None = None,
     value_bits: int | Sequence[int] | None = None,
     window: int = 0,
-    sink: int = 1,
-    center: bool = True,
+    sink: int = DEFAULT_SINK,
+    center: bool = DEFAULT_CENTER,
     block: int = DEFAULT_BLOCK,
     seed: int = 0,
     artifacts: str | None = None,
