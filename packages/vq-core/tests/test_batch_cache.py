@@ -13,6 +13,7 @@ from vq_core import (
     NonFiniteError,
     ShapeError,
     attend,
+    attention,
     create,
 )
 
@@ -106,8 +107,11 @@ def test_a_kernel_that_cannot_take_per_row_lengths_falls_back_to_the_reference()
     _run({"method": "toy_fused"})  # its stand-in kernel returns None when lengths are set
 
 
-def test_prefill_chunk_after_history_masks_each_rows_padding():
-    """A second ragged chunk (mlx-lm prompt segments) over compressed history."""
+@pytest.mark.parametrize("gpu_path", [False, True])
+def test_prefill_chunk_after_history_masks_each_rows_padding(gpu_path, monkeypatch):
+    """A second ragged chunk (mlx-lm prompt segments) over compressed history; with
+    ``gpu_path`` through the GPU's route (decoded history + one masked fused SDPA)."""
+    monkeypatch.setattr(attention, "_prefill_on_sdpa", lambda: gpu_path)
     seqs = [_seq(n + 30, i) for i, n in enumerate(LENS)]
     caches = []
     for (k, v), n in zip(seqs, LENS, strict=True):
