@@ -109,13 +109,14 @@ def serve_cell(model, c: int, prompt: int, gen_tokens: int, timeout: float) -> d
     }
 
 
-def session_bytes(model, tokens: int) -> int:
-    """Measured ``nbytes`` of one ``tokens``-token session's caches (random keys/values)."""
+def session_bytes(model, tokens: int, dtype=None) -> int:
+    """Measured ``nbytes`` of one ``tokens``-token session's caches (random keys/values in
+    ``dtype``, default the model's)."""
     cache = make_prompt_cache(model)
     args = model.args
     kv = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-    dtype = model.layers[0].input_layernorm.weight.dtype
+    dtype = dtype or model.layers[0].input_layernorm.weight.dtype
     fill(cache, tokens, kv, head_dim, dtype)
     return sum(c.nbytes for c in cache)
 
@@ -125,7 +126,7 @@ def main() -> None:
     ap.add_argument("--model", default="default", help="default | llama3-8b")
     ap.add_argument("--layers", type=int, default=32, help="llama3-8b: fewer for a smoke test")
     ap.add_argument("--hidden", type=int, default=4096, help="llama3-8b: smaller for a smoke test")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8, 16])
     ap.add_argument("--prompt", type=int, default=2048, help="prompt tokens per session")
     ap.add_argument("--gen", type=int, default=64, help="tokens each session generates")
     ap.add_argument(
@@ -133,6 +134,12 @@ def main() -> None:
     )
     ap.add_argument("--session", type=int, default=8192, help="session length for the fit count")
     ap.add_argument("--budget-gib", type=float, default=8.0, help="KV memory for the fit count")
+    ap.add_argument(
+        "--fit-dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="keys/values dtype of the fit count's session (default: the model's; float16 on "
+        "the CPU measures what a GPU's fp16 model would hold)",
+    )
     ap.add_argument("--cell-timeout", type=float, default=900.0, help="seconds per cell")
     ap.add_argument("--json", help="write every cell here (after each one)")
     args = ap.parse_args()
@@ -149,7 +156,8 @@ def main() -> None:
 
     for cfg in args.configs:
         configure(model, cfg)
-        serve_cell(model, 1, min(args.prompt, 64), 4, args.cell_timeout)  # warm-up
+        if args.concurrency:
+            serve_cell(model, 1, min(args.prompt, 64), 4, args.cell_timeout)  # warm-up
         for c in args.concurrency:
             try:
                 cell = serve_cell(model, c, args.prompt, args.gen, args.cell_timeout)
@@ -170,7 +178,8 @@ def main() -> None:
                 flush=True,
             )
             mx.clear_cache()
-        held = session_bytes(model, args.session)
+        fit_dtype = getattr(mx, args.fit_dtype) if args.fit_dtype else None
+        held = session_bytes(model, args.session, fit_dtype)
         fits = int(args.budget_gib * GIB // held)
         base = next((x for x in cells if x["kind"] == "fit" and x["cache"] == "fp16"), None)
         ratio = 1.0 if cfg == "fp16" else (fits / base["sessions"] if base else float("nan"))
@@ -178,7 +187,7 @@ def main() -> None:
                       "ratio": ratio, "session_tokens": args.session})  # fmt: skip
         save()
         print(
-            f"fit   {cfg:<18} one {args.session}-token session {held / 2**20:9.2f} MiB "
+            f"fit   {cfg:<18} {model.args.num_hidden_layers} layers, one {args.session}-token session {held / 2**20:9.2f} MiB "
             f"({held / args.session:,.0f} B/token): {fits} sessions in {args.budget_gib:g} GiB "
             f"({ratio:4.2f}x fp16)",
             flush=True,

@@ -59,6 +59,7 @@ class BatchCompressedKVCache:
         self._finite = mx.ones((batch_size,), dtype=mx.bool_)  # lazy, per row
         self._dtype = None
         self._pending: list[int] | None = None  # real tokens still to come (right padding)
+        self._offset: tuple[list[int], mx.array] | None = None
 
     # -- building and reshaping the batch (mlx-lm's batch protocol) ------------------------
 
@@ -145,8 +146,12 @@ class BatchCompressedKVCache:
 
     @property
     def offset(self) -> mx.array:
-        """Tokens held per row, int32 ``[B]`` (mlx-lm's RoPE offset of the next token)."""
-        return mx.array(self.lengths(), dtype=mx.int32)
+        """Tokens held per row, int32 ``[B]`` (mlx-lm's RoPE offset of the next token; one
+        array per set of lengths, since every layer reads it twice a step)."""
+        lengths = self.lengths()
+        if self._offset is None or self._offset[0] != lengths:
+            self._offset = (lengths, mx.array(lengths, dtype=mx.int32))
+        return self._offset[1]
 
     def lengths(self) -> list[int]:
         return [s + n + e for s, n, e in zip(self._n_sink, self._n_comp, self._n_tail, strict=True)]
