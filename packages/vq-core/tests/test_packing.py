@@ -47,3 +47,17 @@ def test_fields_hold_groups_of_codes_low_first(bits, group):
     weights = mx.array([1 << (bits * i) for i in range(group)], dtype=mx.uint32)
     expect = (codes.astype(mx.uint32).reshape(3, n // group, group) * weights).sum(-1)
     assert mx.array_equal(fields, expect).item()
+
+
+def test_mixed_width_stream_layout_and_round_trip():
+    from vq_core import pack_stream, unpack_stream
+
+    words = pack_stream([(mx.array([[1, 2, 3]]), 2), (mx.array([[5]]), 3)])
+    # 1, 2, 3 in 2 bits then 5 in 3 bits, each LSB first: bits 1,0, 0,1, 1,1, 1,0,1
+    assert words.tolist() == [[1 + 8 + 16 + 32 + 64 + 256]]
+    layout = [(7, 3), (40, 1), (5, 16)]
+    parts = [mx.random.randint(0, 1 << b, (2, 3, n)).astype(mx.uint32) for n, b in layout]
+    packed = pack_stream([(p, b) for p, (_, b) in zip(parts, layout, strict=True)])
+    assert packed.shape == (2, 3, -(-(21 + 40 + 80) // 32))
+    back = unpack_stream(packed, layout)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(parts, back, strict=True))

@@ -49,9 +49,9 @@ from vq_core import (
     Quantizer,
     ScalarCodebook,
     make_preconditioner,
-    pack,
+    pack_stream,
     register,
-    unpack,
+    unpack_stream,
 )
 
 # bits -> bits per angle at levels 1..L.
@@ -160,11 +160,7 @@ class PolarQuant(Quantizer):
 
     def _pack_angles(self, idx: list[mx.array]) -> mx.array:
         """Per-level codes -> one bit stream in bytes (each code LSB first)."""
-        bits = []
-        for i, b in zip(idx, self.split, strict=False):
-            bit = mx.bitwise_and(mx.right_shift(i[..., None], mx.arange(b, dtype=mx.uint32)), 1)
-            bits.append(bit.reshape(*i.shape[:-1], -1))
-        words = pack(mx.concatenate(bits, axis=-1), 1)
+        words = pack_stream(list(zip(idx, self.split, strict=False)))
         shifts = mx.array([0, 8, 16, 24], dtype=mx.uint32)
         octets = mx.bitwise_and(mx.right_shift(words[..., None], shifts), 0xFF)
         octets = octets.reshape(*words.shape[:-1], -1).astype(mx.uint8)
@@ -176,13 +172,8 @@ class PolarQuant(Quantizer):
         o = mx.pad(o, [(0, 0)] * (o.ndim - 1) + [(0, 4 * n_words - o.shape[-1])])
         o = o.reshape(*o.shape[:-1], n_words, 4)
         words = mx.left_shift(o, mx.array([0, 8, 16, 24], dtype=mx.uint32)).sum(axis=-1)
-        bits = unpack(words.astype(mx.uint32), 1, self.angle_bits)
-        out, start = [], 0
-        for n, b in zip(self.counts, self.split, strict=False):
-            chunk = bits[..., start : start + n * b].reshape(*bits.shape[:-1], n, b)
-            out.append(mx.left_shift(chunk, mx.arange(b, dtype=mx.uint32)).sum(axis=-1))
-            start += n * b
-        return out
+        layout = list(zip(self.counts, self.split, strict=False))
+        return unpack_stream(words.astype(mx.uint32), layout)
 
     def _encode(self, x: mx.array) -> Codes:
         angles, radius = polar_transform(self.rotation.apply(x), self.levels)

@@ -37,10 +37,10 @@ from vq_core import (
     RandomOrthogonal,
     ScalarCodebook,
     lloyd_max,
-    pack,
+    pack_stream,
     packed_words,
     register,
-    unpack,
+    unpack_stream,
 )
 
 MAX_BITS = 6  # per coordinate; pack() and the Gaussian Lloyd–Max tables cover 1..6
@@ -123,25 +123,20 @@ class Spectral(Calibrated):
         norm = mx.linalg.norm(y, axis=-1)
         codes = Codes({"norm": norm.astype(mx.float16)})
         safe = mx.maximum(norm, 1e-30)[..., None]
-        stream = []
+        parts = []
         for w in self.widths:
             cols, sig = self._cols[w]
-            idx = self.books[w].quantize(mx.take(y, cols, axis=-1) / (safe * sig))
-            bits = mx.right_shift(idx[..., None], mx.arange(w, dtype=mx.uint32)) & 1
-            stream.append(bits.reshape(*idx.shape[:-1], -1))
-        codes["idx"] = pack(mx.concatenate(stream, axis=-1), 1)
+            parts.append((self.books[w].quantize(mx.take(y, cols, axis=-1) / (safe * sig)), w))
+        codes["idx"] = pack_stream(parts)
         return codes
 
     def _sorted_levels(self, codes: Codes) -> mx.array:
         """Reconstruction of ``y`` in the sorted coordinate order, fp32 ``[..., D]``."""
-        stream = unpack(codes["idx"], 1, sum(self.alloc))
-        parts, start = [], 0
-        for w in self.widths:
-            n = len(self.groups[w])
-            bits = stream[..., start : start + n * w].reshape(*stream.shape[:-1], n, w)
-            idx = (mx.left_shift(bits, mx.arange(w, dtype=mx.uint32))).sum(axis=-1)
-            parts.append(self.books[w].dequantize(idx.astype(mx.uint32)))
-            start += n * w
+        layout = [(len(self.groups[w]), w) for w in self.widths]
+        parts = [
+            self.books[w].dequantize(idx.astype(mx.uint32))
+            for w, idx in zip(self.widths, unpack_stream(codes["idx"], layout), strict=True)
+        ]
         if self.n_zero:
             parts.append(mx.zeros((*codes["norm"].shape, self.n_zero)))
         y = mx.concatenate(parts, axis=-1) * self.sigma_sorted

@@ -32,7 +32,7 @@ from vq_core.errors import (
     invalid_choice,
 )
 from vq_core.factory import check_value_method, make_cache
-from vq_core.packing import pack, packed_words, unpack, unpack_fields
+from vq_core.packing import pack, pack_stream, packed_words, unpack, unpack_fields, unpack_stream
 from vq_core.preconditioner import (
     Identity,
     Preconditioner,
@@ -93,6 +93,7 @@ __all__ = [
     "make_cache",
     "make_preconditioner",
     "pack",
+    "pack_stream",
     "packed_words",
     "read_artifact",
     "register",
@@ -101,4 +102,5 @@ __all__ = [
     "stream_key",
     "unpack",
     "unpack_fields",
+    "unpack_stream",
 ]

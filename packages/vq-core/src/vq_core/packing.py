@@ -9,6 +9,10 @@ word are zero.
 
 Example, b=3: codes 0..10 fill word 0 bits 0..29, code 10 puts its low 2 bits at word 0
 bits 30..31 and its high bit at word 1 bit 0.
+
+:func:`pack_stream` / :func:`unpack_stream` put groups of codes of different widths (any
+1..16) one after another in one such stream: group ``g`` starts at bit ``Σ_{h<g} n_h b_h``
+and each of its codes is written least-significant bit first, as above.
 """
 
 from __future__ import annotations
@@ -119,3 +123,31 @@ def _unpack(words: mx.array, bits: int, n: int) -> mx.array:
     mask = mx.array((1 << bits) - 1, dtype=mx.uint32)
     codes = mx.bitwise_and(mx.bitwise_or(lo, hi), mask)
     return codes.reshape(*lead, groups * 32)[..., :n]
+
+
+def pack_stream(parts: list[tuple[mx.array, int]]) -> mx.array:
+    """Groups ``(codes [..., n_g], bits_g)`` (same leading shape, ``bits_g`` in 1..16) as one
+    bit stream, uint32 ``[..., ceil(Σ n_g bits_g / 32)]``."""
+    if not parts:
+        raise ShapeError("pack_stream needs at least one group of codes")
+    stream = []
+    for codes, bits in parts:
+        if not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise invalid("bits", bits, "an integer in 1..16")
+        c = codes.astype(mx.uint32)
+        b = mx.right_shift(c[..., None], mx.arange(bits, dtype=mx.uint32)) & 1
+        stream.append(b.reshape(*c.shape[:-1], -1))
+    return pack(mx.concatenate(stream, axis=-1), 1)
+
+
+def unpack_stream(words: mx.array, layout: list[tuple[int, int]]) -> list[mx.array]:
+    """The groups of :func:`pack_stream` back: ``layout`` lists ``(n_g, bits_g)``; uint32
+    codes ``[..., n_g]`` per group."""
+    total = sum(n * b for n, b in layout)
+    bits = unpack(words, 1, total)
+    out, start = [], 0
+    for n, b in layout:
+        chunk = bits[..., start : start + n * b].reshape(*bits.shape[:-1], n, b)
+        out.append(mx.left_shift(chunk, mx.arange(b, dtype=mx.uint32)).sum(axis=-1))
+        start += n * b
+    return out
