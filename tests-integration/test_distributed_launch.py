@@ -209,3 +209,42 @@ def test_a_hung_rank_makes_the_other_stop_at_the_rank_timeout(tmp_path):
     assert "rank 0: no progress for 4 s while " in stderr
     assert "another rank died, hangs or cannot be reached" in stderr
     assert took < 4 + 30
+
+
+def test_serve_under_pipeline_parallelism_answers_like_one_process():
+    """mlx-lm's server in distributed mode (rank 0 serves HTTP, the other follows), its
+    model sharded and patched by vq serve: the greedy answer is the one-process one."""
+    import urllib.request
+
+    port = _port(1)
+    cmd = _launch_cmd(2, [*RANK, "serve", "--parallel", "pipeline", "--port", str(port),
+                          "--max-tokens", "8"])  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)  # fmt: skip
+    out, err = [], []
+    _start_reader(proc.stdout, out), _start_reader(proc.stderr, err)
+    pids = []
+    try:
+        deadline = time.monotonic() + 240
+        pids = [_pid_of_rank(err, r, deadline) for r in (0, 1)]
+        _wait_for(err, "Starting httpd", deadline)
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8,
+                "temperature": 0}  # fmt: skip
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=240) as response:
+            answer = json.loads(response.read())
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert answer["choices"][0]["message"]["content"] == _single(8)["text"]
+    assert answer["usage"]["completion_tokens"] == 8

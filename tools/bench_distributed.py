@@ -26,7 +26,7 @@ on a GPU, float32 on the CPU; or ``method:bits``):
   measured bytes (the slope between the two largest contexts, or bytes/token with one).
 """
 
-# ruff: noqa: I001  (vq_mlxlm must load a fast BLAS before mlx.core is imported)
+# ruff: noqa: E402  (vq_mlxlm must load a fast BLAS before mlx.core is imported)
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 
 import vq_mlxlm
+
+vq_mlxlm.enable_fast_blas()  # before mlx.core is imported (MLX's Linux CPU backend)
 import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models.cache import make_prompt_cache

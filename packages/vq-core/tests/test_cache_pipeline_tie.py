@@ -49,3 +49,17 @@ def test_keys_setter_refuses_another_shape_or_no_array():
         cache.keys = mx.zeros((1, 2, 3, 64))
     with pytest.raises(CacheStateError):
         cache.keys = "not an array"
+
+
+def test_batch_cache_keys_tie_reaches_its_state():
+    a, b = _cache(1), _cache(1)
+    a.update_and_fetch(*_kv(3))
+    b.update_and_fetch(*_kv(5))
+    batch = CompressedKVCache.merge([a, b])
+    held = batch.keys
+    assert held.shape == (2,)
+    batch.keys = mx.depends(held, mx.array([7.0]) * 3)
+    assert batch.keys is not held and any(x is batch.keys for x in batch.state)
+    mx.eval(batch.state)
+    with pytest.raises(ShapeError):
+        batch.keys = mx.zeros((3,))

@@ -177,6 +177,20 @@ class BatchCompressedKVCache:
         return [*out, self._finite]
 
     @property
+    def keys(self) -> mx.array:
+        """The per-row finite flag ``[B]``, one array of :attr:`state`, for mlx-lm's
+        pipeline-parallel models only: each stage but the last ties its send to its last
+        layer's cache with ``cache.keys = mx.depends(cache.keys, h)`` (as for
+        :attr:`CompressedKVCache.keys`); attention never reads it as keys."""
+        return self._finite
+
+    @keys.setter
+    def keys(self, value: mx.array) -> None:
+        if not isinstance(value, mx.array) or value.shape != self._finite.shape:
+            raise ShapeError(f"cache.keys must be an array of shape {self._finite.shape}")
+        self._finite = value
+
+    @property
     def nbytes(self) -> int:
         """Bytes really held: code buffers, exact sink and recent tokens (padding included)."""
         return sum(a.nbytes for a in self.state)

@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="mlx-lm's OpenAI-compatible server with vq caches")
     _cache_args(s)
     serve_arguments(s)
+    ranks_arguments(s)
     v = sub.add_parser("eval", help="quality, memory and speed vs mlx-lm's own caches")
     v.add_argument("--model", default="default", help="'default', a .gguf file or a model dir")
     v.add_argument("--methods", default=None, help="a,b,... names or specs (method@bits+k=v)")

@@ -107,13 +107,21 @@ def serve(args) -> int:
     from mlx_lm import server as mlx_server
 
     from vq_mlxlm.commands.generate import load_patched
+    from vq_mlxlm.commands.ranks import join
     from vq_mlxlm.model_shape import model_kv_shape
     from vq_mlxlm.server_batch import LoggedBatchGenerator
     from vq_mlxlm.server_handler import VQHandler
 
-    if args.host not in LOOPBACK:
+    ranks = join(args, "vq serve")
+    if ranks is not None and ranks.parallel == "tensor+pipeline":
+        raise FlagError("--parallel", "mlx-lm's server shards over one group: tensor or pipeline")
+    if args.host not in LOOPBACK and (ranks is None or ranks.leader):
         print(f"warning: serving on {args.host}, reachable beyond this machine", file=sys.stderr)
-    model, tokenizer = load_patched(args)
+    model, tokenizer = load_patched(args, ranks)
+    if ranks is not None:  # the server's own collectives then run unguarded (mlx-lm's)
+        with ranks.watching():
+            served = {name: getattr(args, name) for name in FORWARDED}
+            ranks.check(model, {"server options": served})
     shape = model_kv_shape(model)
     LoggedBatchGenerator.fp16_bytes_per_token = shape.layers * shape.kv_heads * shape.head_dim * 4
     context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
@@ -129,6 +137,8 @@ def serve(args) -> int:
     original = (mlx_server.load, mlx_server._run_http_server, mlx_server.BatchGenerator)
     argv = sys.argv
     mlx_server.load, mlx_server._run_http_server = load_patched_model, http_server_with_vq_handler
+    original_sharded = mlx_server.sharded_load  # under vq launch: the model sharded above
+    mlx_server.sharded_load = load_patched_model
     mlx_server.BatchGenerator = LoggedBatchGenerator
     print(
         f"vq serve: http://{args.host}:{args.port}/v1 ({args.method} "
@@ -140,6 +150,8 @@ def serve(args) -> int:
     name = "plan" if args.plan else f"{args.bits}bit"
     sys.argv = ["vq serve", "--model", f"vq-{args.method}-{name}"]
     sys.argv += ["--host", args.host, "--port", str(args.port)]
+    if ranks is not None and ranks.parallel == "pipeline":
+        sys.argv.append("--pipeline")
     for name in FORWARDED:
         value = getattr(args, name)
         if value is not None:
@@ -149,6 +161,7 @@ def serve(args) -> int:
     finally:
         sys.argv = argv
         mlx_server.load, mlx_server._run_http_server, mlx_server.BatchGenerator = original
+        mlx_server.sharded_load = original_sharded
     return 0
 
 
