@@ -88,3 +88,13 @@ def test_vector_codebook_assigns_nearest():
     assert cb.lookup(mx.array([2])).tolist() == [[0.0, 5.0]]
     with pytest.raises(ShapeError):
         cb.assign(mx.zeros((3, 3)))
+
+
+def test_product_codebooks_assign_per_subspace():
+    books = mx.array([[[0.0, 0.0], [1.0, 0.0]], [[0.0, 5.0], [2.0, 2.0]]])  # [S=2, K=2, 2]
+    cb = VectorCodebook(books)
+    x = mx.array([[[0.9, 0.1], [0.0, 4.0]], [[0.1, 0.0], [2.0, 1.0]]])  # [2 vectors, S, 2]
+    assert cb.assign(x).tolist() == [[1, 0], [0, 1]]
+    assert cb.size == 2 and cb.sub_dim == 2
+    with pytest.raises(ShapeError):
+        cb.assign(mx.zeros((4, 3, 2)))  # three subspaces for two codebooks

@@ -38,6 +38,7 @@ from vq_core import (
     ConfigError,
     HeadDims,
     RandomizedHadamard,
+    VectorCodebook,
     register,
     register_compressed_attention,
     stream_key,
@@ -101,7 +102,7 @@ class VecInfer(Calibrated):
             key = stream_key(config.seed, "codebook")
             self.centroids = mx.random.normal((n_sub, CODEBOOK_SIZE, sub), key=key)
         self._flat = self.centroids.reshape(n_sub * CODEBOOK_SIZE, sub)
-        self._sq = (self.centroids * self.centroids).sum(axis=-1)  # [S, K]
+        self.book = VectorCodebook(self.centroids)  # [S, K, sub]
         self._offsets = mx.arange(n_sub, dtype=mx.uint32) * CODEBOOK_SIZE
 
     def field_layout(self):
@@ -113,9 +114,7 @@ class VecInfer(Calibrated):
 
     def _encode(self, x: mx.array) -> Codes:
         z = self._split(self.hadamard.apply(x / self.smooth))  # [..., S, sub]
-        # ||z - c||² = ||c||² - 2 z·c (+ const), per subspace: [..., S, K]
-        dots = (z[..., None, :] @ mx.swapaxes(self.centroids, -1, -2))[..., 0, :]
-        return Codes({"idx": mx.argmin(self._sq - 2 * dots, axis=-1).astype(mx.uint8)})
+        return Codes({"idx": self.book.assign(z).astype(mx.uint8)})
 
     def _decode(self, codes: Codes) -> mx.array:
         idx = codes["idx"].astype(mx.uint32) + self._offsets

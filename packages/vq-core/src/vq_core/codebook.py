@@ -160,29 +160,43 @@ class ScalarCodebook:
 
 
 class VectorCodebook:
-    """Centroids ``[K, sub_dim]`` with nearest-centroid (squared Euclidean) assignment."""
+    """Centroids ``[K, sub_dim]``, or one codebook per subspace ``[S, K, sub_dim]`` (product
+    VQ), with nearest-centroid (squared Euclidean) assignment: the one nearest-centroid
+    search of vq (VecInfer's product codebooks use it)."""
 
     def __init__(self, centroids: mx.array):
-        if centroids.ndim != 2:
-            raise ShapeError(f"vector codebook needs centroids [K, sub_dim], got {centroids.shape}")
+        if centroids.ndim not in (2, 3):
+            raise ShapeError(
+                f"vector codebook needs centroids [K, sub_dim] or [S, K, sub_dim], got "
+                f"{centroids.shape}"
+            )
         self.centroids = centroids.astype(mx.float32)
-        self._sq = (self.centroids * self.centroids).sum(axis=-1)
+        self._sq = (self.centroids * self.centroids).sum(axis=-1)  # [K] or [S, K]
 
     @property
     def size(self) -> int:
-        return self.centroids.shape[0]
+        return self.centroids.shape[-2]
 
     @property
     def sub_dim(self) -> int:
-        return self.centroids.shape[1]
+        return self.centroids.shape[-1]
 
     def assign(self, x: mx.array) -> mx.array:
-        """``x [..., sub_dim]`` -> uint32 ``[...]`` index of the nearest centroid."""
+        """``x [..., sub_dim]`` (``[..., S, sub_dim]`` for per-subspace codebooks) -> uint32
+        ``[...]`` (``[..., S]``) index of the nearest centroid, by ``argmin_k ||c_k||² -
+        2 x·c_k``."""
         if x.shape[-1] != self.sub_dim:
             raise ShapeError(f"expected last dimension {self.sub_dim}, got {x.shape[-1]}")
-        d = self._sq - 2 * (x.astype(mx.float32) @ self.centroids.T)
-        return mx.argmin(d, axis=-1).astype(mx.uint32)
+        if self.centroids.ndim == 3 and (x.ndim < 2 or x.shape[-2] != self.centroids.shape[0]):
+            raise ShapeError(f"expected [..., {self.centroids.shape[0]}, {self.sub_dim}] vectors")
+        x = x.astype(mx.float32)
+        c = self.centroids if self.centroids.ndim == 3 else self.centroids[None]
+        x3 = x if self.centroids.ndim == 3 else x[..., None, :]
+        dots = (x3[..., None, :] @ mx.swapaxes(c, -1, -2))[..., 0, :]  # [..., S, K]
+        sq = self._sq if self.centroids.ndim == 3 else self._sq[None]
+        idx = mx.argmin(sq - 2 * dots, axis=-1).astype(mx.uint32)
+        return idx if self.centroids.ndim == 3 else idx[..., 0]
 
     def lookup(self, idx: mx.array) -> mx.array:
-        """``idx [...]`` -> ``[..., sub_dim]``."""
+        """``idx [...]`` -> ``[..., sub_dim]`` (2-D codebooks)."""
         return self.centroids[idx]
