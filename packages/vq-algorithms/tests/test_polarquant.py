@@ -6,7 +6,7 @@ import math
 import mlx.core as mx
 import pytest
 
-from vq_algorithms.polarquant import SPLITS, angle_codebook, inverse_polar, polar_transform
+from vq_algorithms.polarquant import LEVEL_BITS, angle_codebook, inverse_polar, polar_transform
 from vq_core import ConfigError, create
 
 
@@ -16,7 +16,7 @@ def _x(shape, seed=0):
 
 def test_paper_split_is_3_875_bits_at_head_dim_128():
     q = create("polarquant", head_dim=128, bits=4)
-    assert SPLITS[4] == (4, 2, 2, 2)
+    assert LEVEL_BITS[4] == (4, 2, 2, 2)
     # 64 x 4 + 32 x 2 + 16 x 2 + 8 x 2 = 368 angle bits = 46 bytes; 8 fp16 radii = 16 bytes.
     assert q.field_layout() == {"angles": ((46,), mx.uint8), "radius": ((8,), mx.float16)}
     assert q.bits_per_element == 3.875
@@ -96,7 +96,7 @@ def test_angle_bit_stream_layout():
     assert stream[0, 1:32].sum().item() == 0 and stream[0, 33:].sum().item() == 0
     rnd = [
         mx.random.randint(0, 1 << b, (3, n), key=mx.random.key(n)).astype(mx.uint32)
-        for n, b in zip(q.counts, q.split, strict=True)
+        for n, b in zip(q.counts, q.level_bits, strict=True)
     ]
     back = q._unpack_angles(q._pack_angles(rnd))
     assert all(mx.array_equal(a, b).item() for a, b in zip(rnd, back, strict=True))

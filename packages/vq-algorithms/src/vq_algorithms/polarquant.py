@@ -12,7 +12,7 @@ uniform on [0, 2π), level ``ℓ`` with density ∝ ``sin^(2**(ℓ-1) - 1)(2ψ)`
 computed from the known distributions; its online, per-prompt k-means variant is not
 implemented), so no scale or zero point is stored.
 
-Bit splits (``bits`` caps the average bits per element; bits per angle at levels 1..L):
+Bits per angle (``bits`` caps the average bits per element; bits per angle at levels 1..L):
 
 * ``bits=4``: the paper's split (its experiments), ``L = 4``, 4 bits at level 1 and 2 bits at
   levels 2–4: ``4/2 + 2/4 + 2/8 + 2/16 = 2.875`` angle bits + ``16/16`` radius bits =
@@ -55,12 +55,12 @@ from vq_core import (
 )
 
 # bits -> bits per angle at levels 1..L.
-SPLITS: dict[int, tuple[int, ...]] = {4: (4, 2, 2, 2), 3: (3, 2, 2, 2, 2)}
+LEVEL_BITS: dict[int, tuple[int, ...]] = {4: (4, 2, 2, 2), 3: (3, 2, 2, 2, 2)}
 
 
 @cache
 def angle_codebook(level: int, bits: int, grid: int = 1 << 14) -> tuple[float, ...]:
-    """Lloyd–Max levels for the level-``level`` polar angle (Lemma 2), sorted.
+    """Lloyd–Max centroids for the level-``level`` polar angle (Lemma 2), sorted.
 
     Level 1 is uniform on [0, 2π), whose optimal codebook is the uniform grid of cell
     centres; level ``ℓ >= 2`` has density ∝ ``sin(2ψ)^(2**(ℓ-1) - 1)`` on [0, π/2].
@@ -90,10 +90,10 @@ def angle_codebook(level: int, bits: int, grid: int = 1 << 14) -> tuple[float, .
     return tuple(cents)
 
 
-def polar_transform(y: mx.array, levels: int) -> tuple[list[mx.array], mx.array]:
+def polar_transform(y: mx.array, depth: int) -> tuple[list[mx.array], mx.array]:
     """``y [..., D]`` -> (angles per level ``[..., D / 2**ℓ]``, radii ``[..., D / 2**L]``)."""
     r, angles = y, []
-    for level in range(1, levels + 1):
+    for level in range(1, depth + 1):
         even, odd = r[..., 0::2], r[..., 1::2]
         a = mx.arctan2(odd, even)
         if level == 1:
@@ -119,11 +119,11 @@ class PolarQuantConfig(RotatedConfig):
 
     def validate(self) -> None:
         super().validate()
-        block = 1 << len(SPLITS[self.bits])
+        block = 1 << len(LEVEL_BITS[self.bits])
         if self.head_dim % block:
             raise ConfigError(
                 f"polarquant: head_dim={self.head_dim} is not a multiple of {block}; the "
-                f"{len(SPLITS[self.bits])}-level polar transform works on blocks of {block}"
+                f"{len(LEVEL_BITS[self.bits])}-level polar transform works on blocks of {block}"
             )
 
 
@@ -139,28 +139,28 @@ class PolarQuant(Quantizer):
 
     def __init__(self, config: PolarQuantConfig):
         super().__init__(config)
-        self.split = SPLITS[config.bits]
-        self.levels = len(self.split)
+        self.level_bits = LEVEL_BITS[config.bits]
+        self.depth = len(self.level_bits)
         self.rotation = make_preconditioner(
             default_rotation(config.head_dim, config.rotation), config.head_dim, config.seed
         )
         self.codebooks = [
-            ScalarCodebook(angle_codebook(level, b)) for level, b in enumerate(self.split, 1)
+            ScalarCodebook(angle_codebook(level, b)) for level, b in enumerate(self.level_bits, 1)
         ]
-        self.counts = [config.head_dim >> level for level in range(1, self.levels + 1)]
-        self.angle_bits = sum(n * b for n, b in zip(self.counts, self.split, strict=False))
+        self.counts = [config.head_dim >> level for level in range(1, self.depth + 1)]
+        self.angle_bits = sum(n * b for n, b in zip(self.counts, self.level_bits, strict=False))
 
     def field_layout(self):
         return {
             "angles": ((-(-self.angle_bits // 8),), mx.uint8),
-            "radius": ((self.head_dim >> self.levels,), mx.float16),
+            "radius": ((self.head_dim >> self.depth,), mx.float16),
         }
 
     # -- codes <-> rotated vectors ---------------------------------------------------------
 
     def _pack_angles(self, idx: list[mx.array]) -> mx.array:
         """Per-level codes -> one bit stream in bytes (each code LSB first)."""
-        words = pack_stream(list(zip(idx, self.split, strict=False)))
+        words = pack_stream(list(zip(idx, self.level_bits, strict=False)))
         shifts = mx.array([0, 8, 16, 24], dtype=mx.uint32)
         octets = mx.bitwise_and(mx.right_shift(words[..., None], shifts), 0xFF)
         octets = octets.reshape(*words.shape[:-1], -1).astype(mx.uint8)
@@ -172,11 +172,11 @@ class PolarQuant(Quantizer):
         o = mx.pad(o, [(0, 0)] * (o.ndim - 1) + [(0, 4 * n_words - o.shape[-1])])
         o = o.reshape(*o.shape[:-1], n_words, 4)
         words = mx.left_shift(o, mx.array([0, 8, 16, 24], dtype=mx.uint32)).sum(axis=-1)
-        layout = list(zip(self.counts, self.split, strict=False))
+        layout = list(zip(self.counts, self.level_bits, strict=False))
         return unpack_stream(words.astype(mx.uint32), layout)
 
     def _encode(self, x: mx.array) -> Codes:
-        angles, radius = polar_transform(self.rotation.apply(x), self.levels)
+        angles, radius = polar_transform(self.rotation.apply(x), self.depth)
         idx = [cb.quantize(a) for cb, a in zip(self.codebooks, angles, strict=False)]
         return Codes({"angles": self._pack_angles(idx), "radius": radius.astype(mx.float16)})
 
