@@ -270,3 +270,36 @@ def test_a_save_killed_after_writing_before_the_rename_changes_nothing(tmp_path)
     (tmp,) = [p for p in tmp_path.iterdir() if p != path]  # the half-done save, set aside
     assert tmp.stat().st_size > 0
     assert load_prompt_cache(path, model=model)[0].offset == TOKENS.shape[1]
+
+
+def _spectral_artifact(directory, model, seed):
+    """A valid spectral artifact for ``model`` (random rotations from ``seed``)."""
+    from vq_core import RandomOrthogonal
+    from vq_core.artifacts import write
+    from vq_mlxlm.model_shape import model_fingerprint
+
+    fp = model_fingerprint(model)
+    d = fp["head_dim"]
+    arrays = {}
+    for layer in range(fp["layers"]):
+        for side in ("k", "v"):
+            prefix = f"layers.{layer}.{side}."
+            arrays[prefix + "rotation"] = RandomOrthogonal(d, seed + layer).matrix
+            arrays[prefix + "eigenvalues"] = mx.array([0.9**j for j in range(d)])
+            arrays[prefix + "mean"] = mx.zeros((d,))
+    meta = {"method": "spectral", "version": 1, "fingerprint": fp, "text_sha256": "0" * 64}
+    write(Path(directory) / "spectral.safetensors", arrays, meta)
+
+
+def test_a_calibrated_prompt_cache_is_refused_after_its_artifact_changes(tmp_path):
+    """The saved cache records each layer's artifact checksum; a recalibrated artifact (valid,
+    other tensors) would decode the saved codes wrongly, so loading refuses it."""
+    art = tmp_path / "art"
+    model = build("llama")
+    _spectral_artifact(art, model, seed=1)
+    patch(model, "spectral", 2, artifacts=str(art))
+    path, _ = _saved(tmp_path, model)
+    assert len(load_prompt_cache(path, model=model)) == len(model.layers)  # same artifact
+    _spectral_artifact(art, model, seed=2)
+    with pytest.raises(CacheStateError, match="not the one these codes were made with"):
+        load_prompt_cache(path, model=model, use_file_config=True)
