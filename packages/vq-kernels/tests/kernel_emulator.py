@@ -32,6 +32,7 @@ _TYPES = {
     "uint32": "uint32_t",
     "uint8": "uint8_t",
     "int32": "int32_t",
+    "bool": "bool",
 }
 _BUILD = Path(tempfile.mkdtemp(prefix="vq_emu_"))
 LAUNCHED: list[str] = []  # kernel names, in launch order

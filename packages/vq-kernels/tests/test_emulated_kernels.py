@@ -98,6 +98,53 @@ def test_codebook_attention_rabitq_style_keys(kb: int, d: int, emulated: list[st
     assert emulated == ["codebook_attn"]
 
 
+def _orthogonal(d: int, seed: int) -> mx.array:
+    q, _ = mx.linalg.qr(mx.random.normal((d, d), key=mx.random.key(seed)), stream=mx.cpu)
+    return q
+
+
+@pytest.mark.parametrize(
+    ("d", "hkv", "g", "kb", "vb", "centered", "dtype"),
+    [(64, 2, 4, 4, 4, True, mx.float16), (128, 1, 8, 2, 3, False, mx.float32),
+     (32, 1, 2, 3, 1, True, mx.float32)],
+)  # fmt: skip
+def test_codebook_attention_with_tail(
+    d: int, hkv: int, g: int, kb: int, vb: int, centered: bool, dtype, emulated: list[str]
+) -> None:
+    """The whole decode attention in one launch: ragged compressed and exact counts (0 of
+    either included), the keys' and values' rotations, centering means and the finite flag."""
+    b, lbuf, cap = 4, 120, 40
+    args = _codebook_case(d + kb, b, hkv, g, 1, lbuf, d, kb, vb)
+    ks = mx.random.split(mx.random.key(d), 4)
+    ek = mx.random.normal((b, hkv, cap, d), key=ks[0]).astype(dtype)
+    ev = mx.random.normal((b, hkv, cap, d), key=ks[1]).astype(dtype)
+    means = {}
+    if centered:
+        means["key_mean"] = mx.random.normal((b, hkv, 1, d), key=ks[2]) * 0.5
+        means["value_mean"] = mx.random.normal((b, hkv, 1, d), key=ks[3]) * 0.5
+    counts = mx.array([[0, 1, 77, lbuf], [5, 0, cap, 1]], dtype=mx.int32)
+    for finite in (None, mx.array(True), mx.array(False)):
+        tail = vk.DecodeTail(
+            _orthogonal(d, 1), _orthogonal(d, 2).T, ek, ev, counts, finite=finite, **means
+        )
+        out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail)
+        rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, backend=REF)
+        if finite is not None and not finite.item():
+            assert mx.all(mx.isnan(out)).item()
+            continue
+        _close(out, rout)
+        _close(lse, rlse)
+    assert emulated == ["codebook_attn"] * 3
+
+
+def test_codebook_attention_tail_needs_one_token(emulated: list[str]) -> None:
+    args = _codebook_case(1, 1, 1, 2, 2, 16, 32, 2, 2)
+    ek = mx.zeros((1, 1, 4, 32), mx.float16)
+    tail = vk.DecodeTail(mx.eye(32), mx.eye(32), ek, ek, mx.array([[16], [4]], dtype=mx.int32))
+    with pytest.raises(ValueError, match="one query token"):
+        vk.codebook_decode_attention(*args, scale=0.1, tail=tail)
+
+
 def _affine_case(seed: int, b: int, hkv: int, g: int, lbuf: int, d: int, gs: int, bits: int):
     ks = mx.random.split(mx.random.key(seed), 3)
     k = mx.random.normal((b, hkv, lbuf, d), key=ks[0]).astype(mx.float16)

@@ -115,6 +115,38 @@ def test_codebook_decode_attention_ragged_batch(
         _close(o1, rout[i : i + 1])
 
 
+def _orthogonal(d: int, seed: int) -> mx.array:
+    q, _ = mx.linalg.qr(mx.random.normal((d, d), key=mx.random.key(seed)), stream=mx.cpu)
+    return q
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+@pytest.mark.parametrize(("d", "g", "kb", "vb"), [(128, 4, 4, 4), (128, 4, 2, 2), (64, 8, 3, 4)])
+def test_codebook_decode_attention_with_tail(d: int, g: int, kb: int, vb: int, dtype) -> None:
+    """One launch for the whole decode attention: ragged compressed and exact counts, both
+    rotations, centering means, the finite flag (False gives NaN everywhere)."""
+    lbuf, cap = 1500, 40
+    q, kp, kn, ck, vp, vn, cv = _codebook_case(d, 2, g, 1, lbuf, kb, vb, batch=4)
+    ks = mx.random.split(mx.random.key(d + g), 4)
+    ek = mx.random.normal((4, 2, cap, d), key=ks[0]).astype(dtype)
+    ev = mx.random.normal((4, 2, cap, d), key=ks[1]).astype(dtype)
+    km = mx.random.normal((4, 2, 1, d), key=ks[2]) * 0.5
+    vm = mx.random.normal((4, 2, 1, d), key=ks[3]) * 0.5
+    counts = mx.array([[0, 1, 777, lbuf], [5, 0, cap, 33]], dtype=mx.int32)
+    args = (q.astype(dtype), kp, kn, ck, kb, vp, vn, cv, vb)
+    for finite in (None, mx.array(True), mx.array(False)):
+        tail = vk.DecodeTail(
+            _orthogonal(d, 1), _orthogonal(d, 2).T, ek, ev, counts, km, vm, finite
+        )
+        out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, backend=GPU)
+        rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, backend=REF)
+        if finite is not None and not finite.item():
+            assert mx.all(mx.isnan(out)).item()
+            continue
+        _close(out, rout)
+        _close(lse, rlse)
+
+
 @pytest.mark.parametrize(("kb", "d"), [(1, 128), (2, 128), (4, 64)])
 def test_codebook_decode_attention_rabitq_style_keys(kb: int, d: int) -> None:
     """Keys norm / divisor * grid / ||grid code|| (RaBitQ), values 4-bit, ragged B = 2."""

@@ -15,6 +15,7 @@ from vq_kernels._backend import (
     compile_report,
     resolve_backend,
 )
+from vq_kernels._attention import DecodeTail
 from vq_kernels.affine_attention import affine_decode_attention
 from vq_kernels.codebook import (
     codebook_dequantize,
@@ -42,6 +43,7 @@ from vq_kernels.sign import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecodeTail",
     "BACKENDS",
     "ENV_VAR",
     "CompileRecord",

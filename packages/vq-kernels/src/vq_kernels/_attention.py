@@ -8,8 +8,10 @@ Flash-decoding: the ``length`` valid tokens of each KV head are cut into S split
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -22,6 +24,95 @@ MAX_ROW_TILE = 4  # query rows per thread group (codebook_attn: 128 registers at
 TOKENS_PER_LANE = 4  # tokens a lane scores per loop step (NT); 8 needs 168 registers
 MERGE_IN_KERNEL = True  # CUDA: the last thread group merges the splits (else attn_reduce)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per token, <= 32
+
+
+@dataclass(frozen=True)
+class DecodeTail:
+    """What a one-launch decode folds in besides the codes (``tail=`` of the decode ops).
+
+    With a tail the op's query is in the original basis and its output is the whole
+    attention of a cache: softmax over the compressed tokens and the exact ones together.
+
+    * ``key_matrix [D, D]``: the keys' basis, ``q_keys = q @ key_matrix``;
+    * ``value_matrix_t [D, D]``: back from the values' basis, ``out = y @ value_matrix_t``;
+    * ``exact_k, exact_v [B, Hkv, C, D]`` (float16 or float32): exact tokens, the first
+      ``counts[1, b]`` of batch row ``b`` valid (the rest of the buffer is ignored);
+    * ``counts`` int32 ``[2, B]``: valid compressed tokens per row, then exact tokens;
+    * ``key_mean, value_mean [B, Hkv, 1, D]`` or None: the compressed keys/values were
+      centered by them (every compressed score gains ``scale q . key_mean``, every compressed
+      value ``value_mean``);
+    * ``finite``: a boolean scalar or None; False makes the output NaN.
+    """
+
+    key_matrix: mx.array
+    value_matrix_t: mx.array
+    exact_k: mx.array
+    exact_v: mx.array
+    counts: mx.array
+    key_mean: mx.array | None = None
+    value_mean: mx.array | None = None
+    finite: mx.array | None = None
+
+    def check(self, q: mx.array, n_kv_heads: int, lbuf: int) -> None:
+        """Shapes against ``q [B, Hq, 1, D]`` and a code buffer of ``lbuf`` tokens."""
+        b, _, lq, d = q.shape
+        if lq != 1:
+            raise ValueError(f"a decode tail takes one query token per row, got {lq}")
+        for name in ("key_matrix", "value_matrix_t"):
+            if getattr(self, name).shape != (d, d):
+                raise ValueError(f"{name} must be [{d}, {d}], got {getattr(self, name).shape}")
+        for name in ("exact_k", "exact_v"):
+            x = getattr(self, name)
+            if x.ndim != 4 or x.shape[:2] != (b, n_kv_heads) or x.shape[3] != d:
+                raise ValueError(f"{name} must be [{b}, {n_kv_heads}, C, {d}], got {x.shape}")
+            if x.dtype not in (mx.float16, mx.float32):
+                raise ValueError(f"{name} must be float16 or float32, got {x.dtype}")
+        if self.exact_v.shape != self.exact_k.shape:
+            raise ValueError("exact_k and exact_v differ in shape")
+        if self.counts.shape != (2, b) or not mx.issubdtype(self.counts.dtype, mx.integer):
+            raise ValueError(f"counts must be integers of shape (2, {b}), got {self.counts.shape}")
+        for name in ("key_mean", "value_mean"):
+            x = getattr(self, name)
+            if x is not None and x.shape != (b, n_kv_heads, 1, d):
+                raise ValueError(f"{name} must be [{b}, {n_kv_heads}, 1, {d}], got {x.shape}")
+        if self.finite is not None and self.finite.size != 1:
+            raise ValueError(f"finite must be one boolean, got shape {self.finite.shape}")
+        del lbuf
+
+    def inputs(self, b: int, hkv: int, d: int) -> tuple[list[mx.array], list[tuple[str, int]]]:
+        """The kernel inputs ``mk, mvt, ek, ev, kmu, vmu, fin`` and template flags."""
+        cen = self.key_mean is not None or self.value_mean is not None
+        zero = _zeros(b * hkv * d)
+        kmu = zero if self.key_mean is None else self.key_mean.astype(mx.float32)
+        vmu = zero if self.value_mean is None else self.value_mean.astype(mx.float32)
+        fin = _true() if self.finite is None else self.finite
+        arrays = [self.key_matrix.astype(mx.float32), self.value_matrix_t.astype(mx.float32)]
+        arrays += [self.exact_k, self.exact_v, kmu, vmu, fin]
+        flags = [("TAIL", 1), ("CEN", int(cen)), ("FIN", int(self.finite is not None))]
+        return arrays, flags
+
+
+@functools.cache
+def _zeros(n: int) -> mx.array:
+    return mx.zeros((n,), mx.float32)
+
+
+@functools.cache
+def _true() -> mx.array:
+    return mx.array([True])
+
+
+@functools.cache
+def _placeholder(dtype) -> mx.array:
+    """A one-element input for a kernel argument a specialization never reads."""
+    return mx.zeros((1, 1, 1, 1), dtype)
+
+
+def no_tail_inputs() -> tuple[list[mx.array], list[tuple[str, int]]]:
+    """Placeholders for the tail inputs of a kernel launched without a tail."""
+    f32 = _placeholder(mx.float32)
+    arrays = [f32, f32, _placeholder(mx.float16), _placeholder(mx.float16), f32, f32, _true()]
+    return arrays, [("TAIL", 0), ("CEN", 0), ("FIN", 0)]
 
 
 def gqa_groups(q: mx.array, n_kv_heads: int) -> int:
@@ -146,6 +237,7 @@ def decode_launch(
     length: int | None,
     lengths: mx.array | None,
     tokens_per_lane: int | None = None,
+    tail: bool = False,
 ) -> tuple[mx.array, mx.array]:
     """One launch of a one-pass decode kernel (``codebook_attn``, ``affine_attn``).
 
@@ -157,7 +249,9 @@ def decode_launch(
     On CUDA the last group of each (kv head, row tile) merges the splits (the semaphore is a
     fresh zero array per call: MLX's CUDA graphs may run independent calls concurrently); on
     Metal, or with ``MERGE_IN_KERNEL`` off, ``attn_reduce`` does. ``length`` (an int for
-    every row) is sent as a fresh [B] array.
+    every row) is sent as a fresh [B] array. With ``tail`` (CUDA, merged in the kernel
+    only) one more thread group per (kv head, row tile) takes the exact tokens and
+    ``lengths`` is the ``[2, B]`` counts of :class:`DecodeTail`.
     Returns out fp32 [B, Hq, Lq, D] and natural lse [B, Hq, Lq].
     """
     b, hq, lq, d = q.shape
@@ -168,6 +262,9 @@ def decode_launch(
     groups = b * hkv * (rows // tile)
     splits = plan_split_count(lbuf if length is None else length, (128 // (d // 8)) * nt, groups)
     fused = backend == "cuda" and MERGE_IN_KERNEL
+    if tail and not fused:
+        raise ValueError("a decode tail needs the CUDA kernel with its in-kernel merge")
+    splits += int(tail)
     lens = mx.array([length] * b, dtype=mx.int32) if lengths is None else lengths
     qin = q if q.dtype in (mx.float32, mx.float16) else q.astype(mx.float32)
     nrow = b * hkv * rows

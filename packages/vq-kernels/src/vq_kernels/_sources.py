@@ -72,6 +72,13 @@ SPECS: dict[str, KernelSpec] = {
                 ("vn", "float16"),
                 ("vc", "float32"),
                 ("kd", "float16"),
+                ("mk", "float32"),
+                ("mvt", "float32"),
+                ("ek", "float16"),
+                ("ev", "float16"),
+                ("kmu", "float32"),
+                ("vmu", "float32"),
+                ("fin", "bool"),
                 ("lengths", "int32"),
                 ("sem", "int32"),
             ),
@@ -87,6 +94,9 @@ SPECS: dict[str, KernelSpec] = {
                 ("FUSED", 1),
                 ("KDIV", 0),
                 ("KUNIT", 0),
+                ("TAIL", 1),
+                ("CEN", 1),
+                ("FIN", 1),
             ),
         ),
         KernelSpec(
@@ -162,6 +172,7 @@ _CUDA_TYPES = {
     "uint32": "uint32_t",
     "uint8": "uint8_t",
     "int32": "int32_t",
+    "bool": "bool",
 }
 _METAL_TYPES = {
     "float32": "float",
@@ -169,6 +180,7 @@ _METAL_TYPES = {
     "uint32": "uint32_t",
     "uint8": "uint8_t",
     "int32": "int32_t",
+    "bool": "bool",
 }
 _CUDA_SHAPE = (  # stands in for MLX's Shape (cuda::std::array<int32_t, 8>, passed by value)
     "struct VqShape {\n  int v[8];\n  __device__ int operator[](int i) const { return v[i]; }\n};\n"

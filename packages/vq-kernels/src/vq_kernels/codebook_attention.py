@@ -13,10 +13,12 @@ import mlx.core as mx
 
 from vq_kernels._attention import (
     KERNEL_HEAD_DIMS,
+    DecodeTail,
     batch_lengths,
     decode_launch,
     gqa_groups,
     softmax_attention,
+    no_tail_inputs,
     valid_length,
 )
 from vq_kernels._backend import resolve_backend
@@ -39,11 +41,17 @@ def codebook_decode_attention_reference(
     lengths: mx.array | None = None,
     k_divisor: mx.array | None = None,
     k_unit: bool = False,
+    tail: DecodeTail | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Pure-MLX :func:`codebook_decode_attention`: dequantize, then exact softmax attention.
 
     With ``lengths`` each batch row is computed on its own valid tokens (a host read).
     """
+    if tail is not None:
+        return _tail_reference(
+            q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
+            scale=scale, k_divisor=k_divisor, k_unit=k_unit, tail=tail,
+        )  # fmt: skip
     d = q_rot.shape[-1]
     if lengths is not None:
         rows = []
@@ -71,6 +79,46 @@ def codebook_decode_attention_reference(
     return softmax_attention(q_rot, k, v, scale)
 
 
+def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_unit, tail):
+    """Every batch row on its own: compressed part (keys' basis, back from the values'
+    basis, means added) and exact part merged as one softmax."""
+    counts = tail.counts.tolist()
+    outs, lses = [], []
+    for i in range(q.shape[0]):
+        n, m = counts[0][i], counts[1][i]
+        one = slice(i, i + 1)
+        div = None if k_divisor is None else k_divisor[one]
+        o_c, l_c = codebook_decode_attention_reference(
+            q[one].astype(mx.float32) @ tail.key_matrix.astype(mx.float32),
+            kp[one], kn[one], kc, kb, vp[one], vn[one], vc, vb,
+            scale=scale, length=n, k_divisor=div, k_unit=k_unit,
+        )  # fmt: skip
+        o_c = o_c @ tail.value_matrix_t.astype(mx.float32)
+        b, hq, lq, d = q[one].shape
+        hkv = kp.shape[1]
+        if tail.key_mean is not None:
+            qg = q[one].astype(mx.float32).reshape(1, hkv, hq // hkv * lq, d)
+            shift = (qg @ mx.swapaxes(tail.key_mean[one].astype(mx.float32), -1, -2))[..., 0]
+            l_c = l_c + scale * shift.reshape(l_c.shape)
+        if tail.value_mean is not None:
+            vm = tail.value_mean[one].astype(mx.float32)  # [1, Hkv, 1, D] -> per query head
+            o_c = o_c + mx.repeat(vm, hq // hkv, axis=1)
+        o_e, l_e = softmax_attention(
+            q[one], tail.exact_k[one, :, :m], tail.exact_v[one, :, :m], scale
+        )
+        top = mx.maximum(l_c, l_e)
+        top = mx.where(mx.isfinite(top), top, 0.0)
+        w_c, w_e = mx.exp(l_c - top), mx.exp(l_e - top)
+        total = w_c + w_e
+        o = (w_c[..., None] * o_c + w_e[..., None] * o_e) / mx.maximum(total, 1e-30)[..., None]
+        outs.append(o)
+        lses.append(mx.log(total) + top)
+    out, lse = mx.concatenate(outs), mx.concatenate(lses)
+    if tail.finite is not None:
+        out = mx.where(tail.finite.reshape(()), out, mx.nan)
+    return out, lse
+
+
 def codebook_decode_attention(
     q_rot: mx.array,
     k_packed: mx.array,
@@ -87,6 +135,7 @@ def codebook_decode_attention(
     lengths: mx.array | None = None,
     k_divisor: mx.array | None = None,
     k_unit: bool = False,
+    tail: DecodeTail | None = None,
     backend: str | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Decode attention of rotated queries over scalar-codebook codes.
@@ -104,6 +153,10 @@ def codebook_decode_attention(
         k_divisor: float16 [B, Hkv, Lbuf] dividing each key's norm (RaBitQ's <ō, o>), or None.
         k_unit: divide each key by the norm of its code vector ||k_centroids[idx]|| (RaBitQ's
             ō = v / ||v||). Keys are k_i = k_norm_i / k_divisor_i * c[idx_i] (/ ||c[idx_i]||).
+        tail: a :class:`~vq_kernels.DecodeTail`: ``q_rot`` is then the query in the original
+            basis (one token per row) and the op returns the whole attention (compressed and
+            exact tokens, rotated back, means added) from one launch; ``counts`` replaces
+            ``length``/``lengths``. GPU: CUDA only (the merge runs in the kernel).
 
     Returns:
         out_rot fp32 [B, Hq, Lq, D] (softmax over these tokens, rotated basis) and
@@ -117,6 +170,10 @@ def codebook_decode_attention(
     gqa_groups(q_rot, hkv)
     if length is not None and lengths is not None:
         raise ValueError("pass length or lengths, not both")
+    if tail is not None:
+        if length is not None or lengths is not None:
+            raise ValueError("with a tail the valid counts come from tail.counts")
+        tail.check(q_rot, hkv, lbuf)
     n = None if lengths is not None else valid_length(length, lbuf)
     if wk != n_words(d, k_bits) or v_packed.shape[-1] != n_words(d, v_bits):
         raise ValueError("packed K/V widths do not match head_dim and bits")
@@ -129,6 +186,7 @@ def codebook_decode_attention(
         return codebook_decode_attention_reference(
             q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
             scale=scale, length=n, lengths=lengths, k_divisor=k_divisor, k_unit=k_unit,
+            tail=tail,
         )  # fmt: skip
     if d not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the codebook kernel needs head_dim in {KERNEL_HEAD_DIMS}, got {d}")
@@ -141,10 +199,14 @@ def codebook_decode_attention(
         v_centroids.astype(mx.float32),
         k_norm.astype(mx.float16) if k_divisor is None else k_divisor.astype(mx.float16),
     ]
+    extra, flags = no_tail_inputs() if tail is None else tail.inputs(b, hkv, d)
     template = [("D", d), ("KB", k_bits), ("VB", v_bits)]
-    template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit)))]
-    lens = None if lengths is None else batch_lengths(lengths, b, lbuf)
+    template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit))), *flags]
+    if tail is not None:
+        n, lens = None, tail.counts.astype(mx.int32)
+    else:
+        lens = None if lengths is None else batch_lengths(lengths, b, lbuf)
     return decode_launch(
-        "codebook_attn", be, q_rot, inputs, template, scale=scale, lbuf=lbuf, length=n,
-        lengths=lens,
+        "codebook_attn", be, q_rot, inputs + extra, template, scale=scale, lbuf=lbuf, length=n,
+        lengths=lens, tail=tail is not None,
     )  # fmt: skip

@@ -106,6 +106,7 @@ VQ_INLINE float vq_sqrt(float x) { return std::sqrt(x); }
 VQ_INLINE float vq_abs(float x) { return std::fabs(x); }
 VQ_INLINE float vq_max(float a, float b) { return std::fmax(a, b); }
 VQ_INLINE float vq_inf() { return INFINITY; }
+VQ_INLINE float vq_nan() { return NAN; }
 VQ_INLINE float vq_to_float(vq_half x) { return float(x); }
 VQ_INLINE float vq_to_float(float x) { return x; }
 VQ_INLINE vq_half vq_to_half(float x) { return vq_half(x); }

@@ -23,6 +23,7 @@ VQ_INLINE float vq_sqrt(float x) { return sqrtf(x); }
 VQ_INLINE float vq_abs(float x) { return fabsf(x); }
 VQ_INLINE float vq_max(float a, float b) { return fmaxf(a, b); }
 VQ_INLINE float vq_inf() { return __int_as_float(0x7f800000); }
+VQ_INLINE float vq_nan() { return __int_as_float(0x7fc00000); }
 VQ_INLINE float vq_to_float(vq_half x) { return __half2float(x); }
 VQ_INLINE float vq_to_float(float x) { return x; }
 VQ_INLINE vq_half vq_to_half(float x) { return __float2half_rn(x); }
