@@ -100,7 +100,7 @@ def test_trim_and_block_quantizer():
     assert cache.compressed_tokens == 8 and cache.offset == 11
     assert cache.trim(5) == 5  # 3 exact + 2 compressed: block 2 is decoded back to exact
     assert cache.offset == 6 and cache.compressed_tokens == 4
-    assert cache._exact_k.shape[2] == 2
+    assert cache.exact_tokens == 2
     cache.update_and_fetch(*_kv(4, seed=3))
     assert cache.offset == 10
     assert cache.compressed_tokens == 8
@@ -133,7 +133,9 @@ def test_used_bytes_match_accounting_without_step_padding():
     cache.update_and_fetch(*_kv(100, h=3))
     bpe = cache.key_quantizer.bits_per_element + cache.value_quantizer.bits_per_element
     assert cache.used_nbytes == bpe * 3 * 100 * 64 / 8
-    assert cache.nbytes == bpe * 3 * 256 * 64 / 8  # allocated: one 256-token step
+    slots = cache.sink + cache.window + cache.block  # exact slots a decode step writes into
+    # allocated: one 256-token step of codes, and the exact slots (float32 keys and values)
+    assert cache.nbytes == bpe * 3 * 256 * 64 / 8 + 2 * 3 * slots * 64 * 4
     centered = CompressedKVCache(
         cache.key_quantizer, cache.value_quantizer, sink=0, center=True, block=1
     )
@@ -248,14 +250,14 @@ def test_position_aware_keys_get_their_positions_and_are_not_centered():
 def test_blocked_encoding_encodes_whole_blocks_and_keeps_the_rest_exact():
     cache = _cache(window=3, block=8)
     cache.update_and_fetch(*_kv(20))  # 20 - 3 = 17 over the window: two blocks of 8 go
-    assert cache.compressed_tokens == 16 and cache._exact_k.shape[2] == 4
+    assert cache.compressed_tokens == 16 and cache.exact_tokens == 4
     counts = []
     for step in range(10):
         cache.update_and_fetch(*_kv(1, seed=step))
         counts.append(cache.compressed_tokens)
     # the exact part grows to window + block - 1 = 10 tokens, then one block is encoded
     assert counts == [16] * 6 + [24] * 4
-    assert cache.offset == 30 and cache._exact_k.shape[2] == 6
+    assert cache.offset == 30 and cache.exact_tokens == 6
     loaded = CompressedKVCache.from_state(cache.state, cache.meta_state)
     assert loaded.block == 8
     with pytest.raises(ConfigError, match="block"):

@@ -14,6 +14,7 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_core import CompressedSide
+from vq_kernels._attention import MERGE_IN_KERNEL
 from vq_kernels.codebook_attention import KERNEL_HEAD_DIMS
 
 MAX_FUSED_ROWS = 32  # query rows per KV head (GQA group x tokens) sent to a decode kernel
@@ -60,6 +61,87 @@ def codebook_keys_with_turboquant_values(
         **valid_tokens(keys),
     )
     return vc.rotation.inverse(out_rot), lse
+
+
+def tail_applies(queries: mx.array, keys, values) -> bool:
+    """The one-launch decode applies: CUDA with the in-kernel merge, one query token per
+    row, a head_dim the kernel is built for, few enough query rows per KV head, and exact
+    tokens in a dtype the kernel reads."""
+    _, hq, lq, d = queries.shape
+    return (
+        lq == 1
+        and vq_kernels.resolve_backend() == "cuda"
+        and MERGE_IN_KERNEL
+        and d in KERNEL_HEAD_DIMS
+        and hq // keys.buffer.shape[1] <= MAX_FUSED_ROWS
+        and keys.buffer.dtype in (mx.float16, mx.float32)
+        and queries.dtype in (mx.float16, mx.float32)
+    )
+
+
+def codebook_decode_with_turboquant_values(
+    queries: mx.array,
+    key_matrix: mx.array,
+    key_codes: mx.array,
+    key_centroids: mx.array,
+    key_bits: int,
+    keys,
+    values,
+    *,
+    scale: float,
+    **key_options,
+) -> mx.array:
+    """The whole decode step of a cache in one launch of vq-kernels' codebook kernel:
+    ``queries [B, Hq, 1, D]`` against the compressed keys (``q @ key_matrix`` is the query in
+    their basis; ``key_codes`` and ``keys.codes["norm"]`` their codes) with TurboQuant-MSE
+    values, plus the views' exact sink and recent tokens, centering means and finite flag.
+    ``keys``, ``values``: the cache's :class:`~vq_core.attention.CacheView` pair. Returns
+    ``[B, Hq, 1, D]`` in the queries' dtype."""
+    b = queries.shape[0]
+    vc = values.quantizer.rc
+    n_exact = keys.buffer.shape[2] if keys.n_exact is None else keys.n_exact
+    counts = mx.array([[keys.n_comp] * b, [n_exact] * b], dtype=mx.int32)
+    tail = vq_kernels.DecodeTail(
+        key_matrix,
+        inverse_matrix(vc.rotation),
+        keys.buffer,
+        values.buffer,
+        counts,
+        key_mean=keys.mean,
+        value_mean=values.mean,
+        finite=keys.finite,
+    )
+    out, _ = vq_kernels.codebook_decode_attention(
+        queries,
+        key_codes,
+        keys.codes["norm"],
+        key_centroids,
+        key_bits,
+        values.codes["idx"],
+        values.codes["norm"],
+        vc.codebook.centroids,
+        vc.bits,
+        scale=scale,
+        tail=tail,
+        **key_options,
+    )
+    return out.astype(queries.dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def rotation_matrix(rotation) -> mx.array:
+    """A preconditioner's ``[D, D]`` matrix (``apply(x) = x @ M``), built once."""
+    m = rotation.matrix.astype(mx.float32)
+    mx.eval(m)
+    return m
+
+
+@functools.lru_cache(maxsize=4096)
+def inverse_matrix(rotation) -> mx.array:
+    """``M.T`` (``inverse(y) = y @ M.T``), contiguous, built once."""
+    m = mx.contiguous(rotation_matrix(rotation).T)
+    mx.eval(m)
+    return m
 
 
 def valid_tokens(keys: CompressedSide) -> dict:

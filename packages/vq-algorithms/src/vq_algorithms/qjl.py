@@ -29,15 +29,18 @@ norms, and the sketched query scaled by ``sqrt(π/2)/m``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 
 from vq_algorithms._fused import (
+    codebook_decode_with_turboquant_values,
     codebook_keys_with_turboquant_values,
     kernel_applies,
     sign_codebook,
+    tail_applies,
 )
 from vq_algorithms._sign_sketch import gaussian_sketch
 from vq_core import (
@@ -53,6 +56,7 @@ from vq_core import (
     packed_words,
     register,
     register_compressed_attention,
+    register_decode_attention,
     stream_key,
     unpack,
 )
@@ -146,4 +150,26 @@ def fused_qjl_attention(
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _query_sketch(quantizer) -> mx.array:
+    """``[D, m]``: the query's sketch as one matrix, ``q_keys = q @ it`` (built once)."""
+    m = mx.contiguous(quantizer.sketch.T.astype(mx.float32) * quantizer.scale)
+    mx.eval(m)
+    return m
+
+
+def fused_qjl_decode(queries: mx.array, keys, values, *, scale: float) -> mx.array | None:
+    """A whole decode step over QJL keys and TurboQuant-MSE values in one launch (CUDA);
+    None when ``sketch_dim != head_dim`` and unless
+    :func:`~vq_algorithms._fused.tail_applies`."""
+    kq = keys.quantizer
+    if kq.m != kq.head_dim or not tail_applies(queries, keys, values):
+        return None
+    return codebook_decode_with_turboquant_values(
+        queries, _query_sketch(kq), keys.codes["signs"], sign_codebook(), 1, keys, values,
+        scale=scale,
+    )  # fmt: skip
+
+
 register_compressed_attention("qjl", "turboquant_mse", fused_qjl_attention)
+register_decode_attention("qjl", "turboquant_mse", fused_qjl_decode)

@@ -44,9 +44,12 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_algorithms._fused import (
+    codebook_decode_with_turboquant_values,
     codebook_keys_with_turboquant_values,
     grid_codebook,
     kernel_applies,
+    rotation_matrix,
+    tail_applies,
 )
 from vq_algorithms._rotated_codebook import RotatedConfig, default_rotation
 from vq_core import (
@@ -59,6 +62,7 @@ from vq_core import (
     packed_words,
     register,
     register_compressed_attention,
+    register_decode_attention,
     stream_key,
     unpack,
 )
@@ -252,4 +256,18 @@ def fused_rabitq_attention(
     )
 
 
+def fused_rabitq_decode(queries: mx.array, keys, values, *, scale: float) -> mx.array | None:
+    """A whole decode step over RaBitQ keys (float query) and TurboQuant-MSE values in one
+    launch (CUDA); None in ``binary_query`` mode and unless
+    :func:`~vq_algorithms._fused.tail_applies`."""
+    kq = keys.quantizer
+    if kq.config.binary_query or not tail_applies(queries, keys, values):
+        return None
+    return codebook_decode_with_turboquant_values(
+        queries, rotation_matrix(kq.rotation), keys.codes["idx"], grid_codebook(kq.config.bits),
+        kq.config.bits, keys, values, scale=scale, k_divisor=keys.codes["ip"], k_unit=True,
+    )  # fmt: skip
+
+
 register_compressed_attention("rabitq", "turboquant_mse", fused_rabitq_attention)
+register_decode_attention("rabitq", "turboquant_mse", fused_rabitq_decode)

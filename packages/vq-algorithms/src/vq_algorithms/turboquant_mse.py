@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms._fused import codebook_keys_with_turboquant_values, kernel_applies
+from vq_algorithms._fused import (
+    codebook_decode_with_turboquant_values,
+    codebook_keys_with_turboquant_values,
+    kernel_applies,
+    rotation_matrix,
+    tail_applies,
+)
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
 from vq_core import (
     FLOAT16_MAX,
@@ -25,6 +31,7 @@ from vq_core import (
     Quantizer,
     register,
     register_compressed_attention,
+    register_decode_attention,
 )
 
 
@@ -95,4 +102,17 @@ def fused_codebook_attention(
     )
 
 
+def fused_codebook_decode(queries: mx.array, keys, values, *, scale: float) -> mx.array | None:
+    """A whole decode step over TurboQuant-MSE keys and values in one launch (CUDA); None
+    unless :func:`~vq_algorithms._fused.tail_applies`."""
+    if not tail_applies(queries, keys, values):
+        return None
+    kc = keys.quantizer.rc
+    return codebook_decode_with_turboquant_values(
+        queries, rotation_matrix(kc.rotation), keys.codes["idx"], kc.codebook.centroids,
+        kc.bits, keys, values, scale=scale,
+    )  # fmt: skip
+
+
 register_compressed_attention("turboquant_mse", "turboquant_mse", fused_codebook_attention)
+register_decode_attention("turboquant_mse", "turboquant_mse", fused_codebook_decode)

@@ -14,6 +14,7 @@ from vq_core.compressed_attention import (
     CompressedSide,
     compressed_segment,
     register_compressed_attention,
+    register_decode_attention,
     registered_compressed_attention,
 )
 from vq_core.errors import (
@@ -98,6 +99,7 @@ __all__ = [
     "read_artifact",
     "register",
     "register_compressed_attention",
+    "register_decode_attention",
     "registered_compressed_attention",
     "stream_key",
     "unpack",

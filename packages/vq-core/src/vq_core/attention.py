@@ -22,11 +22,12 @@ head ``h`` reads KV head ``h // g`` (as ``mx.fast.scaled_dot_product_attention``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_core.compressed_attention import CompressedSide, compressed_segment
+from vq_core.compressed_attention import CompressedSide, compressed_segment, decode_attention
 from vq_core.errors import ShapeError
 from vq_core.quantizer import Codes, Quantizer
 from vq_core.segments import exact_segment, merge, sink_segment
@@ -39,7 +40,9 @@ PREFILL_TILE = 1024  # history tokens decoded at once by a prefill chunk (CPU)
 class CacheView:
     """One side (keys or values) of a compressed cache, as attention consumes it.
 
-    ``exact [B, H, s + m, D]``: the first ``n_sink = s`` tokens (the sink, oldest), then the
+    ``buffer [B, H, C, D]`` holds the exact tokens in its first ``n_exact = s + m`` slots
+    (``n_exact`` None: all ``C``; a single cache's decode step writes the next token into
+    the unused slots): the first ``n_sink = s`` tokens (the sink, oldest), then the
     ``m`` newest tokens held exactly (the last ``L`` are the current chunk's own). Between
     them in token order: ``n_comp`` compressed tokens, the first ``n_comp`` of the
     preallocated ``codes`` buffers ``[B, H, Lbuf, ...]``, shifted by ``mean [B, H, 1, D]``
@@ -56,21 +59,29 @@ class CacheView:
     quantizer: Quantizer
     codes: Codes | None
     n_comp: int
-    exact: mx.array
+    buffer: mx.array
     n_sink: int = 0
     mean: mx.array | None = None
     finite: mx.array | None = None
     lengths: mx.array | None = None
     valid: mx.array | None = None
+    n_exact: int | None = None
+
+    @functools.cached_property
+    def exact(self) -> mx.array:
+        """The exact tokens, ``[B, H, s + m, D]``."""
+        if self.n_exact is None or self.n_exact == self.buffer.shape[2]:
+            return self.buffer
+        return self.buffer[:, :, : self.n_exact]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        b, h, m, d = self.exact.shape
-        return (b, h, self.n_comp + m, d)
+        b, h, c, d = self.buffer.shape
+        return (b, h, self.n_comp + (c if self.n_exact is None else self.n_exact), d)
 
     @property
     def dtype(self):
-        return self.exact.dtype
+        return self.buffer.dtype
 
     def compressed(self) -> CompressedSide:
         return CompressedSide(
@@ -104,7 +115,7 @@ def attend(
     decoded keys and values.
     """
     hq, lq = queries.shape[1], queries.shape[2]
-    hkv = keys.exact.shape[1]
+    hkv = keys.buffer.shape[1]
     if hq % hkv:
         raise ShapeError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     if isinstance(mask, str) and mask != "causal":
@@ -113,6 +124,12 @@ def attend(
         got = tuple(sinks.shape) if isinstance(sinks, mx.array) else type(sinks).__name__
         raise ShapeError(f"sinks must be an array of shape ({hq},) (one per query head), got {got}")
     g = hq // hkv
+    one_row = keys.lengths is None and keys.valid is None and sinks is None
+    if keys.n_comp and lq == 1 and one_row and not isinstance(mask, mx.array):
+        # one launch for the whole step, where a kernel does that
+        out = decode_attention(queries, keys, values, scale=scale)
+        if out is not None:
+            return out
     if keys.n_comp == 0:
         if keys.valid is not None:
             m = keys.exact.shape[2]

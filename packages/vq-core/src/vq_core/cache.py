@@ -104,10 +104,11 @@ class CompressedKVCache:
         self._n_comp = 0
         self._keys: Codes | None = None
         self._values: Codes | None = None
-        self._exact_k: mx.array | None = None
-        self._exact_v: mx.array | None = None
-        self._sink_k: mx.array | None = None
-        self._sink_v: mx.array | None = None
+        # Exact tokens, [B, H, capacity, D] each: the sink (the first _n_sink), then the
+        # recent tokens; the first _n_x are valid. Decode steps write into them in place.
+        self._xk: mx.array | None = None
+        self._xv: mx.array | None = None
+        self._n_x = 0
         self._key_mean: mx.array | None = None
         self._value_mean: mx.array | None = None
         self._finite: mx.array | None = None  # lazy: all compressed tokens were finite
@@ -129,28 +130,55 @@ class CompressedKVCache:
         self._check(values, "values")
         if keys.shape != values.shape:
             raise ShapeError(f"keys {keys.shape} and values {values.shape} differ in shape")
-        if keys.shape[2] > 1:  # a prefill chunk: the previous chunk has been evaluated
+        n_new = keys.shape[2]
+        if n_new > 1:  # a prefill chunk: the previous chunk has been evaluated
             self.check_finite()
-        n_sink = 0 if self._sink_k is None else self._sink_k.shape[2]
-        view = self._views(keys, values, n_sink)
-        self.offset += keys.shape[2]
-        take = min(max(self.sink - n_sink, 0), keys.shape[2])
-        if take:  # the first tokens ever seen become the exact sink
-            self._sink_k = _cat(self._sink_k, keys[:, :, :take])
-            self._sink_v = _cat(self._sink_v, values[:, :, :take])
-            keys, values = keys[:, :, take:], values[:, :, take:]
-            if keys.shape[2] == 0:
-                return view
-        all_k = _cat(self._exact_k, keys)
-        all_v = _cat(self._exact_v, values)
-        n_move = max(0, all_k.shape[2] - self.window)
+        self._write_exact(keys, values)
+        self.offset += n_new
+        view = self._views()
+        n_sink = self._n_sink
+        n_move = max(0, self._n_x - n_sink - self.window)
         n_move -= n_move % self.block
         if n_move:
-            self._encode(all_k[:, :, :n_move], all_v[:, :, :n_move])
-        rest = all_k.shape[2] - n_move
-        self._exact_k = all_k[:, :, n_move:] if rest else None
-        self._exact_v = all_v[:, :, n_move:] if rest else None
+            span = slice(n_sink, n_sink + n_move)
+            self._encode(self._xk[:, :, span], self._xv[:, :, span])
+            n_x = self._n_x
+            self._xk, self._xv = (
+                _drop(b, n_sink, n_move, n_x, self._steady) for b in (self._xk, self._xv)
+            )
+            self._n_x -= n_move
+        elif self._xk.shape[2] > self._steady and self._n_x <= self._steady:
+            n_x = self._n_x
+            self._xk, self._xv = (
+                _drop(b, n_sink, 0, n_x, self._steady) for b in (self._xk, self._xv)
+            )
         return view
+
+    @property
+    def _steady(self) -> int:
+        """Exact tokens a decode step can hold: the sink, the window and one block."""
+        return self.sink + self.window + self.block
+
+    @property
+    def _n_sink(self) -> int:
+        """Sink tokens held (the first ``sink`` tokens ever seen, once they arrived)."""
+        return min(self.sink, self.offset)
+
+    def _write_exact(self, keys: mx.array, values: mx.array) -> None:
+        """Append ``L`` new tokens to the exact buffers: in place when they fit (a decode
+        step), else into new buffers holding what is valid plus the new tokens."""
+        n, n_new = self._n_x, keys.shape[2]
+        buf = self._xk
+        fits = buf is not None and buf.dtype == keys.dtype and buf.shape[:2] == keys.shape[:2]
+        if fits and n + n_new <= buf.shape[2]:
+            self._xk[:, :, n : n + n_new] = keys
+            self._xv[:, :, n : n + n_new] = values
+        else:
+            pad = max(0, self._steady - n - n_new)
+            self._xk, self._xv = (
+                _grown(old, new, n, pad) for old, new in ((self._xk, keys), (self._xv, values))
+            )
+        self._n_x = n + n_new
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteError` if a non-finite key or value has been compressed.
@@ -167,25 +195,15 @@ class CompressedKVCache:
                 "the compressed history is unusable"
             )
 
-    def _views(self, keys: mx.array, values: mx.array, n_sink: int):
-        parts = []
-        for q, codes, sink, exact, new, mean in (
-            (self.key_quantizer, self._keys, self._sink_k, self._exact_k, keys, self._key_mean),
-            (
-                self.value_quantizer,
-                self._values,
-                self._sink_v,
-                self._exact_v,
-                values,
-                self._value_mean,
-            ),
-        ):
-            held = [a for a in (sink, exact, new) if a is not None]
-            whole = held[0] if len(held) == 1 else mx.concatenate(held, axis=2)
-            parts.append(
-                CacheView(q, codes, self._n_comp, whole, n_sink, mean, finite=self._finite)
+    def _views(self) -> tuple[CacheView, CacheView]:
+        n_sink, n_x = self._n_sink, self._n_x
+        return tuple(
+            CacheView(q, codes, self._n_comp, buf, n_sink, mean, self._finite, n_exact=n_x)
+            for q, codes, buf, mean in (
+                (self.key_quantizer, self._keys, self._xk, self._key_mean),
+                (self.value_quantizer, self._values, self._xv, self._value_mean),
             )
-        return parts[0], parts[1]
+        )
 
     def _encode(self, k_old: mx.array, v_old: mx.array) -> None:
         """Encode whole blocks ``[B, H, n, D]`` (the oldest exact tokens) and append them."""
@@ -226,7 +244,10 @@ class CompressedKVCache:
     def trim(self, n: int) -> int:
         """Drop the newest ``n`` tokens (window, then compressed, then sink); returns ``n``."""
         n = min(max(n, 0), self.offset)
-        self._exact_k, self._exact_v, left = _drop_tail(self._exact_k, self._exact_v, n)
+        n_sink = self._n_sink
+        from_recent = min(n, self._n_x - n_sink)
+        self._n_x -= from_recent
+        left = n - from_recent
         from_comp = min(left, self._n_comp)
         if from_comp:
             new_n = self._n_comp - from_comp
@@ -241,10 +262,12 @@ class CompressedKVCache:
                 if self._value_mean is not None:
                     v = v + self._value_mean
                 dt = self._dtype
-                self._exact_k = k[:, :, cut:new_n].astype(dt)
-                self._exact_v = v[:, :, cut:new_n].astype(dt)
+                pad = max(0, self._steady - n_sink - (new_n - cut))
+                self._xk = _grown(self._xk, k[:, :, cut:new_n].astype(dt), n_sink, pad)
+                self._xv = _grown(self._xv, v[:, :, cut:new_n].astype(dt), n_sink, pad)
+                self._n_x = n_sink + new_n - cut
             self._n_comp = cut
-        self._sink_k, self._sink_v, _ = _drop_tail(self._sink_k, self._sink_v, left - from_comp)
+        self._n_x -= left - from_comp  # sink tokens, once nothing newer is left
         self.offset -= n
         return n
 
@@ -267,18 +290,23 @@ class CompressedKVCache:
         return total
 
     def _exact_parts(self) -> list[mx.array]:
-        """Arrays held besides the codes: exact window and sink, and the centering means."""
-        parts = (self._exact_k, self._exact_v, self._sink_k, self._sink_v)
-        return [a for a in (*parts, self._key_mean, self._value_mean) if a is not None]
+        """Arrays held besides the codes: the exact buffers (sink and recent tokens, at their
+        allocated size) and the centering means."""
+        parts = (self._xk, self._xv, self._key_mean, self._value_mean)
+        return [a for a in parts if a is not None]
 
     @property
     def used_nbytes(self) -> int:
-        """Bytes of the codes of the tokens held (no step padding) plus the exact window."""
+        """Bytes of the codes of the tokens held (no step padding) plus the exact tokens
+        held and the centering means."""
         total = 0
         for codes, q in ((self._keys, self.key_quantizer), (self._values, self.value_quantizer)):
             if codes is not None and self._n_comp:
                 total += _slice(codes, q, self._n_comp).nbytes
-        for a in self._exact_parts():
+        for a in (self._xk, self._xv):
+            if a is not None:
+                total += a.nbytes // a.shape[2] * self._n_x
+        for a in (self._key_mean, self._value_mean):
             if a is not None:
                 total += a.nbytes
         return total
@@ -287,14 +315,18 @@ class CompressedKVCache:
     def compressed_tokens(self) -> int:
         return self._n_comp
 
+    @property
+    def exact_tokens(self) -> int:
+        """Recent tokens held exactly (not yet encoded; the sink not counted)."""
+        return self._n_x - self._n_sink
+
     # -- pipeline parallelism ----------------------------------------------------------------
 
-    _TIE_FIELDS = ("_sink_k", "_exact_k", "_keys")
+    _TIE_FIELDS = ("_xk", "_keys")
 
     @property
     def keys(self) -> mx.array | None:
-        """One array of :attr:`state` (the sink's keys, else the exact keys, else a key code
-        field), for mlx-lm's pipeline-parallel models only: each stage but the last ties its
+        """One array this cache holds (its exact keys' buffer, else a key code field), for mlx-lm's pipeline-parallel models only: each stage but the last ties its
         send of activations to its last layer's cache with ``cache.keys = mx.depends(
         cache.keys, h)``, so that evaluating the cache state (as a prefill chunk does) also
         sends. It is no view of all the keys; attention never reads it."""
@@ -343,11 +375,17 @@ class CompressedKVCache:
                 _slice(c, q, self._n_comp)
                 for c, q in ((self._keys, self.key_quantizer), (self._values, self.value_quantizer))
             )
+        n_sink, n_x = self._n_sink, self._n_x
+        sink = exact = None
+        if n_sink:
+            sink = (self._xk[:, :, :n_sink], self._xv[:, :, :n_sink])
+        if n_x > n_sink:
+            exact = (self._xk[:, :, n_sink:n_x], self._xv[:, :, n_sink:n_x])
         return CacheRow(
-            sink=None if self._sink_k is None else (self._sink_k, self._sink_v),
+            sink=sink,
             codes=codes,
             n_comp=self._n_comp,
-            exact=None if self._exact_k is None else (self._exact_k, self._exact_v),
+            exact=exact,
             mean=(self._key_mean, self._value_mean),
             finite=self._finite,
             dtype=self._dtype,
@@ -357,15 +395,25 @@ class CompressedKVCache:
         """Hold exactly ``row`` (this cache must be empty): a sequence leaving a batch."""
         if not self.empty():
             raise CacheStateError(f"load_row needs an empty cache; this one holds {self.offset}")
-        self._sink_k, self._sink_v = row.sink or (None, None)
         self._keys, self._values = row.codes or (None, None)
         self._n_comp = row.n_comp
-        self._exact_k, self._exact_v = row.exact or (None, None)
+        self._load_exact(row.sink, row.exact)
         self._key_mean, self._value_mean = row.mean
         self._finite = row.finite
         self._input_dtype = row.dtype
-        self.offset = sum(0 if a is None else a.shape[2] for a in (self._sink_k, self._exact_k))
-        self.offset += self._n_comp
+        self.offset = self._n_comp + self._n_x
+
+    def _load_exact(self, sink: tuple | None, exact: tuple | None) -> None:
+        """Exact buffers holding ``sink`` then ``exact`` ((keys, values) pairs or None)."""
+        self._xk = self._xv = None
+        self._n_x = 0
+        for pair in (sink, exact):
+            if pair is not None and pair[0] is not None:
+                n, n_new = self._n_x, pair[0].shape[2]
+                pad = max(0, self._steady - n - n_new)
+                self._xk = _grown(self._xk, pair[0], n, pad)
+                self._xv = _grown(self._xv, pair[1], n, pad)
+                self._n_x = n + n_new
 
     # -- state -----------------------------------------------------------------------------
 
@@ -388,10 +436,12 @@ class CompressedKVCache:
             if codes is not None and self._n_comp:
                 for name, arr in _slice(codes, q, self._n_comp).items():
                     arrays[f"{tag}{_SEP}{name}"] = arr
-        if self._exact_k is not None:
-            arrays["exact_k"], arrays["exact_v"] = self._exact_k, self._exact_v
-        if self._sink_k is not None:
-            arrays["sink_k"], arrays["sink_v"] = self._sink_k, self._sink_v
+        n_sink = self._n_sink
+        if self._n_x > n_sink:
+            arrays["exact_k"] = self._xk[:, :, n_sink : self._n_x]
+            arrays["exact_v"] = self._xv[:, :, n_sink : self._n_x]
+        if n_sink:
+            arrays["sink_k"], arrays["sink_v"] = self._xk[:, :, :n_sink], self._xv[:, :, :n_sink]
         if self._key_mean is not None:
             arrays["key_mean"] = self._key_mean
         if self._value_mean is not None:
@@ -407,14 +457,12 @@ class CompressedKVCache:
         self._keys = keys or None
         self._values = values or None
         self._n_comp = self.key_quantizer.tokens_in(keys) if keys else 0
-        self._exact_k = arrays.get("exact_k")
-        self._exact_v = arrays.get("exact_v")
-        self._sink_k = arrays.get("sink_k")
-        self._sink_v = arrays.get("sink_v")
+        held = [arrays.get(f"{part}_{side}") for side in "kv" for part in ("sink", "exact")]
+        sink_k, exact_k, sink_v, exact_v = held
         self._key_mean = arrays.get("key_mean")
         self._value_mean = arrays.get("value_mean")
-        n_exact = sum(0 if a is None else a.shape[2] for a in (self._exact_k, self._sink_k))
-        self.offset = self._n_comp + n_exact
+        self._load_exact((sink_k, sink_v), (exact_k, exact_v))
+        self.offset = self._n_comp + self._n_x
 
     @property
     def meta_state(self) -> tuple[str, ...]:
@@ -479,13 +527,12 @@ class CompressedKVCache:
     @property
     def _comp_start(self) -> int:
         """Position of the first compressed token: the number of sink tokens held."""
-        return 0 if self._sink_k is None else self._sink_k.shape[2]
+        return self._n_sink
 
     @property
     def _dtype(self):
-        for a in (self._exact_k, self._sink_k):
-            if a is not None:
-                return a.dtype
+        if self._xk is not None:
+            return self._xk.dtype
         return getattr(self, "_input_dtype", mx.float16)
 
     def _check(self, x: mx.array, name: str) -> None:
@@ -502,9 +549,8 @@ class CompressedKVCache:
 
     def _held_batch_heads(self) -> tuple[int, int] | None:
         """``(B, H_kv)`` of the tokens held (read from array shapes), or None when empty."""
-        for a in (self._sink_k, self._exact_k):
-            if a is not None:
-                return tuple(a.shape[:2])
+        if self._xk is not None and self._n_x:
+            return tuple(self._xk.shape[:2])
         if self._keys is not None and self._n_comp:
             return tuple(next(iter(self._keys.values())).shape[:2])
         return None
@@ -516,18 +562,27 @@ class CompressedKVCache:
         self._n_comp = start + n
 
 
-def _drop_tail(k: mx.array | None, v: mx.array | None, n: int):
-    """Remove up to ``n`` newest tokens from an exact pair; returns (k, v, n left to drop)."""
-    held = 0 if k is None else k.shape[2]
-    drop = min(n, held)
-    if drop:
-        keep = held - drop
-        k, v = (k[:, :, :keep], v[:, :, :keep]) if keep else (None, None)
-    return k, v, n - drop
+def _grown(old: mx.array | None, new: mx.array, n: int, pad: int) -> mx.array:
+    """A new exact buffer ``[B, H, n + L + pad, D]``: the first ``n`` tokens of ``old``, then
+    ``new [B, H, L, D]``, then ``pad`` unused slots."""
+    parts = [old[:, :, :n].astype(new.dtype)] if old is not None and n else []
+    parts.append(new)
+    if pad:
+        parts.append(mx.zeros((*new.shape[:2], pad, new.shape[3]), new.dtype))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
 
-def _cat(a: mx.array | None, b: mx.array) -> mx.array:
-    return b if a is None else mx.concatenate([a, b], axis=2)
+def _drop(buf: mx.array, n_sink: int, n_move: int, n_x: int, steady: int) -> mx.array:
+    """``buf`` without tokens ``[n_sink, n_sink + n_move)`` (just encoded) of its ``n_x``
+    valid ones, in a new buffer of at least ``steady`` slots."""
+    b, h, _, d = buf.shape
+    parts = [buf[:, :, :n_sink]] if n_sink else []
+    if n_x > n_sink + n_move:
+        parts.append(buf[:, :, n_sink + n_move : n_x])
+    pad = max(0, steady - (n_x - n_move))
+    if pad:
+        parts.append(mx.zeros((b, h, pad, d), buf.dtype))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
 
 
 def _slice(codes: Codes, q: Quantizer, n: int) -> Codes:

@@ -78,6 +78,40 @@ class CompressedSide:
 
 Impl = Callable[..., Segment | None]
 _TABLE: dict[tuple[str, str], Impl] = {}
+DecodeImpl = Callable[..., mx.array | None]
+_DECODE: dict[tuple[str, str], DecodeImpl] = {}
+
+
+def register_decode_attention(
+    key_method: str, value_method: str, impl: DecodeImpl, *, replace: bool = False
+) -> None:
+    """Register a whole-step decode attention for keys coded by ``key_method`` and values by
+    ``value_method``: ``impl(queries, keys, values, *, scale) -> out | None`` with
+    ``queries [B, Hq, 1, D]`` (one token per row), the two
+    :class:`~vq_core.attention.CacheView` objects a cache's ``update_and_fetch`` returned
+    (compressed history, exact sink and recent tokens, centering means, finite flag), and
+    ``out [B, Hq, 1, D]`` in the queries' dtype: softmax attention over every token the
+    views hold, NaN when ``finite`` is False. None when it does not apply (backend, shapes);
+    the segment path then runs. Tried before the segment table, for one-token steps."""
+    _check_pair(key_method, value_method)
+    pair = (key_method, value_method)
+    if pair in _DECODE and not replace:
+        raise ConfigError(f"decode attention for {pair} is already registered")
+    _DECODE[pair] = impl
+
+
+def decode_attention(queries: mx.array, keys, values, *, scale: float) -> mx.array | None:
+    """The registered whole-step decode attention for these views' formats, or None."""
+    impl = _DECODE.get((keys.quantizer.method, values.quantizer.method))
+    return None if impl is None else impl(queries, keys, values, scale=scale)
+
+
+def _check_pair(key_method: str, value_method: str) -> None:
+    for name, value in (("key_method", key_method), ("value_method", value_method)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{name}={value!r} is not allowed; expected a method name")
+    if key_method == ANY:
+        raise ConfigError("key_method='*' is not allowed; a kernel is keyed by its key format")
 
 
 def register_compressed_attention(
@@ -85,11 +119,7 @@ def register_compressed_attention(
 ) -> None:
     """Register ``impl`` for keys coded by ``key_method`` and values by ``value_method``
     (``"*"``: any value method). Registering a pair twice needs ``replace=True``."""
-    for name, value in (("key_method", key_method), ("value_method", value_method)):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{name}={value!r} is not allowed; expected a method name")
-    if key_method == ANY:
-        raise ConfigError("key_method='*' is not allowed; a kernel is keyed by its key format")
+    _check_pair(key_method, value_method)
     pair = (key_method, value_method)
     if pair in _TABLE and not replace:
         raise ConfigError(f"compressed attention for {pair} is already registered")
@@ -164,7 +194,9 @@ __all__ = [
     "ANY",
     "CompressedSide",
     "compressed_segment",
+    "decode_attention",
     "reference_segment",
     "register_compressed_attention",
+    "register_decode_attention",
     "registered_compressed_attention",
 ]

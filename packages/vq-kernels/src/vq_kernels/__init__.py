@@ -6,6 +6,7 @@ call (``backend=`` argument, else ``$VQ_KERNELS_BACKEND``, else the GPU MLX was 
 else ``"reference"``) and compiles its kernel on first use. See :func:`compile_report`.
 """
 
+from vq_kernels._attention import DecodeTail
 from vq_kernels._backend import (
     BACKENDS,
     ENV_VAR,
@@ -15,7 +16,6 @@ from vq_kernels._backend import (
     compile_report,
     resolve_backend,
 )
-from vq_kernels._attention import DecodeTail
 from vq_kernels.affine_attention import affine_decode_attention
 from vq_kernels.codebook import (
     codebook_dequantize,
@@ -43,10 +43,10 @@ from vq_kernels.sign import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "DecodeTail",
     "BACKENDS",
     "ENV_VAR",
     "CompileRecord",
+    "DecodeTail",
     "KernelError",
     "affine_decode_attention",
     "available_backend",

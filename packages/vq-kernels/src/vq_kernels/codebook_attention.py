@@ -17,8 +17,8 @@ from vq_kernels._attention import (
     batch_lengths,
     decode_launch,
     gqa_groups,
-    softmax_attention,
     no_tail_inputs,
+    softmax_attention,
     valid_length,
 )
 from vq_kernels._backend import resolve_backend
@@ -94,7 +94,7 @@ def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_un
             scale=scale, length=n, k_divisor=div, k_unit=k_unit,
         )  # fmt: skip
         o_c = o_c @ tail.value_matrix_t.astype(mx.float32)
-        b, hq, lq, d = q[one].shape
+        _, hq, lq, d = q[one].shape
         hkv = kp.shape[1]
         if tail.key_mean is not None:
             qg = q[one].astype(mx.float32).reshape(1, hkv, hq // hkv * lq, d)

@@ -1,0 +1,60 @@
+"""The one-launch decode (codebook kernel with a tail) wired through a real cache, on the CPU.
+
+vq-kernels' host emulator runs the CUDA kernel body; each decode step of a cache (sink,
+centering, blocked encoding, ragged exact counts as blocks fill) must equal the same step
+with the one-launch path switched off (the segment path: the CPU reference)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import vq_algorithms  # noqa: F401  (registers the methods and their kernels)
+import vq_kernels
+from vq_core import attend, make_cache
+from vq_core import compressed_attention as table
+
+EMULATOR = Path(__file__).parents[1] / "packages/vq-kernels/tests/kernel_emulator.py"
+
+
+@pytest.fixture
+def emulated(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    spec = importlib.util.spec_from_file_location("vq_kernel_emulator_it", EMULATOR)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    launched = mod.emulate(monkeypatch)
+    monkeypatch.setattr(vq_kernels, "resolve_backend", lambda b=None: "cuda")
+    return launched
+
+
+def _without_decode_table(fn):
+    saved = dict(table._DECODE)
+    table._DECODE.clear()
+    try:
+        return fn()
+    finally:
+        table._DECODE.update(saved)
+
+
+@pytest.mark.parametrize(
+    ("method", "bits", "options"),
+    [("turboquant_mse", 4, {}), ("turboquant_mse", 2, {}), ("rabitq", 3, {}),
+     ("qjl", 1, {"sketch_dim": 64})],
+)  # fmt: skip
+def test_decode_steps_match_the_segment_path(method, bits, options, emulated) -> None:
+    hkv, g, d = 2, 4, 64
+    cache = make_cache(method, head_dim=d, bits=bits, block=8, **options)
+    ks = mx.random.split(mx.random.key(bits), 3)
+    k = mx.random.normal((1, hkv, 60, d), key=ks[0]) + 0.5
+    v = mx.random.normal((1, hkv, 60, d), key=ks[1])
+    q = mx.random.normal((1, hkv * g, 1, d), key=ks[2])
+    cache.update_and_fetch(k[:, :, :40], v[:, :, :40])  # prefill: reference path
+    for t in range(40, 60):  # decode: exact counts 1..9 as blocks of 8 fill and encode
+        kv, vv = cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        fused = attend(q, kv, vv, scale=d**-0.5)
+        ref = _without_decode_table(lambda kv=kv, vv=vv: attend(q, kv, vv, scale=d**-0.5))
+        assert mx.allclose(fused, ref, atol=3e-4, rtol=3e-4).item(), (t, mx.abs(fused - ref).max())
+    assert emulated and set(emulated) == {"codebook_attn"}
