@@ -23,7 +23,7 @@ def _decode_logits(model):
 
 
 def test_patched_model_decodes_through_the_fused_kernel_and_matches_reference():
-    model = patch(build("llama"), "turboquant_mse", bits=4)
+    model = patch(build("llama"), "turboquant_mse", bits=4, block=4)  # 12 tokens: 3 blocks
     before = len(vq_kernels.compile_report())
     fused = _decode_logits(model)
     mx.eval(fused)
