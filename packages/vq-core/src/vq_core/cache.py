@@ -322,8 +322,6 @@ class CompressedKVCache:
 
     # -- pipeline parallelism ----------------------------------------------------------------
 
-    _TIE_FIELDS = ("_xk", "_keys")
-
     @property
     def keys(self) -> mx.array | None:
         """One array this cache holds (its exact keys' buffer, else a key code field), for mlx-lm's pipeline-parallel models only: each stage but the last ties its
@@ -350,13 +348,12 @@ class CompressedKVCache:
             held[field] = value
 
     def _tie_point(self) -> tuple[str | None, str | None]:
-        """(attribute, code field or None) of the array :attr:`keys` exposes."""
-        for name in self._TIE_FIELDS:
-            held = getattr(self, name)
-            if isinstance(held, mx.array):
-                return name, None
-            if held is not None and self._n_comp:
-                return name, next(iter(held))
+        """(attribute, code field or None) of the array :attr:`keys` exposes: the exact keys'
+        buffer while it holds a token (the state slices it), else a key code field."""
+        if self._xk is not None and self._n_x:
+            return "_xk", None
+        if self._keys is not None and self._n_comp:
+            return "_keys", next(iter(self._keys))
         return None, None
 
     # -- batching (mlx-lm's BatchGenerator) ------------------------------------------------
