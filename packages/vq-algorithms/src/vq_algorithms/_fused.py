@@ -101,31 +101,34 @@ def codebook_decode_with_turboquant_values(
     vc = values.quantizer.rc
     n_exact = keys.buffer.shape[2] if keys.n_exact is None else keys.n_exact
     counts = mx.array([[keys.n_comp] * b, [n_exact] * b], dtype=mx.int32)
-    tail = vq_kernels.DecodeTail(
-        key_matrix,
-        inverse_matrix(vc.rotation),
-        keys.buffer,
-        values.buffer,
-        counts,
-        key_mean=keys.mean,
-        value_mean=values.mean,
-        finite=keys.finite,
-    )
-    out, _ = vq_kernels.codebook_decode_attention(
-        queries,
-        key_codes,
-        keys.codes["norm"],
-        key_centroids,
-        key_bits,
-        values.codes["idx"],
-        values.codes["norm"],
-        vc.codebook.centroids,
-        vc.bits,
-        scale=scale,
-        tail=tail,
-        **key_options,
-    )
-    return out.astype(queries.dtype)
+    optional = (key_options.get("k_divisor"), keys.mean, values.mean, keys.finite)
+    step = _compiled_step(
+        key_bits, vc.bits, float(scale), bool(key_options.get("k_unit", False)),
+        tuple(x is not None for x in optional), queries.dtype,
+    )  # fmt: skip
+    arrays = [queries, key_matrix, inverse_matrix(vc.rotation), keys.buffer, values.buffer]
+    arrays += [counts, key_codes, keys.codes["norm"], key_centroids]
+    arrays += [values.codes["idx"], values.codes["norm"], vc.codebook.centroids]
+    return step(*arrays, *(x for x in optional if x is not None))
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled_step(k_bits, v_bits, scale, k_unit, present, dtype):
+    """One compiled graph per static configuration (bits, scale, which optional arrays come):
+    a decode step's Python then costs one call, whatever the kernel wrapper checks; MLX
+    traces it again only when a shape changes (the code buffers grow in steps)."""
+
+    def step(q, mk, mvt, ek, ev, counts, kw, kn, kc, vw, vn, vc, *rest):
+        it = iter(rest)
+        k_div, k_mean, v_mean, finite = (next(it) if p else None for p in present)
+        tail = vq_kernels.DecodeTail(mk, mvt, ek, ev, counts, k_mean, v_mean, finite)
+        out, _ = vq_kernels.codebook_decode_attention(
+            q, kw, kn, kc, k_bits, vw, vn, vc, v_bits, scale=scale, tail=tail,
+            k_divisor=k_div, k_unit=k_unit,
+        )  # fmt: skip
+        return out.astype(dtype)
+
+    return mx.compile(step)
 
 
 @functools.lru_cache(maxsize=4096)
