@@ -102,14 +102,23 @@ def codebook_decode_with_turboquant_values(
     n_exact = keys.buffer.shape[2] if keys.n_exact is None else keys.n_exact
     counts = mx.array([[keys.n_comp] * b, [n_exact] * b], dtype=mx.int32)
     optional = (key_options.get("k_divisor"), keys.mean, values.mean, keys.finite)
-    step = _compiled_step(
+    config = (
         key_bits, vc.bits, float(scale), bool(key_options.get("k_unit", False)),
         tuple(x is not None for x in optional), queries.dtype,
     )  # fmt: skip
+    # The kernel wrapper evaluates the first launch of each kernel specialization (to report
+    # its compile time and errors), which a compiled trace cannot: the first call of each
+    # (configuration, head layout, dtypes) runs uncompiled, the rest compiled.
+    layout = (config, queries.shape[1:], keys.buffer.shape[1], keys.buffer.dtype)
+    step = _compiled_step(*config) if layout in _WARM else _step(*config)
+    _WARM.add(layout)
     arrays = [queries, key_matrix, inverse_matrix(vc.rotation), keys.buffer, values.buffer]
     arrays += [counts, key_codes, keys.codes["norm"], key_centroids]
     arrays += [values.codes["idx"], values.codes["norm"], vc.codebook.centroids]
     return step(*arrays, *(x for x in optional if x is not None))
+
+
+_WARM: set = set()
 
 
 @functools.lru_cache(maxsize=256)
@@ -117,6 +126,11 @@ def _compiled_step(k_bits, v_bits, scale, k_unit, present, dtype):
     """One compiled graph per static configuration (bits, scale, which optional arrays come):
     a decode step's Python then costs one call, whatever the kernel wrapper checks; MLX
     traces it again only when a shape changes (the code buffers grow in steps)."""
+    return mx.compile(_step(k_bits, v_bits, scale, k_unit, present, dtype))
+
+
+def _step(k_bits, v_bits, scale, k_unit, present, dtype):
+    """The decode step of :func:`_compiled_step`, uncompiled."""
 
     def step(q, mk, mvt, ek, ev, counts, kw, kn, kc, vw, vn, vc, *rest):
         it = iter(rest)
@@ -128,7 +142,7 @@ def _compiled_step(k_bits, v_bits, scale, k_unit, present, dtype):
         )  # fmt: skip
         return out.astype(dtype)
 
-    return mx.compile(step)
+    return step
 
 
 @functools.lru_cache(maxsize=4096)
