@@ -104,6 +104,10 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
             ),
             tokens * 2 * (D * bits // 8 + 2 * 2 * D // 64),
         )
+    rot, _ = mx.linalg.qr(mx.random.normal((D, D), key=ks[7]), stream=mx.cpu)
+    ek = mx.random.normal((b, HKV, 40, D), key=ks[6]).astype(mx.float16)
+    mean = mx.random.normal((b, HKV, 1, D), key=ks[5]) * 0.1
+    mx.eval(rot, ek, mean)
     for bits in (1, 2, 3, 4):
         w = vk.n_words(D, bits)
         kp = mx.random.randint(0, 2**31, (b, HKV, length, w), key=ks[4]).astype(mx.uint32)
@@ -120,6 +124,17 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
             return vk.codebook_decode_attention(*args, scale=SCALE, length=length)
 
         out[f"vq cb{bits}"] = (dev, nbytes)
+        if bits in (2, 4):  # the whole decode step: rotations, 33 exact tokens, means
+            tail = vk.DecodeTail(
+                rot, rot.T, ek, ek, mx.array([[length] * b, [33] * b], dtype=mx.int32),
+                mean, mean, mx.array(True),
+            )  # fmt: skip
+            out[f"vq cb{bits} tail"] = (
+                lambda args=args, tail=tail: vk.codebook_decode_attention(
+                    q16, *args[1:], scale=SCALE, tail=tail
+                ),
+                nbytes,
+            )
         if bits in (2, 4):
             out[f"vq cb{bits} int len"] = (host, nbytes)
             out[f"vq cb{bits} 2 launches"] = (_with(dev, MERGE_IN_KERNEL=False), nbytes)
@@ -174,6 +189,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--per-sync", type=int, default=20)
     ap.add_argument("--variants", action="store_true", help="also time kernel tunings")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="time only the cases whose name contains this (fp16 sdpa always runs); "
+        "e.g. 'vq cb' skips mlx-lm's cases, whose first call JIT-compiles for ~50 s",
+    )
     args = ap.parse_args()
     print(f"mlx {mx.__version__}, device {mx.default_device()}, backend {vk.available_backend()}")
     print(
@@ -184,6 +205,8 @@ def main() -> None:
     for length in (int(x) for x in args.contexts.split(",")):
         results[length] = {}
         for n, (f, nbytes) in cases(args.batch, length, args.variants).items():
+            if args.only not in n and n != "fp16 sdpa":
+                continue
             t0 = time.perf_counter()
             results[length][n] = (time_us(f, args.iters, args.per_sync), nbytes)
             # one line per case as it finishes, so a slow or stuck case is named
@@ -206,6 +229,8 @@ def main() -> None:
         print(row)
     for length, r in results.items():
         for bits in (2, 4):
+            if f"vq cb{bits}" not in r or f"mlx-lm q{bits}" not in r:
+                continue
             print(
                 f"{length // 1024}k: vq cb{bits} {r['fp16 sdpa'][0] / r[f'vq cb{bits}'][0]:.2f}x "
                 f"fp16, {r[f'mlx-lm q{bits}'][0] / r[f'vq cb{bits}'][0]:.1f}x mlx-lm q{bits}"
