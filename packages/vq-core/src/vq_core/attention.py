@@ -175,8 +175,7 @@ def _prefill_tiled(queries, keys: CacheView, values: CacheView, scale, mask, g, 
     q = queries.astype(mx.float32).reshape(b, hkv, g * lq, d)
     m = keys.exact.shape[2]
     cols = _mask_columns(mask, b, hq, lq, n + m, g)  # [B, Hkv, g·L, tokens] or None
-    tile = PREFILL_TILE - PREFILL_TILE % max(keys.quantizer.token_block, 1)
-    tile -= tile % max(values.quantizer.token_block, 1)
+    tile = _tile(keys, values)
     parts = []
     for begin in range(0, n, tile):
         stop = min(n, begin + tile)
@@ -202,13 +201,22 @@ def _prefill_on_sdpa() -> bool:
 
 
 def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask, sinks):
-    """The history decoded in the queries' dtype, then one fused SDPA (GPU)."""
+    """The history decoded in the queries' dtype, then one fused SDPA (GPU).
+
+    The history is decoded ``PREFILL_TILE`` tokens at a time, each tile cast to the queries'
+    dtype as it is made, so a decode's float32 intermediates exist for one tile at a time
+    (MLX evaluates the tiles one after another); what the layer holds at once is its history
+    in the queries' dtype, the size of one layer of an fp16 cache."""
     dt, s0 = queries.dtype, keys.n_sink
+    tile = _tile(keys, values)
     parts = []
     for view in (keys, values):
-        hist = view.decoded(0, view.n_comp).astype(dt)
         exact = view.exact.astype(dt)
-        parts.append(mx.concatenate([exact[:, :, :s0], hist, exact[:, :, s0:]], axis=2))
+        pieces = [exact[:, :, :s0]]
+        for begin in range(0, view.n_comp, tile):
+            pieces.append(view.decoded(begin, min(view.n_comp, begin + tile)).astype(dt))
+        pieces.append(exact[:, :, s0:])
+        parts.append(mx.concatenate(pieces, axis=2))
     if keys.valid is not None or keys.lengths is not None:  # a ragged batch: mask padding
         b, n, m, lq = keys.exact.shape[0], keys.n_comp, keys.exact.shape[2], queries.shape[2]
         ones = mx.ones((b, m), dtype=mx.bool_)
@@ -220,6 +228,12 @@ def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask, sin
     return mx.fast.scaled_dot_product_attention(
         queries, *parts, scale=scale, mask=mask, sinks=sinks
     )
+
+
+def _tile(keys: CacheView, values: CacheView) -> int:
+    """``PREFILL_TILE`` rounded down to whole blocks of both quantizers."""
+    tile = PREFILL_TILE - PREFILL_TILE % max(keys.quantizer.token_block, 1)
+    return tile - tile % max(values.quantizer.token_block, 1)
 
 
 def _causal_rows(lq: int, m: int, g: int) -> mx.array | None:
