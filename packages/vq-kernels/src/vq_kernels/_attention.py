@@ -88,7 +88,7 @@ class DecodeTail:
         fin = _true() if self.finite is None else self.finite
         arrays = [self.key_matrix.astype(mx.float32), self.value_matrix_t.astype(mx.float32)]
         arrays += [self.exact_k, self.exact_v, kmu, vmu, fin]
-        flags = [("TAIL", 1), ("CEN", int(cen)), ("FIN", int(self.finite is not None))]
+        flags = [("TAIL", 1), ("ROT", 1), ("CEN", int(cen)), ("FIN", int(self.finite is not None))]
         return arrays, flags
 
 
@@ -112,7 +112,7 @@ def no_tail_inputs() -> tuple[list[mx.array], list[tuple[str, int]]]:
     """Placeholders for the tail inputs of a kernel launched without a tail."""
     f32 = _placeholder(mx.float32)
     arrays = [f32, f32, _placeholder(mx.float16), _placeholder(mx.float16), f32, f32, _true()]
-    return arrays, [("TAIL", 0), ("CEN", 0), ("FIN", 0)]
+    return arrays, [("TAIL", 0), ("ROT", 0), ("CEN", 0), ("FIN", 0)]
 
 
 def gqa_groups(q: mx.array, n_kv_heads: int) -> int:

@@ -95,6 +95,7 @@ SPECS: dict[str, KernelSpec] = {
                 ("KDIV", 0),
                 ("KUNIT", 0),
                 ("TAIL", 1),
+                ("ROT", 1),
                 ("CEN", 1),
                 ("FIN", 1),
             ),
@@ -161,9 +162,21 @@ def header(backend: str) -> str:
 
 
 def body(name: str, backend: str) -> str:
-    """Body of kernel ``name``, led by the backend's thread-id definitions."""
+    """Body of kernel ``name``, led by the backend's thread-id definitions; a line
+    ``// @include NAME.inc`` is replaced by that fragment (shared by several bodies)."""
     ids = read("ids_metal.body") if backend == "metal" else "  VQ_IDS\n"
-    return ids + read(f"{name}.body")
+    return ids + _expand(read(f"{name}.body"))
+
+
+def _expand(text: str) -> str:
+    lines = []
+    for line in text.splitlines(keepends=True):
+        words = line.split()
+        if words[:2] == ["//", "@include"] and len(words) == 3:
+            lines.append(read(words[2]))
+        else:
+            lines.append(line)
+    return "".join(lines)
 
 
 _CUDA_TYPES = {
