@@ -10,7 +10,7 @@ from mlx_lm.models.cache import (
 )
 from tiny_models import ARCHS, build
 
-from vq_core import CompressedKVCache
+from vq_core import CompressedKVCache, CompressedRotatingKVCache
 from vq_mlxlm import UnsupportedModelError, patch, unpatch
 
 TOKENS = mx.array([[5, 17, 3, 44, 9, 12, 60, 2, 33, 8, 71, 19, 4, 27, 50, 11, 6, 90, 1, 14]])
@@ -44,7 +44,12 @@ def test_four_bit_cache_holds_packed_codes(arch):
     out = _run(model, cache, TOKENS, chunk=4)
     compressed = [c for c in cache if isinstance(c, CompressedKVCache)]
     assert compressed and all(c.offset == TOKENS.shape[1] for c in compressed)
-    assert all(c.compressed_tokens == TOKENS.shape[1] - 1 for c in compressed)  # 1 sink token
+    for c in compressed:
+        if isinstance(c, CompressedRotatingKVCache):  # no sink; what the next query can see
+            assert c.compressed_tokens == c.max_size - 1
+            assert c.evicted == TOKENS.shape[1] - c.compressed_tokens
+        else:
+            assert c.compressed_tokens == TOKENS.shape[1] - 1  # 1 sink token
     cos = (out * ref).sum(-1) / (mx.linalg.norm(out, axis=-1) * mx.linalg.norm(ref, axis=-1))
     assert cos.min().item() > 0.9
 

@@ -32,7 +32,7 @@ ARCHS = {
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=256,
-            sliding_window=8,
+            sliding_window=16,
             sliding_window_pattern=2,
         ),
     ),
@@ -46,7 +46,7 @@ ARCHS = {
             head_dim=64,
             num_local_experts=4,
             num_experts_per_tok=2,
-            sliding_window=8,
+            sliding_window=16,
         ),
     ),
     "qwen3_next": (  # hybrid: layer 0 gated delta (ArraysCache), layer 1 gated attention

@@ -36,8 +36,8 @@ def test_layer_windows_follow_mlx_lm_make_cache(gemma3_dir):
 
 
 @pytest.mark.parametrize("context", [16, 4096])
-def test_sliding_window_layers_stay_exact(gemma3_dir, context):
-    info, rows = estimate_rows(gemma3_dir, context)
+def test_sliding_window_layers_exact_on_request(gemma3_dir, context):
+    info, rows = estimate_rows(gemma3_dir, context, sliding="exact")
     full = LAYERS // PATTERN
     assert (info["compressed_layers"], info["exact_layers"]) == (full, LAYERS - full)
     per_token = 2 * KV_HEADS * HEAD_DIM * 2  # K and V in fp16, one layer
@@ -49,3 +49,20 @@ def test_sliding_window_layers_stay_exact(gemma3_dir, context):
     assert row["bytes"] == round(full * 2 * KV_HEADS * HEAD_DIM * context * bpe / 8) + exact
     assert row["ratio"] == round(info["fp16_bytes"] / row["bytes"], 2)
     assert row["ratio"] < 16 / bpe  # what counting every layer as compressed would claim
+
+
+@pytest.mark.parametrize("context", [16, 4096])
+def test_sliding_window_layers_compressed_by_default(gemma3_dir, context):
+    info, rows = estimate_rows(gemma3_dir, context)
+    full = LAYERS // PATTERN
+    assert (info["compressed_layers"], info["exact_layers"], info["exact_bytes"]) == (
+        LAYERS,
+        0,
+        0,
+    )
+    tokens = full * context + (LAYERS - full) * min(context, WINDOW)
+    assert info["fp16_bytes"] == 2 * KV_HEADS * HEAD_DIM * 2 * tokens
+    row = next(r for r in rows if r["method"] == "turboquant_mse" and r["bits"] == 4)
+    bpe = 4 + 16 / HEAD_DIM
+    assert row["bytes"] == round(2 * KV_HEADS * HEAD_DIM * tokens * bpe / 8)
+    assert row["ratio"] == round(16 / bpe, 2)

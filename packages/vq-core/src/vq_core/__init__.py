@@ -43,6 +43,7 @@ from vq_core.preconditioner import (
 )
 from vq_core.quantizer import Codes, Quantizer, QuantizerConfig
 from vq_core.registry import available, create, from_description, get, register
+from vq_core.rotating_cache import CompressedRotatingKVCache
 from vq_core.streams import STREAMS, stream_key
 from vq_core.validation import FLOAT16_MAX, HeadDims, check_bool, check_int
 
@@ -59,6 +60,7 @@ __all__ = [
     "CacheView",
     "Codes",
     "CompressedKVCache",
+    "CompressedRotatingKVCache",
     "CompressedSide",
     "ConfigError",
     "DTypeError",

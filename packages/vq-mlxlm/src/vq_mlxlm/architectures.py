@@ -62,14 +62,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "sliding window + full attention",
         ("gemma3_text",),
-        "full-attention layers' keys and values",
-        "sliding-window layers (mlx-lm's RotatingKVCache, bounded by the window)",
+        "full-attention layers' keys and values; sliding-window layers' too, in a "
+        "CompressedRotatingKVCache (mlx-lm's window and keep, evicted in blocks)",
+        "nothing (sliding='exact' keeps mlx-lm's RotatingKVCache for the window layers)",
     ),
     Architecture(
         "attention sinks (learned per-head logits)",
         ("gpt_oss",),
-        "full-attention layers' keys and values; the sink logits enter the softmax exactly",
-        "sliding-window layers (mlx-lm's RotatingKVCache, bounded by the window)",
+        "every layer's keys and values (sliding-window layers as above); the sink logits "
+        "enter the softmax exactly",
     ),
     Architecture(
         "hybrid (linear attention / SSM + attention)",

@@ -53,7 +53,8 @@ def cache_memory(cache: list, kv_heads: int) -> CacheMemory:
     comp = [c for c in cache if isinstance(c, CompressedKVCache)]
     kv = [c for c in cache if not isinstance(c, CompressedKVCache) and hasattr(c, "offset")]
     state = [c for c in cache if not isinstance(c, CompressedKVCache) and not hasattr(c, "offset")]
-    fp16 = sum(2 * c.offset * kv_heads * c.key_quantizer.head_dim * 2 for c in comp)
+    # size(): the tokens an exact cache would hold (a sliding window's at most max_size)
+    fp16 = sum(2 * c.size() * kv_heads * c.key_quantizer.head_dim * 2 for c in comp)
     return CacheMemory(
         layers=len(cache),
         compressed_layers=len(comp),

@@ -35,6 +35,12 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-center", action="store_true", help="do not subtract the mean key/value")
     p.add_argument(
+        "--sliding",
+        choices=("compressed", "exact"),
+        default="compressed",
+        help="sliding-window layers: a compressed rotating cache (default) or mlx-lm's exact one",
+    )
+    p.add_argument(
         "--artifacts",
         default=None,
         help="vq calibrate output dir (calibrated methods, or a RateQuant per-layer allocation)",
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="KV-cache memory for fp16 and every method")
     e.add_argument("--model", default="default")
     e.add_argument("--context", type=integer(1), required=True, help="tokens in the cache")
+    e.add_argument("--sliding", choices=("compressed", "exact"), default="compressed")
     e.add_argument("--json", action="store_true")
 
     s = sub.add_parser("serve", help="mlx-lm's OpenAI-compatible server with vq caches")

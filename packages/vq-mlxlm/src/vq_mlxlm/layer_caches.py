@@ -142,7 +142,9 @@ def plan(
 
 def check_config(shape, method: str, bits: int | Sequence[int], **kwargs: Any) -> CachePlan:
     """:func:`plan` for a model of ``shape`` (a :class:`~vq_mlxlm.model_shape.KVShape`),
-    then build one layer's cache per distinct width, as patch() would."""
+    then build one layer's cache per distinct width, as patch() would. ``sliding`` is
+    accepted and not checked here: which layers slide is known once the model is loaded."""
+    kwargs.pop("sliding", None)
     fingerprint = {"layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim}
     resolved = plan(fingerprint, method, bits, **kwargs)
     seen = set()

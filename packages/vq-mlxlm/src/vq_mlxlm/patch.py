@@ -4,8 +4,9 @@
 :mod:`vq_mlxlm.routing`) and replaces ``model.make_cache`` so ``mlx_lm.generate``,
 ``stream_generate``, ``make_prompt_cache`` and mlx-lm's server all get compressed caches.
 Every full-attention layer (mlx-lm's ``KVCache``) gets a :class:`~vq_core.CompressedKVCache`;
-sliding-window layers keep mlx-lm's bounded ``RotatingKVCache``. ``bits`` may be one value
-or one per layer (per-layer bit allocation). On a model sharded over ``mx.distributed``
+sliding-window layers (``RotatingKVCache``) a :class:`~vq_core.CompressedRotatingKVCache`
+with the same window (``sliding="exact"`` keeps mlx-lm's). ``bits`` may be one value or one
+per layer (per-layer bit allocation). On a model sharded over ``mx.distributed``
 (:func:`vq_mlxlm.distributed.shard`, or mlx-lm's ``sharded_load``) each rank's caches hold
 its own KV heads and layers, with the settings, seeds and artifacts of those global layers.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vq_core import CompressedKVCache, ConfigError
+from vq_core import CompressedKVCache, CompressedRotatingKVCache, ConfigError
 from vq_core.cache import DEFAULT_BLOCK, DEFAULT_CENTER, DEFAULT_SINK
 from vq_mlxlm.architectures import check_architecture
 from vq_mlxlm.layer_caches import plan
@@ -39,6 +40,7 @@ def patch(
     block: int = DEFAULT_BLOCK,
     seed: int = 0,
     artifacts: str | None = None,
+    sliding: str = "compressed",
     **options: Any,
 ):
     """Make ``model.make_cache()`` return vq caches; returns the model (patched in place).
@@ -55,11 +57,17 @@ def patch(
             For a calibrated method each layer loads its own keys/values artifact; for any
             other method the directory's RateQuant allocation sets the bits of every layer
             (``bits`` is then ignored).
+        sliding: ``"compressed"`` (default): sliding-window layers (mlx-lm's
+            ``RotatingKVCache(max_size, keep)``) get a
+            :class:`~vq_core.CompressedRotatingKVCache` with the same window; ``"exact"``:
+            they keep mlx-lm's exact cache.
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
     from vq_mlxlm.distributed.layout import layout
 
     check_architecture(model)
+    if sliding not in ("compressed", "exact"):
+        raise ConfigError(f"sliding={sliding!r} is not allowed; expected 'compressed' or 'exact'")
     spread = layout(model)  # a sharded model: this rank's layers and KV heads
     layers = list(model.layers)
     head_dims = [layer_head_dim(model, layer) for layer in layers]
@@ -92,9 +100,25 @@ def patch(
     if first.key_quantizer.position_aware:
         _check_ropes(model, [layer_cache(i) for i in range(len(layers))], head_dims[0])
 
+    def vq_layer(i: int, c):
+        kind = type(c).__name__
+        if kind == "KVCache":
+            return layer_cache(i)
+        if kind == "RotatingKVCache" and sliding == "compressed":
+            return CompressedRotatingKVCache.like(layer_cache(i), max_size=c.max_size, keep=c.keep)
+        return c
+
+    rotating = any(type(c).__name__ == "RotatingKVCache" for c in original_caches(model))
+    if sliding == "compressed" and first.key_quantizer.position_aware and rotating:
+        raise ConfigError(
+            f"{method} keys are position-aware and this model has sliding-window layers, "
+            "which a compressed rotating cache cannot give positions: pass "
+            "sliding='exact' to keep them exact"
+        )
+
     def make_vq_cache() -> list:
         caches = original_caches(model)
-        out = [layer_cache(i) if type(c).__name__ == "KVCache" else c for i, c in enumerate(caches)]
+        out = [vq_layer(i, c) for i, c in enumerate(caches)]
         if not any(isinstance(c, CompressedKVCache) for c in out):
             raise ConfigError("no layer of this model uses a full-attention KVCache to replace")
         return out
@@ -111,6 +135,7 @@ def patch(
         "block": block,
         "seed": seed,
         "artifacts": artifacts,
+        "sliding": sliding,
         **resolved.options,
     }
     return model
@@ -150,3 +175,4 @@ def _register_cache_class() -> None:
     from mlx_lm.models import cache as mlx_cache
 
     mlx_cache.CompressedKVCache = CompressedKVCache
+    mlx_cache.CompressedRotatingKVCache = CompressedRotatingKVCache

@@ -110,6 +110,7 @@ def cache_options(args) -> dict:
         window=args.window,
         sink=args.sink,
         center=not args.no_center,
+        sliding=args.sliding,
         seed=args.seed,
         artifacts=args.artifacts,
     )
