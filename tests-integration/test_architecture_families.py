@@ -13,7 +13,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from tiny_models import ARCHS, REFUSED, build
 
-from vq_core import CompressedKVCache
+from vq_core import CompressedKVCache, ConfigError
 from vq_mlxlm import UnsupportedModelError, patch
 from vq_mlxlm.architectures import ARCHITECTURES, markdown_table
 
@@ -47,12 +47,12 @@ def _greedy(model, cache, n, chunk=16):
     return out, margin
 
 
-def _decisive(arch):
+def _decisive(arch, **overrides):
     """The first seed whose model's greedy run on the exact cache never has two tokens
     within ``MARGIN`` (chosen from the exact run alone: a near tie would make any error,
     even fp16 rounding, flip a token)."""
     for seed in range(SEEDS):
-        model = build(arch, seed=seed, init="fan_in")
+        model = build(arch, seed=seed, init="fan_in", **overrides)
         tokens, margin = _greedy(model, make_prompt_cache(model), STEPS)
         if margin > MARGIN:
             return model, tokens
@@ -76,6 +76,7 @@ def test_every_model_type_in_the_table_is_built_by_the_tests():
 
 
 def test_the_readme_and_vq_methods_print_the_code_table(capsys):
+
     from argparse import Namespace
 
     from vq_mlxlm.commands.methods import methods
@@ -107,6 +108,25 @@ def test_four_bit_kl_to_the_exact_cache_is_bounded(arch):
     assert 0 < kl.mean().item() < KL_BOUND_4BIT.get(arch, KL_BOUND_DEFAULT)
 
 
+@pytest.mark.parametrize("head_dim", [80, 100])  # not powers of two; 100 not even 16k
+def test_head_dims_beyond_powers_of_two(head_dim):
+    """Methods whose math takes any head_dim run at 8 bits with the exact cache's greedy
+    tokens; the others refuse at patch time, naming the method and what they take."""
+    model, exact = _decisive("llama", head_dim=head_dim)
+    patch(model, "turboquant_rvq", bits=8, block=8)
+    cache = make_prompt_cache(model)
+    assert _greedy(model, cache, STEPS)[0] == exact
+    assert all(c.key_quantizer.head_dim == head_dim for c in _compressed(cache))
+    refused = {"affine": "group_size", "kivi": "group_size"}
+    if head_dim % 16:
+        refused |= {"polarquant": "multiple of 16", "vecinfer": "m*2**k"}
+    for method, allowed in refused.items():
+        with pytest.raises(ConfigError, match=f"{method}: head_dim={head_dim}") as err:
+            untrained = {"untrained": True} if method == "vecinfer" else {}
+            patch(build("llama", head_dim=head_dim), method, bits=4, **untrained)
+        assert allowed in str(err.value)
+
+
 @pytest.mark.parametrize(("row", "arch"), REFUSED_ROWS, ids=[t for _, t in REFUSED_ROWS])
 def test_refused_architectures_say_which_and_why(row, arch):
     model = build(arch)
@@ -121,7 +141,6 @@ def test_vq_generate_memory_line_says_what_a_hybrid_leaves_untouched(monkeypatch
     """qwen3_next: the gated-delta layer's ArraysCache is not compressed, and the memory
     line says so with its bytes; the ratio compares the compressed layer with fp16."""
     import importlib
-    from argparse import Namespace
     from types import SimpleNamespace
 
     import mlx_lm
@@ -130,18 +149,24 @@ def test_vq_generate_memory_line_says_what_a_hybrid_leaves_untouched(monkeypatch
 
     model = patch(build("qwen3_next", init="fan_in"), "turboquant_mse", bits=4, block=8)
 
-    def fake_stream(model, tokenizer, prompt, max_tokens, prompt_cache):
+    def fake_stream(model, tokenizer, prompt, *, prompt_cache, **_):
         model(PROMPT, cache=prompt_cache)
         yield SimpleNamespace(
-            text="x", prompt_tokens=40, generation_tokens=1, prompt_tps=1.0, generation_tps=1.0
+            text="x",
+            token=1,
+            prompt_tokens=40,
+            generation_tokens=1,
+            prompt_tps=1.0,
+            generation_tps=1.0,
         )
 
-    monkeypatch.setattr(command, "load_patched", lambda args: (model, SimpleNamespace()))
+    monkeypatch.setattr(command, "load_patched", lambda *a, **k: (model, SimpleNamespace()))
     monkeypatch.setattr(mlx_lm, "stream_generate", fake_stream)
-    args = Namespace(
-        prompt="p", max_tokens=1, json=False, no_chat_template=True, method="turboquant_mse",
-        bits=4, value_bits=None, window=0,
-    )  # fmt: skip
+    from vq_mlxlm.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "p", "--max-tokens", "1", "--no-chat-template"]
+    )
     assert command.generate(args) == 0
     out = capsys.readouterr().out
     assert "in 1 of 2 layers" in out

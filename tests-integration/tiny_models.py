@@ -100,16 +100,17 @@ COMMON = dict(
 )
 
 
-def build(arch: str, seed: int = 0, init: str = "flat"):
+def build(arch: str, seed: int = 0, init: str = "flat", **overrides):
     """A random ``arch`` model. ``init="flat"``: every parameter N(0, 0.05²) (norm weights
     too, so logits are near uniform); ``"fan_in"``: matrices N(0, 1/fan_in), norms as
     mlx-lm initializes them, learned sink logits N(0, 1): peaked next-token distributions
-    and attention that is neither uniform nor one-hot, for greedy-token and KL tests."""
+    and attention that is neither uniform nor one-hot, for greedy-token and KL tests.
+    ``overrides``: ModelArgs fields on top of the architecture's (e.g. ``head_dim``)."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    module_name, overrides = {**ARCHS, **REFUSED}[arch]
+    module_name, fields = {**ARCHS, **REFUSED}[arch]
     module = importlib.import_module(f"mlx_lm.models.{module_name}")
-    params = {**COMMON, **overrides, "model_type": arch}
+    params = {**COMMON, **fields, **overrides, "model_type": arch}
     mx.random.seed(seed)  # before the model: its own init (biases, norms) is kept by fan_in
     model = module.Model(module.ModelArgs.from_dict(params))
     fresh = []

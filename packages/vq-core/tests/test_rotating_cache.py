@@ -26,17 +26,20 @@ def test_decode_sees_the_first_keep_and_the_newest_tokens():
     """Each decode step equals softmax attention over tokens [0, keep) and the newest
     max_size - keep (itself included), with no mask and some history compressed."""
     cache, keep, size = _cache(), 2, 12
-    ks, vs = mx.random.normal((1, 2, 50, 32)), mx.random.normal((1, 2, 50, 32))
+    ks = mx.random.normal((1, 2, 50, 32), key=mx.random.key(0))
+    vs = mx.random.normal((1, 2, 50, 32), key=mx.random.key(1))
+    errs = []
     for t in range(50):
-        q = mx.random.normal((1, 4, 1, 32))
+        q = mx.random.normal((1, 4, 1, 32), key=mx.random.key(2 + t))
         assert cache.make_mask(1) is None
         view = cache.update_and_fetch(ks[:, :, t : t + 1], vs[:, :, t : t + 1])
         seen = list(range(min(keep, t + 1))) + list(range(max(keep, t + 1 - (size - keep)), t + 1))
         idx = mx.array(seen)
         want = mx.fast.scaled_dot_product_attention(q, ks[:, :, idx], vs[:, :, idx], scale=0.2)
         got = attend(q, *view, scale=0.2)
-        assert mx.abs(got - want).max().item() < 2e-2, t  # 8-bit codes
+        errs.append(mx.abs(got - want).max().item())
         assert view[0].shape[2] == len(seen)
+    assert max(errs) < 3e-2  # 8-bit codes: measured 0.012; a wrong token costs ~0.3
     assert cache.evicted > 0 and cache.evicted % 4 == 0
     assert not hasattr(cache, "merge")  # mlx-lm does not batch what cannot be batched
     assert cache.offset - cache.evicted - keep < size - keep + 4  # less than a block extra
