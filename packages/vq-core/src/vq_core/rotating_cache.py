@@ -142,7 +142,7 @@ class CompressedRotatingKVCache(CompressedKVCache):
                 f"a decode-step mask with window_size={w} below max_size={size} is not "
                 "supported (mlx-lm models use window_size == max_size)"
             )
-        sink = self._n_sink_held
+        sink = self._n_sink
         start = self._first_compressed if sink == keep else self.offset  # oldest held non-sink
         drop = max(0, self.offset - (size - 1))  # old non-keep tokens mlx-lm has dropped
         base = min(self.offset, size - 1)  # mlx-lm's buffer index of the first new token
@@ -161,10 +161,6 @@ class CompressedRotatingKVCache(CompressedKVCache):
         q = mx.arange(base, base + N)[:, None]
         held = ((pos < keep) | (pos >= first_kept))[None]
         return held & (idx <= q) & (idx > q - w)
-
-    @property
-    def _n_sink_held(self) -> int:
-        return 0 if self._sink_k is None else self._sink_k.shape[2]
 
     def is_trimmable(self) -> bool:
         """As mlx-lm's ``RotatingKVCache``: only while no token has left the window."""
@@ -252,8 +248,13 @@ def _drop_oldest(view: CacheView, hidden: int, block: int) -> CacheView:
     visible = view.decoded(0, head)[:, :, hidden:].astype(view.exact.dtype)  # whole blocks
     strides = view.quantizer.token_strides()
     codes = view.codes.map(lambda k, a: a[:, :, head // strides.get(k, 1) :])
-    s0 = view.n_sink
-    exact = mx.concatenate([view.exact[:, :, :s0], visible, view.exact[:, :, s0:]], axis=2)
+    s0, exact = view.n_sink, view.exact
+    held = mx.concatenate([exact[:, :, :s0], visible, exact[:, :, s0:]], axis=2)
     return replace(
-        view, codes=codes, n_comp=view.n_comp - head, exact=exact, n_sink=s0 + head - hidden
+        view,
+        codes=codes,
+        n_comp=view.n_comp - head,
+        buffer=held,
+        n_sink=s0 + head - hidden,
+        n_exact=None,
     )
