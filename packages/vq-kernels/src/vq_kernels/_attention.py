@@ -53,8 +53,8 @@ class DecodeTail:
     value_mean: mx.array | None = None
     finite: mx.array | None = None
 
-    def check(self, q: mx.array, n_kv_heads: int, lbuf: int) -> None:
-        """Shapes against ``q [B, Hq, 1, D]`` and a code buffer of ``lbuf`` tokens."""
+    def check(self, q: mx.array, n_kv_heads: int) -> None:
+        """Shapes against ``q [B, Hq, 1, D]`` and ``n_kv_heads`` KV heads."""
         b, _, lq, d = q.shape
         if lq != 1:
             raise ValueError(f"a decode tail takes one query token per row, got {lq}")
@@ -77,7 +77,6 @@ class DecodeTail:
                 raise ValueError(f"{name} must be [{b}, {n_kv_heads}, 1, {d}], got {x.shape}")
         if self.finite is not None and self.finite.size != 1:
             raise ValueError(f"finite must be one boolean, got shape {self.finite.shape}")
-        del lbuf
 
     def inputs(self, b: int, hkv: int, d: int) -> tuple[list[mx.array], list[tuple[str, int]]]:
         """The kernel inputs ``mk, mvt, ek, ev, kmu, vmu, fin`` and template flags."""

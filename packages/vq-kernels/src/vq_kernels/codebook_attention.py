@@ -173,7 +173,7 @@ def codebook_decode_attention(
     if tail is not None:
         if length is not None or lengths is not None:
             raise ValueError("with a tail the valid counts come from tail.counts")
-        tail.check(q_rot, hkv, lbuf)
+        tail.check(q_rot, hkv)
     n = None if lengths is not None else valid_length(length, lbuf)
     if wk != n_words(d, k_bits) or v_packed.shape[-1] != n_words(d, v_bits):
         raise ValueError("packed K/V widths do not match head_dim and bits")
