@@ -135,6 +135,12 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
                 ),
                 nbytes,
             )
+            if variants:
+                for groups in (132, 264, 1056):
+                    out[f"vq cb{bits} tail TG={groups}"] = (
+                        _with(out[f"vq cb{bits} tail"][0], TARGET_GROUPS=groups),
+                        nbytes,
+                    )
         if bits in (2, 4):
             out[f"vq cb{bits} int len"] = (host, nbytes)
             out[f"vq cb{bits} 2 launches"] = (_with(dev, MERGE_IN_KERNEL=False), nbytes)

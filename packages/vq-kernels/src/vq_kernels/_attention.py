@@ -18,12 +18,13 @@ import mlx.core as mx
 from vq_kernels._backend import launch, params
 
 TOKENS_PER_STEP = 128  # tokens a thread group of pq_attn_partial consumes per loop step
-TARGET_GROUPS = 528  # about four thread groups per SM of an H100 (132 SMs)
+TARGET_GROUPS = 264  # two thread groups per SM of an H100/H200: measured faster than four
 LOG2E = 1.4426950408889634
 MAX_ROW_TILE = 4  # query rows per thread group (codebook_attn: 128 registers at 4; 227 at 8)
 TOKENS_PER_LANE = 4  # tokens a lane scores per loop step (NT); 8 needs 168 registers
 MERGE_IN_KERNEL = True  # CUDA: the last thread group merges the splits (else attn_reduce)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per token, <= 32
+MAX_SPLITS = 256  # splits per launch that the in-kernel merge's scratch holds (tail included)
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,18 @@ class DecodeTail:
         if self.finite is not None and self.finite.size != 1:
             raise ValueError(f"finite must be one boolean, got shape {self.finite.shape}")
 
-    def inputs(self, b: int, hkv: int, d: int) -> tuple[list[mx.array], list[tuple[str, int]]]:
-        """The kernel inputs ``mk, mvt, ek, ev, kmu, vmu, fin`` and template flags."""
+    def inputs(self, q: mx.array, hkv: int) -> tuple[list[mx.array], list[tuple[str, int]]]:
+        """The kernel inputs ``qk, mvt, ek, ev, kmu, vmu, fin`` and template flags for
+        queries ``q [B, Hq, 1, D]``: ``qk = q @ key_matrix`` (fp32) is one matmul here, since
+        every thread group computing it in the kernel cost more than the attention."""
+        b, _, _, d = q.shape
         cen = self.key_mean is not None or self.value_mean is not None
         zero = _zeros(b * hkv * d)
         kmu = zero if self.key_mean is None else self.key_mean.astype(mx.float32)
         vmu = zero if self.value_mean is None else self.value_mean.astype(mx.float32)
         fin = _true() if self.finite is None else self.finite
-        arrays = [self.key_matrix.astype(mx.float32), self.value_matrix_t.astype(mx.float32)]
+        qk = q.astype(mx.float32) @ self.key_matrix.astype(mx.float32)
+        arrays = [qk, self.value_matrix_t.astype(mx.float32)]
         arrays += [self.exact_k, self.exact_v, kmu, vmu, fin]
         flags = [("TAIL", 1), ("ROT", 1), ("CEN", int(cen)), ("FIN", int(self.finite is not None))]
         return arrays, flags
@@ -146,10 +151,14 @@ def float_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
-def plan_split_count(length: int, step: int, groups: int) -> int:
-    """Splits S along the sequence: about TARGET_GROUPS thread groups, at least a step each."""
+def plan_split_count(length: int, step: int, groups: int, extra: int = 0) -> int:
+    """Splits S along the sequence, at least a step each, such that the launch's
+    ``groups * (S + extra)`` thread groups (``extra`` more per (kv head, row tile): the decode
+    tail's) stay within TARGET_GROUPS, one wave: a launch one group over it runs its last
+    groups after the first ones end, doubling its time."""
     steps = max(1, math.ceil(length / step))
-    return max(1, min(math.ceil(TARGET_GROUPS / max(groups, 1)), steps))
+    per = TARGET_GROUPS // max(groups, 1) - extra
+    return max(1, min(per, steps, MAX_SPLITS - extra))
 
 
 def row_tile(rows: int, cap: int) -> int:
@@ -251,7 +260,8 @@ def decode_launch(
     every row) is sent as a fresh [B] array. With ``tail`` (CUDA, merged in the kernel
     only) one more thread group per (kv head, row tile) takes the exact tokens and
     ``lengths`` is the ``[2, B]`` counts of :class:`DecodeTail`.
-    Returns out fp32 [B, Hq, Lq, D] and natural lse [B, Hq, Lq].
+    Returns out [B, Hq, Lq, D] (fp32; with ``tail`` in q's dtype) and natural lse fp32
+    [B, Hq, Lq].
     """
     b, hq, lq, d = q.shape
     hkv = codes[0].shape[1]
@@ -259,7 +269,8 @@ def decode_launch(
     tile = row_tile(rows, MAX_ROW_TILE)
     nt = min(tokens_per_lane or TOKENS_PER_LANE, d // 8)
     groups = b * hkv * (rows // tile)
-    splits = plan_split_count(lbuf if length is None else length, (128 // (d // 8)) * nt, groups)
+    step = (128 // (d // 8)) * nt
+    splits = plan_split_count(lbuf if length is None else length, step, groups, int(tail))
     fused = backend == "cuda" and MERGE_IN_KERNEL
     if tail and not fused:
         raise ValueError("a decode tail needs the CUDA kernel with its in-kernel merge")
@@ -268,6 +279,8 @@ def decode_launch(
     qin = q if q.dtype in (mx.float32, mx.float16) else q.astype(mx.float32)
     nrow = b * hkv * rows
     shared = [("SCALE", float_bits(scale * LOG2E)), ("FUSED", int(fused))]
+    shared.append(("MAX_SPLITS", MAX_SPLITS))
+    out_dtype = qin.dtype if tail else mx.float32
     out, lse, pm, pl, pacc = launch(
         kernel,
         backend,
@@ -276,7 +289,7 @@ def decode_launch(
         grid=(splits * 128, b * hkv, rows // tile),
         threadgroup=(128, 1, 1),
         output_shapes=[(b, hq, lq, d), (b, hq, lq), *[(nrow, splits)] * 2, (nrow, splits, d)],
-        output_dtypes=[mx.float32] * 5,
+        output_dtypes=[out_dtype] + [mx.float32] * 4,
     )
     if not fused:
         out, lse = reduce_partials(pm, pl, pacc, backend)

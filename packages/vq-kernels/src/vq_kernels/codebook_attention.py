@@ -116,7 +116,7 @@ def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_un
     out, lse = mx.concatenate(outs), mx.concatenate(lses)
     if tail.finite is not None:
         out = mx.where(tail.finite.reshape(()), out, mx.nan)
-    return out, lse
+    return out.astype(q.dtype if q.dtype == mx.float16 else mx.float32), lse
 
 
 def codebook_decode_attention(
@@ -159,7 +159,8 @@ def codebook_decode_attention(
             ``length``/``lengths``. GPU: CUDA only (the merge runs in the kernel).
 
     Returns:
-        out_rot fp32 [B, Hq, Lq, D] (softmax over these tokens, rotated basis) and
+        out_rot fp32 [B, Hq, Lq, D] (softmax over these tokens, rotated basis; with a tail,
+        the whole attention in the original basis, in q's dtype if float16) and
         lse fp32 [B, Hq, Lq], the natural log-sum-exp of the scaled scores.
 
     On a GPU one launch (``codebook_attn``, see :func:`~vq_kernels._attention.decode_launch`)
@@ -199,7 +200,7 @@ def codebook_decode_attention(
         v_centroids.astype(mx.float32),
         k_norm.astype(mx.float16) if k_divisor is None else k_divisor.astype(mx.float16),
     ]
-    extra, flags = no_tail_inputs() if tail is None else tail.inputs(b, hkv, d)
+    extra, flags = no_tail_inputs() if tail is None else tail.inputs(q_rot, hkv)
     template = [("D", d), ("KB", k_bits), ("VB", v_bits)]
     template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit))), *flags]
     if tail is not None:

@@ -20,6 +20,7 @@ typedef _Float16 vq_half;
 #define VQ_BARRIER() vq_emu::sync()
 #define VQ_INLINE inline
 #define VQ_UNROLL
+#define VQ_UNROLL4
 #define VQ_DEVICE
 #define VQ_TG
 

@@ -57,3 +57,7 @@ VQ_INLINE void vq_merge_splits(const VQ_DEVICE float* pm, const VQ_DEVICE float*
 VQ_INLINE vq_u64 vq_window64(vq_u32 lo, vq_u32 hi, int off) {
   return ((((vq_u64)hi) << 32) | ((vq_u64)lo)) >> off;
 }
+
+// Store a float as the output's element type.
+VQ_INLINE void vq_store(VQ_DEVICE float* p, float v) { *p = v; }
+VQ_INLINE void vq_store(VQ_DEVICE vq_half* p, float v) { *p = vq_to_half(v); }

@@ -11,6 +11,7 @@ typedef __half vq_half;
 #define VQ_BARRIER() __syncthreads()
 #define VQ_INLINE __device__ __forceinline__
 #define VQ_UNROLL _Pragma("unroll")
+#define VQ_UNROLL4 _Pragma("unroll 4")
 #define VQ_DEVICE
 #define VQ_TG
 

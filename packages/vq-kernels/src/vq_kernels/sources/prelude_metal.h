@@ -12,6 +12,7 @@ typedef half vq_half;
 #define VQ_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define VQ_INLINE inline
 #define VQ_UNROLL _Pragma("unroll")
+#define VQ_UNROLL4 _Pragma("unroll 4")
 #define VQ_DEVICE device
 #define VQ_TG threadgroup
 
