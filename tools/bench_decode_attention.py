@@ -9,7 +9,10 @@ with per-row lengths on the device (``lengths=``, what a cache passes), with an 
 1-bit keys over 4-bit codebook values; vq's product-VQ lookup-table kernel (vecinfer /
 comm_vq); vq's affine kernel over mlx-lm-format codes (affine, KIVI's values) at 2/4/8 bits.
 Times are medians in microseconds; each sample runs ``--per-sync`` calls and blocks on one
-``mx.eval``. ``GB/s`` counts the bytes an op must read (codes, norms, scales) over its time.
+``mx.eval``, so below ~40 µs a row measures the host building and launching the graph, not
+the GPU. ``--device-time`` instead sums the GPU time of every kernel a call launches, read
+through CUPTI by PyTorch's profiler (needs ``torch`` with CUDA; not a vq dependency).
+``GB/s`` counts the bytes an op must read (codes, norms, scales) over its time.
 
     PYTHONPATH=packages/vq-kernels/src python tools/bench_decode_attention.py --per-sync 20
 """
@@ -52,6 +55,24 @@ def time_us(fn: Callable[[], object], iters: int, per_sync: int) -> float:
         mx.eval([fn() for _ in range(per_sync)])
         samples.append((time.perf_counter() - start) / per_sync * 1e6)
     return statistics.median(samples)
+
+
+def device_time_us(fn: Callable[[], object], iters: int, per_sync: int) -> float:
+    """GPU time per call: every kernel the calls launch, summed, over ``iters`` calls."""
+    import torch  # optional: only for --device-time
+    from torch.profiler import ProfilerActivity, profile
+
+    del per_sync
+    for _ in range(5):
+        mx.eval(fn())
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            mx.eval(fn())
+    cuda = torch.autograd.DeviceType.CUDA
+    total = sum(e.device_time_total for e in prof.events() if e.device_type == cuda)
+    if total == 0:
+        raise RuntimeError("the profiler saw no CUDA kernels: is this MLX's CUDA build?")
+    return total / iters
 
 
 def _with(fn: Callable[[], object], **settings: object) -> Callable[[], object]:
@@ -196,6 +217,11 @@ def main() -> None:
     ap.add_argument("--per-sync", type=int, default=20)
     ap.add_argument("--variants", action="store_true", help="also time kernel tunings")
     ap.add_argument(
+        "--device-time",
+        action="store_true",
+        help="GPU time per call from CUPTI (PyTorch's profiler) instead of wall time",
+    )
+    ap.add_argument(
         "--only",
         default="",
         help="time only the cases whose name contains this (fp16 sdpa always runs); "
@@ -214,7 +240,8 @@ def main() -> None:
             if args.only not in n and n != "fp16 sdpa":
                 continue
             t0 = time.perf_counter()
-            results[length][n] = (time_us(f, args.iters, args.per_sync), nbytes)
+            timer = device_time_us if args.device_time else time_us
+            results[length][n] = (timer(f, args.iters, args.per_sync), nbytes)
             # one line per case as it finishes, so a slow or stuck case is named
             print(
                 f"  {length // 1024}k {n}: {results[length][n][0]:.1f} µs "

@@ -98,7 +98,7 @@ def test_cache_attention_over_commvq_keys_matches_decoded_reference():
     st = cache.state
     kc = kq.decode({n[3:]: a for n, a in st.items() if n.startswith("k__")}, start=2)
     vc = vq.decode({n[3:]: a for n, a in st.items() if n.startswith("v__")}) + st["value_mean"]
-    n = cache.compressed_tokens - 1  # this step attends its window before compressing
+    n = cache.compressed_tokens  # the step's token waits in the window; the next step encodes
     rk = mx.concatenate([k[:, :, :2], kc[:, :, :n], k[:, :, 2 + n :]], axis=2)
     rv = mx.concatenate([v[:, :, :2], vc[:, :, :n], v[:, :, 2 + n :]], axis=2)
     q = mx.random.normal((1, 6, 1, d), key=mx.random.key(6))

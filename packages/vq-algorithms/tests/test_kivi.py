@@ -83,8 +83,10 @@ def test_cache_flushes_whole_groups_and_keeps_the_residual_exact():
     for i in range(25):  # 6 + 25 = 31 residual tokens: still below one group
         cache.update_and_fetch(_x((1, 2, 1, 128), 10 + i).astype(mx.float16), k[:, :, :1])
     assert cache.compressed_tokens == 64 and cache.offset == 95
-    cache.update_and_fetch(k[:, :, :1], v[:, :, :1])  # the 32nd residual token: flush
-    assert cache.compressed_tokens == 96 and "exact_k" not in cache.state
+    cache.update_and_fetch(k[:, :, :1], v[:, :, :1])  # the 32nd residual token fills a group
+    assert cache.compressed_tokens == 64 and cache.exact_tokens == 32
+    cache.update_and_fetch(k[:, :, 1:2], v[:, :, 1:2])  # the next step flushes it first
+    assert cache.compressed_tokens == 96 and cache.exact_tokens == 1
 
 
 def test_head_dim_must_hold_whole_groups():

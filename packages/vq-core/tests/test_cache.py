@@ -59,7 +59,8 @@ def test_prefill_then_decode_equals_attention_over_reconstruction(window):
         assert kk.shape[2] == 38 + step
         assert mx.allclose(out, _reference(q1, kk, vv, 0.125, None), atol=1e-4).item()
     assert cache.offset == 40
-    assert cache.compressed_tokens == 40 - window
+    # a decode step's filled block (block=1: its own token) is encoded at the next step
+    assert cache.compressed_tokens == 40 - window - 1
 
 
 def test_compression_is_lossy_but_close_and_bytes_are_real():
@@ -237,9 +238,10 @@ def test_position_aware_keys_get_their_positions_and_are_not_centered():
     assert not mx.allclose(attend(q, *view, scale=0.125), ref, atol=2e-2).item()
     del kq.position_aware
     codes = {n[3:]: a for n, a in cache.state.items() if n.startswith("k__")}
-    assert mx.allclose(kq.decode(codes, start=3), keys[:, :, 3:19], atol=0.05).item()
-    assert not mx.allclose(kq.decode(codes, start=4), keys[:, :, 3:19], atol=0.05).item()
-    assert cache.trim(5) == 5  # 2 exact + 3 compressed; cache stays consistent
+    # the decode step's token waits in the window until the next step encodes the block
+    assert mx.allclose(kq.decode(codes, start=3), keys[:, :, 3:18], atol=0.05).item()
+    assert not mx.allclose(kq.decode(codes, start=4), keys[:, :, 3:18], atol=0.05).item()
+    assert cache.trim(5) == 5  # 3 exact + 2 compressed; cache stays consistent
     assert cache.compressed_tokens == 13 and cache.offset == 16
     with pytest.raises(ConfigError, match="position-aware"):
         CompressedKVCache(vq, kq)
@@ -255,8 +257,8 @@ def test_blocked_encoding_encodes_whole_blocks_and_keeps_the_rest_exact():
     for step in range(10):
         cache.update_and_fetch(*_kv(1, seed=step))
         counts.append(cache.compressed_tokens)
-    # the exact part grows to window + block - 1 = 10 tokens, then one block is encoded
-    assert counts == [16] * 6 + [24] * 4
+    # the exact part grows to window + block = 11 tokens; the next step first encodes a block
+    assert counts == [16] * 7 + [24] * 3
     assert cache.offset == 30 and cache.exact_tokens == 6
     loaded = CompressedKVCache.from_state(cache.state, cache.meta_state)
     assert loaded.block == 8

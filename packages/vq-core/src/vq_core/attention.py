@@ -34,6 +34,10 @@ from vq_core.segments import exact_segment, merge, sink_segment
 
 DECODE_ROWS = 32  # query rows per KV head (GQA group x tokens) that take the decode path
 PREFILL_TILE = 1024  # history tokens decoded at once by a prefill chunk (CPU)
+# GPU: tiles only bound a decode's float32 intermediates (8k tokens x 8 heads x 128 dims is
+# 32 MiB) while every tile costs its own kernels: 1,024-token tiles ran an 8k-token prefill
+# (2k chunks, Llama-3-8B shape, H200) at 0.25x fp16's rate, one tile per layer at 0.75x.
+PREFILL_TILE_GPU = 8192
 
 
 @dataclass(frozen=True)
@@ -203,12 +207,12 @@ def _prefill_on_sdpa() -> bool:
 def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask, sinks):
     """The history decoded in the queries' dtype, then one fused SDPA (GPU).
 
-    The history is decoded ``PREFILL_TILE`` tokens at a time, each tile cast to the queries'
-    dtype as it is made, so a decode's float32 intermediates exist for one tile at a time
+    The history is decoded ``PREFILL_TILE_GPU`` tokens at a time, each tile cast to the
+    queries' dtype as it is made, so a decode's float32 intermediates exist for one tile at a time
     (MLX evaluates the tiles one after another); what the layer holds at once is its history
     in the queries' dtype, the size of one layer of an fp16 cache."""
     dt, s0 = queries.dtype, keys.n_sink
-    tile = _tile(keys, values)
+    tile = _tile(keys, values, PREFILL_TILE_GPU)
     parts = []
     for view in (keys, values):
         exact = view.exact.astype(dt)
@@ -230,9 +234,10 @@ def _prefill_fused(queries, keys: CacheView, values: CacheView, scale, mask, sin
     )
 
 
-def _tile(keys: CacheView, values: CacheView) -> int:
-    """``PREFILL_TILE`` rounded down to whole blocks of both quantizers."""
-    tile = PREFILL_TILE - PREFILL_TILE % max(keys.quantizer.token_block, 1)
+def _tile(keys: CacheView, values: CacheView, size: int | None = None) -> int:
+    """``size`` (default ``PREFILL_TILE``) rounded down to whole blocks of both quantizers."""
+    size = PREFILL_TILE if size is None else size
+    tile = size - size % max(keys.quantizer.token_block, 1)
     return tile - tile % max(values.quantizer.token_block, 1)
 
 

@@ -35,6 +35,7 @@ from vq_core.attention import CacheView
 from vq_core.cache_row import CacheRow, copied, copy_arrays, map_pair, pair_cat, stack_rows
 from vq_core.errors import ConfigError, ShapeError
 from vq_core.quantizer import Codes
+from vq_core.submit import submit
 
 _CONFIG = ("window", "sink", "step", "center", "block")
 
@@ -133,6 +134,10 @@ class BatchCompressedKVCache:
         if self._pending is not None:
             real = [min(n_new, p) for p in self._pending]
             self._pending = [p - r for p, r in zip(self._pending, real, strict=True)]
+        decode = n_new == 1 and self._pending is None
+        if decode:  # blocks that earlier steps filled, as their own GPU submission
+            self._encode_full_blocks()
+            submit(self._encoded_arrays())
         views = self._views(keys, values)
         if all(r == n_new for r in real) and all(s == self.sink for s in self._n_sink):
             self._tail = (
@@ -141,8 +146,18 @@ class BatchCompressedKVCache:
             self._n_tail = [e + n_new for e in self._n_tail]
         else:
             self._append_ragged(keys, values, real)
-        self._encode_full_blocks()
+        if not decode:
+            self._encode_full_blocks()
         return views
+
+    def _encoded_arrays(self) -> list[mx.array]:
+        """What an encode produces: the exact tails, code buffers, means, finite flags."""
+        arrays = [self._finite]
+        for pair in (self._tail, self._mean):
+            arrays += [a for a in pair or () if a is not None]
+        for codes in self._codes or ():
+            arrays += list(codes.values())
+        return arrays
 
     @property
     def offset(self) -> mx.array:
