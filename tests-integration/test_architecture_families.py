@@ -137,9 +137,12 @@ def test_refused_architectures_say_which_and_why(row, arch):
     assert not hasattr(model, "_vq_config")  # nothing was patched
 
 
-def test_vq_generate_memory_line_says_what_a_hybrid_leaves_untouched(monkeypatch, capsys):
-    """qwen3_next: the gated-delta layer's ArraysCache is not compressed, and the memory
-    line says so with its bytes; the ratio compares the compressed layer with fp16."""
+@pytest.mark.parametrize("arch", ["qwen3_next", "qwen3_5"])
+def test_vq_generate_memory_line_says_what_a_hybrid_leaves_untouched(arch, monkeypatch, capsys):
+    """qwen3_next, and qwen3_5 under its multimodal wrapper (layer 0 is linear attention,
+    Model.args holds only text_config): the gated-delta layer's ArraysCache is not
+    compressed, and the memory line says so with its bytes; the ratio compares the
+    compressed layer with fp16."""
     import importlib
     from types import SimpleNamespace
 
@@ -147,7 +150,7 @@ def test_vq_generate_memory_line_says_what_a_hybrid_leaves_untouched(monkeypatch
 
     command = importlib.import_module("vq_mlxlm.commands.generate")
 
-    model = patch(build("qwen3_next", init="fan_in"), "turboquant_mse", bits=4, block=8)
+    model = patch(build(arch, init="fan_in"), "turboquant_mse", bits=4, block=8)
 
     def fake_stream(model, tokenizer, prompt, *, prompt_cache, **_):
         model(PROMPT, cache=prompt_cache)

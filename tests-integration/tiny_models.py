@@ -72,6 +72,27 @@ ARCHS = {
             full_attention_interval=2,
         ),
     ),
+    "qwen3_5": (  # hybrid under a multimodal wrapper: Model.args holds only text_config
+        "qwen3_5",
+        dict(
+            hidden_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            linear_num_value_heads=2,
+            linear_num_key_heads=2,
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+            linear_conv_kernel_dim=4,
+            max_position_embeddings=4096,
+            full_attention_interval=2,
+            rope_parameters={
+                "type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+            },
+        ),
+    ),
 }
 # Refused families (patch raises UnsupportedModelError): built to check the message.
 REFUSED = {

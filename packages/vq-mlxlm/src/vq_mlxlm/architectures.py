@@ -74,7 +74,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
     Architecture(
         "hybrid (linear attention / SSM + attention)",
-        ("qwen3_next",),
+        ("qwen3_next", "qwen3_5"),
         "attention layers' keys and values",
         "recurrent-state layers (mlx-lm's ArraysCache: conv and SSM/delta state)",
     ),

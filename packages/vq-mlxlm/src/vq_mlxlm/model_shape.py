@@ -78,23 +78,48 @@ def layer_windows(model: str) -> list[int | None]:
     ]
 
 
+def text_args(model):
+    """The architecture's arguments: ``model.args``, or a multimodal wrapper's language
+    model's (qwen3_5's ``Model.args`` only holds ``text_config``)."""
+    inner = getattr(model, "language_model", None)
+    args = getattr(inner, "args", None)
+    return args if args is not None else model.args
+
+
+def attention_of(layer):
+    """A decoder layer's attention module (``self_attn`` or ``attention``), else None (a
+    hybrid's linear-attention or recurrent layer)."""
+    return getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+
+
+def first_attention(model):
+    """The attention module of the first layer that has one (a hybrid's layer 0 may be a
+    linear-attention layer)."""
+    for layer in model.layers:
+        attn = attention_of(layer)
+        if attn is not None:
+            return attn
+    from vq_core import ConfigError
+
+    raise ConfigError("no layer of this model has an attention module (self_attn/attention)")
+
+
 def layer_head_dim(model, layer) -> int:
     """``head_dim`` of one layer of a loaded mlx-lm model (its attention's, else the
     model args', else ``hidden_size / num_attention_heads``)."""
-    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
-    for obj in (attn, getattr(model, "args", None)):
+    args = text_args(model)
+    for obj in (attention_of(layer), args):
         value = getattr(obj, "head_dim", None)
         if isinstance(value, int):
             return value
-    args = model.args
     return args.hidden_size // args.num_attention_heads
 
 
 def model_kv_shape(model) -> KVShape:
-    """The same for a loaded mlx-lm model."""
-    layer = model.layers[0]
-    attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
-    kv = getattr(attn, "n_kv_heads", None) or model.args.num_key_value_heads
+    """The same for a loaded mlx-lm model (read off its first attention layer)."""
+    attn = first_attention(model)
+    layer = next(x for x in model.layers if attention_of(x) is attn)
+    kv = getattr(attn, "n_kv_heads", None) or text_args(model).num_key_value_heads
     return KVShape(len(model.layers), kv, layer_head_dim(model, layer))
 
 
@@ -103,7 +128,7 @@ def model_fingerprint(model) -> dict:
     an artifact (:mod:`vq_core.artifacts`) or a saved prompt cache must match."""
     shape = model_kv_shape(model)
     return {
-        "architecture": str(getattr(model, "model_type", None) or model.args.model_type),
+        "architecture": str(getattr(model, "model_type", None) or text_args(model).model_type),
         "layers": shape.layers,
         "kv_heads": shape.kv_heads,
         "head_dim": shape.head_dim,
@@ -126,8 +151,7 @@ def model_ropes(model, head_dim: int) -> list:
 
     out = []
     for i, layer in enumerate(model.layers):
-        attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
-        rope = getattr(attn, "rope", None)
+        rope = getattr(attention_of(layer), "rope", None)
         if rope is None:
             raise ConfigError(f"layer {i} has no attention 'rope' module to read RoPE from")
         out.append(probe_rope(rope, head_dim))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vq_core import ConfigError
+from vq_mlxlm.model_shape import attention_of, first_attention, text_args
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,9 @@ class ShardLayout:
         )
 
 
-def _attention(layer):
-    return getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
-
-
 def global_layers(model) -> int:
     """Layers of the whole model (a pipeline stage's ``model.layers`` is its slice only)."""
-    args = getattr(model, "args", None)
-    n = getattr(args, "num_hidden_layers", None)
+    n = getattr(text_args(model), "num_hidden_layers", None)
     if isinstance(n, int):
         return n
     inner = getattr(model, "model", None)
@@ -62,11 +58,11 @@ def global_layers(model) -> int:
 
 
 def global_kv_heads(model) -> int:
-    args = getattr(model, "args", None)
+    args = text_args(model)
     n = getattr(args, "num_key_value_heads", None) or getattr(args, "num_attention_heads", None)
     if isinstance(n, int):
         return n
-    return int(_attention(model.layers[0]).n_kv_heads)
+    return int(first_attention(model).n_kv_heads)
 
 
 def layout(model) -> ShardLayout:
@@ -85,7 +81,7 @@ def layout(model) -> ShardLayout:
     first = getattr(inner, "start_idx", 0) if p_size > 1 else 0
     local = list(model.layers)
     total_heads = global_kv_heads(model)
-    attn = _attention(local[0]) if local else None
+    attn = next((a for a in map(attention_of, local) if a is not None), None)
     local_heads = getattr(attn, "n_kv_heads", None) or total_heads
     t_rank, t_size = 0, 1
     if local_heads != total_heads:

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from vq_core import ConfigError
-from vq_mlxlm.distributed.layout import ShardLayout, _attention, global_kv_heads, layout
+from vq_mlxlm.distributed.layout import ShardLayout, global_kv_heads, layout
+from vq_mlxlm.model_shape import attention_of
 
 PARALLEL = ("tensor", "pipeline", "tensor+pipeline")
 
@@ -79,7 +80,7 @@ def _tensor(model, group):
     n = group.size()
     before = layout(model)
     for i, layer in enumerate(model.layers):
-        attn = _attention(layer)
+        attn = attention_of(layer)
         for what in ("n_heads", "n_kv_heads"):
             count = getattr(attn, what, None)
             if isinstance(count, int) and count % n:
