@@ -27,11 +27,10 @@ from vq_core import (
     unpack_fields,
 )
 from vq_core.preconditioner import (
-    Identity,
     Preconditioner,
-    RandomizedHadamard,
     hadamard_supported,
     make_preconditioner,
+    rotate,
 )
 
 ROTATIONS = ("auto", "hadamard", "orthogonal", "identity")
@@ -101,15 +100,9 @@ class RotatedCodebook:
         return table[fields].reshape(*packed.shape[:-1], self.head_dim)
 
     def encode(self, x: mx.array, prefix: str = "") -> Codes:
-        rot = self.rotation
-        if isinstance(rot, RandomizedHadamard):
-            kind, param = "hadamard", rot.signs
-        elif isinstance(rot, Identity):
-            kind, param = "identity", rot.matrix[0]
-        else:
-            kind, param = "dense", rot.matrix
+        kind, param = self.rotation.graph_form
         boundaries = self.codebook.boundaries
-        idx, norm = _fused_encode(x, param, boundaries, kind, self.head_dim**-0.5, self.bits)
+        idx, norm = _fused_encode(x, param, boundaries, kind, self.bits)
         return Codes({prefix + "idx": idx, prefix + "norm": norm})
 
     def decode_rotated(self, codes: Codes, prefix: str = "") -> mx.array:
@@ -120,14 +113,10 @@ class RotatedCodebook:
         return {prefix + "idx": ((self.words,), mx.uint32), prefix + "norm": ((), mx.float16)}
 
 
-def _encode_graph(x, param, boundaries, kind: str, scale: float, bits: int):
-    """Rotate, normalize, quantize and pack ``x [..., D]`` -> (idx uint32, norm float16)."""
-    if kind == "hadamard":
-        y = mx.hadamard_transform(x * param, scale=scale)
-    elif kind == "dense":
-        y = x @ param
-    else:
-        y = x
+def _encode_graph(x, param, boundaries, kind: str, bits: int):
+    """Rotate (``vq_core.rotate`` with a preconditioner's ``graph_form``), normalize,
+    quantize and pack ``x [..., D]`` -> (idx uint32, norm float16)."""
+    y = rotate(x, kind, param)
     norm = mx.linalg.norm(y, axis=-1)
     unit = y / mx.maximum(norm, 1e-30)[..., None]
     idx = (unit[..., None] >= boundaries).sum(axis=-1).astype(mx.uint32)

@@ -34,6 +34,7 @@ from vq_algorithms._artifact import Calibrated, CalibratedConfig, check_tensors
 from vq_core import (
     FLOAT16_MAX,
     Codes,
+    Dense,
     RandomOrthogonal,
     ScalarCodebook,
     lloyd_max,
@@ -85,10 +86,10 @@ class Spectral(Calibrated):
         d = config.head_dim
         a = check_tensors(self.method, config, tensors, ("rotation", "eigenvalues", "mean"))
         if a is not None:
-            self.rotation, self.mean = a["rotation"], a["mean"]
+            self.rotation, self.mean = Dense(a["rotation"]), a["mean"]
             lam = a["eigenvalues"].tolist()
         else:
-            self.rotation = RandomOrthogonal(d, config.seed).matrix
+            self.rotation = RandomOrthogonal(d, config.seed)
             self.mean, lam = mx.zeros((d,)), [1.0] * d
         # codes keep ||x - mean|| as float16: refuse what could exceed it (check_finite)
         self.max_norm = FLOAT16_MAX - mx.linalg.norm(self.mean).item()
@@ -119,7 +120,7 @@ class Spectral(Calibrated):
         return {"norm": ((), mx.float16), "idx": ((packed_words(total, 1),), mx.uint32)}
 
     def _encode(self, x: mx.array) -> Codes:
-        y = (x - self.mean) @ self.rotation
+        y = self.rotation.apply(x - self.mean)
         norm = mx.linalg.norm(y, axis=-1)
         codes = Codes({"norm": norm.astype(mx.float16)})
         safe = mx.maximum(norm, 1e-30)[..., None]
@@ -144,12 +145,12 @@ class Spectral(Calibrated):
 
     def _decode(self, codes: Codes) -> mx.array:
         y = mx.take(self._sorted_levels(codes), self.inverse_order, axis=-1)
-        return y @ self.rotation.T + self.mean
+        return self.rotation.inverse(y) + self.mean
 
     def _scores(self, q: mx.array, codes: Codes) -> mx.array:
         """``(q V)[order] · ŷ_sorted + q·μ``: the query is rotated once, the keys never."""
         q = q.astype(mx.float32)
-        q_rot = mx.take(q @ self.rotation, self.order, axis=-1)
+        q_rot = mx.take(self.rotation.apply(q), self.order, axis=-1)
         s = q_rot @ mx.swapaxes(self._sorted_levels(codes), -1, -2)
         return s + (q @ self.mean)[..., None]
 
@@ -157,4 +158,4 @@ class Spectral(Calibrated):
         """``(Σ p_i ŷ_i) V^T + (Σ p_i) μ``, accumulated in the rotated, sorted basis."""
         p = p.astype(mx.float32)
         acc = mx.take(p @ self._sorted_levels(codes), self.inverse_order, axis=-1)
-        return acc @ self.rotation.T + p.sum(axis=-1, keepdims=True) * self.mean
+        return self.rotation.inverse(acc) + p.sum(axis=-1, keepdims=True) * self.mean

@@ -35,11 +35,13 @@ from vq_core.errors import (
 from vq_core.factory import check_value_method, make_cache
 from vq_core.packing import pack, pack_stream, packed_words, unpack, unpack_fields, unpack_stream
 from vq_core.preconditioner import (
+    Dense,
     Identity,
     Preconditioner,
     RandomizedHadamard,
     RandomOrthogonal,
     make_preconditioner,
+    rotate,
 )
 from vq_core.quantizer import Codes, Quantizer, QuantizerConfig
 from vq_core.registry import available, create, from_description, get, register
@@ -64,6 +66,7 @@ __all__ = [
     "CompressedSide",
     "ConfigError",
     "DTypeError",
+    "Dense",
     "HeadDims",
     "Identity",
     "LloydMax",
@@ -103,6 +106,7 @@ __all__ = [
     "register_compressed_attention",
     "register_decode_attention",
     "registered_compressed_attention",
+    "rotate",
     "stream_key",
     "unpack",
     "unpack_fields",

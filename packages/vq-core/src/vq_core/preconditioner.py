@@ -7,7 +7,10 @@ survive rotation: ``<q, k> = <apply(q), apply(k)>``, which is what lets attentio
 rotated basis.
 
 Convention: ``apply(x) = x @ M`` and ``inverse(y) = y @ M.T`` for ``x [..., dim]``, where
-``M = matrix`` is orthogonal. Both preconditioners are deterministic functions of the seed.
+``M = matrix`` is orthogonal. The random preconditioners are deterministic functions of the
+seed; :class:`Dense` holds a given (e.g. calibrated) matrix. Every rotation is applied by
+:func:`rotate`, which a compiled graph can also call with a preconditioner's
+:attr:`~Preconditioner.graph_form` as inputs (one graph for every layer's rotation).
 """
 
 from __future__ import annotations
@@ -27,6 +30,19 @@ HADAMARD_BASES = (1, 12, 20, 28)
 def _key(seed: int) -> mx.array:
     """The ``"rotation"`` stream of ``seed`` (:func:`vq_core.streams.stream_key`)."""
     return stream_key(seed, "rotation")
+
+
+def rotate(x: mx.array, kind: str, param: mx.array) -> mx.array:
+    """``x [..., dim]`` rotated by the preconditioner whose ``graph_form`` is ``(kind,
+    param)``: ``"hadamard"`` (``param`` the signs s: ``H(x * s) / sqrt(dim)``), ``"dense"``
+    (``param`` the matrix M: ``x @ M``) or ``"identity"`` (``param`` unused)."""
+    if kind == "hadamard":
+        return mx.hadamard_transform(x * param.astype(x.dtype), scale=x.shape[-1] ** -0.5)
+    if kind == "dense":
+        return x @ param.astype(x.dtype)
+    if kind == "identity":
+        return x
+    raise ConfigError(f"rotation kind {kind!r} is not one of hadamard, dense, identity")
 
 
 def _check_dim(dim: int) -> None:
@@ -53,6 +69,11 @@ class Preconditioner(ABC):
     @abstractmethod
     def matrix(self) -> mx.array:
         """The dense ``[dim, dim]`` matrix ``M`` with ``apply(x) == x @ M``."""
+
+    @property
+    @abstractmethod
+    def graph_form(self) -> tuple[str, mx.array]:
+        """``(kind, param)`` with ``apply(x) == rotate(x, kind, param)``."""
 
     def _check(self, x: mx.array) -> None:
         if x.shape[-1] != self.dim:
@@ -95,7 +116,7 @@ class RandomizedHadamard(Preconditioner):
 
     def apply(self, x: mx.array) -> mx.array:
         self._check(x)
-        return mx.hadamard_transform(x * self.signs.astype(x.dtype), scale=self._scale)
+        return rotate(x, "hadamard", self.signs)
 
     def inverse(self, y: mx.array) -> mx.array:
         self._check(y)
@@ -109,30 +130,51 @@ class RandomizedHadamard(Preconditioner):
     def matrix(self) -> mx.array:
         return self.signs[:, None] * self._h
 
+    @property
+    def graph_form(self) -> tuple[str, mx.array]:
+        return "hadamard", self.signs
 
-class RandomOrthogonal(Preconditioner):
+
+class Dense(Preconditioner):
+    """A given orthogonal ``M [dim, dim]`` (a calibrated rotation, e.g. SpectralQuant's PCA
+    basis); ``seed`` is 0."""
+
+    name = "dense"
+
+    def __init__(self, matrix: mx.array, seed: int = 0):
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ShapeError(f"a dense rotation must be a square matrix, got {matrix.shape}")
+        _check_dim(matrix.shape[0])
+        self.dim, self.seed = matrix.shape[0], seed
+        self._m = matrix
+
+    def apply(self, x: mx.array) -> mx.array:
+        self._check(x)
+        return rotate(x, "dense", self._m)
+
+    def inverse(self, y: mx.array) -> mx.array:
+        self._check(y)
+        return rotate(y, "dense", self._m.T)
+
+    @property
+    def matrix(self) -> mx.array:
+        return self._m
+
+    @property
+    def graph_form(self) -> tuple[str, mx.array]:
+        return "dense", self._m
+
+
+class RandomOrthogonal(Dense):
     """A Haar-random dense orthogonal ``M`` (QR of a Gaussian matrix, signs fixed). Any dim."""
 
     name = "orthogonal"
 
     def __init__(self, dim: int, seed: int = 0):
         _check_dim(dim)
-        self.dim, self.seed = dim, seed
         g = mx.random.normal((dim, dim), key=_key(seed))
         q, r = mx.linalg.qr(g, stream=mx.cpu)
-        self._m = q * mx.sign(mx.diagonal(r))[None, :]
-
-    def apply(self, x: mx.array) -> mx.array:
-        self._check(x)
-        return x @ self._m.astype(x.dtype)
-
-    def inverse(self, y: mx.array) -> mx.array:
-        self._check(y)
-        return y @ self._m.T.astype(y.dtype)
-
-    @property
-    def matrix(self) -> mx.array:
-        return self._m
+        super().__init__(q * mx.sign(mx.diagonal(r))[None, :], seed)
 
 
 class Identity(Preconditioner):
@@ -155,6 +197,10 @@ class Identity(Preconditioner):
     @property
     def matrix(self) -> mx.array:
         return mx.eye(self.dim)
+
+    @property
+    def graph_form(self) -> tuple[str, mx.array]:
+        return "identity", mx.zeros((self.dim,))
 
 
 PRECONDITIONERS = {c.name: c for c in (RandomizedHadamard, RandomOrthogonal, Identity)}
