@@ -100,9 +100,9 @@ class RotatedCodebook:
         return table[fields].reshape(*packed.shape[:-1], self.head_dim)
 
     def encode(self, x: mx.array, prefix: str = "") -> Codes:
-        kind, param = self.rotation.graph_form
+        form, param = self.rotation.graph_form
         boundaries = self.codebook.boundaries
-        idx, norm = _fused_encode(x, param, boundaries, kind, self.bits)
+        idx, norm = _fused_encode(x, param, boundaries, form, self.bits)
         return Codes({prefix + "idx": idx, prefix + "norm": norm})
 
     def decode_rotated(self, codes: Codes, prefix: str = "") -> mx.array:
@@ -113,10 +113,10 @@ class RotatedCodebook:
         return {prefix + "idx": ((self.words,), mx.uint32), prefix + "norm": ((), mx.float16)}
 
 
-def _encode_graph(x, param, boundaries, kind: str, bits: int):
+def _encode_graph(x, param, boundaries, form: str, bits: int):
     """Rotate (``vq_core.rotate`` with a preconditioner's ``graph_form``), normalize,
     quantize and pack ``x [..., D]`` -> (idx uint32, norm float16)."""
-    y = rotate(x, kind, param)
+    y = rotate(x, form, param)
     norm = mx.linalg.norm(y, axis=-1)
     unit = y / mx.maximum(norm, 1e-30)[..., None]
     idx = (unit[..., None] >= boundaries).sum(axis=-1).astype(mx.uint32)
@@ -127,7 +127,7 @@ _compiled_encode_graph = mx.compile(_encode_graph)
 
 
 def _fused_encode(*args):
-    """On a GPU, one compiled graph shared by every layer (compiled once per shape, kind and
+    """On a GPU, one compiled graph shared by every layer (compiled once per shape, rotation form and
     bits). MLX's CPU backend compiles fused graphs with the system C++ compiler at first use
     (seconds per graph, and a compiler must be installed), so the CPU runs op by op."""
     if mx.default_device() == mx.gpu:

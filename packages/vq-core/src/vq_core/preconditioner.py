@@ -32,17 +32,17 @@ def _key(seed: int) -> mx.array:
     return stream_key(seed, "rotation")
 
 
-def rotate(x: mx.array, kind: str, param: mx.array) -> mx.array:
-    """``x [..., dim]`` rotated by the preconditioner whose ``graph_form`` is ``(kind,
+def rotate(x: mx.array, form: str, param: mx.array) -> mx.array:
+    """``x [..., dim]`` rotated by the preconditioner whose ``graph_form`` is ``(form,
     param)``: ``"hadamard"`` (``param`` the signs s: ``H(x * s) / sqrt(dim)``), ``"dense"``
     (``param`` the matrix M: ``x @ M``) or ``"identity"`` (``param`` unused)."""
-    if kind == "hadamard":
+    if form == "hadamard":
         return mx.hadamard_transform(x * param.astype(x.dtype), scale=x.shape[-1] ** -0.5)
-    if kind == "dense":
+    if form == "dense":
         return x @ param.astype(x.dtype)
-    if kind == "identity":
+    if form == "identity":
         return x
-    raise ConfigError(f"rotation kind {kind!r} is not one of hadamard, dense, identity")
+    raise ConfigError(f"rotation form {form!r} is not one of hadamard, dense, identity")
 
 
 def _check_dim(dim: int) -> None:
@@ -73,7 +73,7 @@ class Preconditioner(ABC):
     @property
     @abstractmethod
     def graph_form(self) -> tuple[str, mx.array]:
-        """``(kind, param)`` with ``apply(x) == rotate(x, kind, param)``."""
+        """``(form, param)`` with ``apply(x) == rotate(x, form, param)``."""
 
     def _check(self, x: mx.array) -> None:
         if x.shape[-1] != self.dim:
