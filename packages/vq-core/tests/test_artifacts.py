@@ -8,8 +8,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from vq_core import ArtifactError, ArtifactStore, _safetensors
+from vq_core import ArtifactError, ArtifactStore, atomic_write
 from vq_core import artifacts as artifact_mod
+from vq_core import atomic as vq_atomic
 from vq_core.artifacts import check_model
 
 FP = {"architecture": "llama", "layers": 2, "kv_heads": 3, "head_dim": 8}
@@ -101,7 +102,7 @@ def test_crash_before_rename_keeps_the_old_artifact(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(_safetensors.os, "replace", crash)
+    monkeypatch.setattr(vq_atomic.os, "replace", crash)
     with pytest.raises(OSError, match="simulated"):
         s.save("spectral", _arrays(1), _meta())
     monkeypatch.undo()
@@ -134,7 +135,7 @@ def test_crash_mid_write_leaves_nothing_loadable(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", lambda p, m="r": HalfFile(real_open(p, m)))
     with pytest.raises(KeyboardInterrupt):
-        _safetensors.atomic_write(s.path("spectral"), data)
+        atomic_write(s.path("spectral"), data)
     monkeypatch.undo()
     assert s.names() == []
     with pytest.raises(ArtifactError):

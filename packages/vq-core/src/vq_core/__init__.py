@@ -6,6 +6,7 @@ one :class:`CompressedKVCache` stores packed keys and values for an attention la
 """
 
 from vq_core.artifacts import Artifact, ArtifactStore, read_artifact
+from vq_core.atomic import atomic_write
 from vq_core.attention import CacheView, attend
 from vq_core.batch_cache import BatchCompressedKVCache
 from vq_core.cache import CompressedKVCache
@@ -84,6 +85,7 @@ __all__ = [
     "UnknownMethodError",
     "VQError",
     "VectorCodebook",
+    "atomic_write",
     "attend",
     "available",
     "check_bool",

@@ -5,7 +5,7 @@ header maps each tensor name to ``{"dtype", "shape", "data_offsets": [start, end
 into the data section) and ``"__metadata__"`` to a table of strings. :func:`encode` writes
 that layout (header padded with spaces to a multiple of 8, tensors in name order);
 :func:`parse` checks every entry against the data before anything is loaded, so a truncated
-or edited file is named, not half-read. :func:`atomic_write` puts bytes on disk so readers
+or edited file is named, not half-read. :func:`vq_core.atomic.atomic_write` puts bytes on disk so readers
 see the old file or the new one, whole.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -131,24 +130,3 @@ def parse(path: Path) -> tuple[dict[str, Any], dict[str, str], bytes, bytes]:
     for name, entry in header.items():
         _check_entry(path, name, entry, len(data))
     return header, meta, data, raw
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, fsynced and
-    renamed over ``path`` (then the folder fsynced, so the rename survives a power cut)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -32,6 +32,7 @@ from typing import Any
 import mlx.core as mx
 
 from vq_core import _safetensors
+from vq_core.atomic import atomic_write
 from vq_core.errors import ArtifactError
 
 FORMAT = 1
@@ -244,7 +245,7 @@ def encode(arrays: dict[str, Any], metadata: dict[str, Any]) -> bytes:
 def write(path: str | os.PathLike, arrays: dict[str, Any], metadata: dict[str, Any]) -> Path:
     """Write one artifact file atomically; returns its path."""
     path = Path(path)
-    _safetensors.atomic_write(path, encode(arrays, metadata))
+    atomic_write(path, encode(arrays, metadata))
     return path
 
 

@@ -26,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from vq_core import CacheStateError, CompressedKVCache, ConfigError
+from vq_core import CacheStateError, CompressedKVCache, ConfigError, atomic_write
 from vq_core.artifacts import content_checksum
 from vq_mlxlm.model_shape import model_fingerprint
 
@@ -71,7 +70,7 @@ def save_prompt_cache(path, cache: list, *, model, metadata: dict[str, str] | No
     )
     meta = dict(tree_flatten([user, [type(c).__name__ for c in cache], scalars]))
     meta["0.vq_checksum"] = _meta_checksum(meta)
-    _atomic_save(path, arrays, meta)
+    atomic_write(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, meta))
 
 
 def load_prompt_cache(path, *, model, use_file_config: bool = False, return_metadata=False):
@@ -181,22 +180,6 @@ def _check_structure(path: Path) -> None:
             raise _error(path, f"has inconsistent offsets for {name!r}")
         if end > data:
             raise _error(path, f"is truncated: {name!r} ends at data byte {end}, {data} exist")
-
-
-def _atomic_save(path: Path, arrays: dict, meta: dict) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    try:
-        mx.save_safetensors(str(tmp), arrays, meta)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
 
 
 def _as_array(name: str, value, scalars: list) -> mx.array:

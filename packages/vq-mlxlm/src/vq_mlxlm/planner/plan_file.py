@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vq_core import ArtifactError
+from vq_core import ArtifactError, atomic_write
 
 FORMAT = 1
 FINGERPRINT_KEYS = ("architecture", "layers", "kv_heads", "head_dim")
@@ -75,17 +75,7 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     p = Path(path)
     body = asdict(plan)
     data = json.dumps({"vq_plan": FORMAT, "sha256": _digest(body), "plan": body}, indent=1)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(data + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return p
+    return atomic_write(p, (data + "\n").encode())
 
 
 def load_plan(path: str | os.PathLike, fingerprint: dict[str, Any] | None = None) -> Plan:
