@@ -156,6 +156,11 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
                 ),
                 nbytes,
             )
+            if variants and bits in (2, 4):
+                out[f"vq cb{bits} tail mma"] = (
+                    _with(out[f"vq cb{bits} tail"][0], USE_MMA=True),
+                    nbytes,
+                )
             if variants:
                 for groups in (132, 264, 1056):
                     out[f"vq cb{bits} tail TG={groups}"] = (

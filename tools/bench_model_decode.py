@@ -127,6 +127,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072])
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument(
+        "--mma", action="store_true", help="the codebook kernel's tensor-core loop (USE_MMA)"
+    )
     ap.add_argument("--prefill", type=int, nargs="*", default=[8192, 32768])
     ap.add_argument("--chunk", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=32, help="fewer for a quick smoke test")
@@ -141,6 +144,10 @@ def main() -> None:
     ap.add_argument("--other-contexts", type=int, nargs="*", default=[32768])
     ap.add_argument("--json", help="write every cell here")
     args = ap.parse_args()
+    if args.mma:
+        from vq_kernels import _attention
+
+        _attention.USE_MMA = True
     model, dtype = build(args.layers, args.hidden)
     kv_heads, head_dim = model.args.num_key_value_heads, model.args.head_dim
     print(f"device {mx.default_device()}, MLX {mx.__version__}, layers {args.layers}", flush=True)

@@ -45,14 +45,19 @@ def compiler() -> str:
     return cxx
 
 
-def _source(name: str, template: tuple[tuple[str, int], ...], dtypes: tuple[str, ...]) -> str:
+def _source(
+    name: str,
+    template: tuple[tuple[str, int], ...],
+    dtypes: tuple[str, ...],
+    out_dtypes: tuple[str, ...],
+) -> str:
     spec = _sources.SPECS[name]
     body = _sources.body(name, "cuda")
     lines = [f'#include "{PRELUDE}"', _sources.read("common.h"), "namespace vq_args {"]
     for (n, _), t in zip(spec.inputs, dtypes, strict=True):
         lines.append(f"const {_TYPES[t]}* {n};")
         lines.append(f"VqShape {n}_shape;")
-    for n, t in spec.outputs:
+    for (n, _), t in zip(spec.outputs, out_dtypes, strict=True):  # typed as launched, as MLX does
         lines.append(f"{_TYPES[t]}* {n};")
     lines.append("}  // namespace vq_args")
     lines.append("static void vq_kernel() {\n  using namespace vq_args;")
@@ -78,8 +83,13 @@ def _source(name: str, template: tuple[tuple[str, int], ...], dtypes: tuple[str,
 
 
 @functools.cache
-def _library(name: str, template: tuple[tuple[str, int], ...], dtypes: tuple[str, ...]):
-    src = _source(name, template, dtypes)
+def _library(
+    name: str,
+    template: tuple[tuple[str, int], ...],
+    dtypes: tuple[str, ...],
+    out_dtypes: tuple[str, ...],
+):
+    src = _source(name, template, dtypes, out_dtypes)
     tag = hashlib.sha1(src.encode()).hexdigest()[:16]
     lib = _BUILD / f"{name}_{tag}.so"
     if not lib.exists():
@@ -114,7 +124,10 @@ def launch(
     LAUNCHED.append(name)
     mx.eval(list(inputs))
     so = _library(
-        name, tuple((n, int(v)) for n, v in template), tuple(_dtype_name(a.dtype) for a in inputs)
+        name,
+        tuple((n, int(v)) for n, v in template),
+        tuple(_dtype_name(a.dtype) for a in inputs),
+        tuple(_dtype_name(d) for d in output_dtypes),
     )
     keep = []
     for i, a in enumerate(inputs):

@@ -3,6 +3,7 @@
 #include <cstdint>
 #define device
 #define threadgroup
+#define thread
 #define constant
 #define kernel
 typedef unsigned int uint;
@@ -10,6 +11,7 @@ typedef unsigned long ulong;
 typedef unsigned short ushort;
 struct half {
   float v;
+  half() : v(0) {}
   half(float x) : v(x) {}
   operator float() const { return v; }
 };
@@ -29,6 +31,7 @@ template <class T> T max(T a, T b) { return a > b ? a : b; }
 inline uint popcount(uint x) { return __builtin_popcount(x); }
 inline float simd_shuffle_xor(float v, ushort) { return v; }
 inline float simd_shuffle(float v, ushort) { return v; }
+inline uint simd_shuffle(uint v, ushort) { return v; }
 inline void threadgroup_barrier(mem_flags) {}
 inline int atomic_fetch_add_explicit(atomic_int* p, int v, memory_order) { int o = *p; *p += v; return o; }
 inline void atomic_store_explicit(atomic_int* p, int v, memory_order) { *p = v; }

@@ -210,3 +210,68 @@ def test_sign_dot_planes_bit_exact(emulated: list[str]) -> None:
     got = vk.sign_dot_planes(planes, k, 100)
     assert mx.array_equal(got, vk.sign_dot_planes(planes, k, 100, backend=REF)).item()
     assert emulated == ["sign_dot_planes"]
+
+
+MMA_TOL = 1e-2  # fp16 operands (q, levels, p * v_norm) round to 11 bits
+
+
+def _close_mma(a: mx.array, b: mx.array) -> None:
+    assert a.shape == b.shape
+    assert not mx.any(mx.isnan(a)).item(), "unwritten (poisoned) or NaN output"
+    assert mx.array_equal(mx.isinf(a), mx.isinf(b)).item()
+    excess = mx.where(mx.isinf(b), 0.0, mx.abs(a - b) - MMA_TOL * mx.abs(b))
+    assert mx.max(excess).item() <= MMA_TOL, f"max excess error {mx.max(excess).item()}"
+
+
+@pytest.mark.parametrize(
+    ("d", "hkv", "g", "kb", "vb"), [(64, 2, 4, 4, 4), (128, 1, 8, 2, 1), (32, 1, 3, 1, 2)]
+)
+def test_codebook_attention_tensor_core_loop(
+    d: int, hkv: int, g: int, kb: int, vb: int, emulated: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The m16n8k16 loop (USE_MMA) against the reference, ragged rows (0, 1, 77, all), row
+    tiles of up to 4 padded to the MMA's 8; and not bit-equal to the fp32 loop (it ran)."""
+    from vq_kernels import _attention
+
+    lbuf = 150
+    args = _codebook_case(d + g + kb, 4, hkv, g, 1, lbuf, d, kb, vb)
+    lengths = mx.array([0, 1, 77, lbuf], dtype=mx.int32)
+    scalar, _ = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths)
+    monkeypatch.setattr(_attention, "USE_MMA", True)
+    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths)
+    rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=REF)
+    _close_mma(out, rout)
+    _close_mma(lse, rlse)
+    assert not mx.array_equal(out, scalar).item()
+    assert emulated == ["codebook_attn"] * 2
+
+
+def test_codebook_attention_fp16_query_with_tail_both_loops(
+    emulated: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float16 query (float16 output) with a decode tail, the fp32 loop and then USE_MMA:
+    rotations, means, exact tokens (the tail group keeps the fp32 loop), ragged counts."""
+    from vq_kernels import _attention
+
+    b, hkv, g, d, lbuf, cap = 4, 2, 4, 64, 120, 40
+    args = _codebook_case(7, b, hkv, g, 1, lbuf, d, 4, 2)
+    ks = mx.random.split(mx.random.key(3), 4)
+    ek = mx.random.normal((b, hkv, cap, d), key=ks[0]).astype(mx.float16)
+    ev = mx.random.normal((b, hkv, cap, d), key=ks[1]).astype(mx.float16)
+    means = {
+        "key_mean": mx.random.normal((b, hkv, 1, d), key=ks[2]) * 0.5,
+        "value_mean": mx.random.normal((b, hkv, 1, d), key=ks[3]) * 0.5,
+    }
+    counts = mx.array([[0, 1, 77, lbuf], [5, 0, cap, 1]], dtype=mx.int32)
+    tail = vk.DecodeTail(_orthogonal(d, 1), _orthogonal(d, 2).T, ek, ev, counts, **means)
+    q16 = args[0].astype(mx.float16)
+    rout, rlse = vk.codebook_decode_attention(q16, *args[1:], scale=d**-0.5, tail=tail, backend=REF)
+    assert rout.dtype == mx.float16
+    for mma in (False, True):
+        monkeypatch.setattr(_attention, "USE_MMA", mma)
+        out, lse = vk.codebook_decode_attention(q16, *args[1:], scale=d**-0.5, tail=tail)
+        assert out.dtype == mx.float16
+        _close_mma(out.astype(mx.float32), rout.astype(mx.float32))
+        _close_mma(lse, rlse)
+    assert emulated == ["codebook_attn"] * 2

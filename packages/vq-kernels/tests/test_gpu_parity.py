@@ -224,3 +224,43 @@ def test_compile_report_records_first_calls() -> None:
     rows = vk.compile_report()
     assert any(r.kernel == "pack_bits" and r.backend == GPU for r in rows)
     assert all(r.first_call_s > 0 for r in rows)
+
+
+MMA_TOL = 1e-2  # the tensor-core loop's fp16 operands (q, levels, p * v_norm): 11 bits
+
+
+def _close_mma(a: mx.array, b: mx.array) -> None:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    assert not mx.any(mx.isnan(a)).item()
+    assert mx.array_equal(mx.isinf(a), mx.isinf(b)).item()
+    excess = mx.where(mx.isinf(b), 0.0, mx.abs(a - b) - MMA_TOL * mx.abs(b))
+    assert mx.max(excess).item() <= MMA_TOL, f"max excess error {mx.max(excess).item()}"
+
+
+@pytest.mark.skipif(GPU != "cuda", reason="the tensor-core loop is CUDA's")
+@pytest.mark.parametrize(("d", "g", "kb", "vb"), [(128, 4, 4, 4), (128, 4, 2, 2), (64, 8, 1, 4)])
+def test_codebook_decode_attention_tensor_core_loop(
+    d: int, g: int, kb: int, vb: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """USE_MMA: ragged rows without a tail, and the one-launch tail with an fp16 query."""
+    from vq_kernels import _attention
+
+    monkeypatch.setattr(_attention, "USE_MMA", True)
+    lbuf, cap = 1500, 40
+    q, kp, kn, ck, vp, vn, cv = _codebook_case(d, 2, g, 1, lbuf, kb, vb, batch=4)
+    args = (q, kp, kn, ck, kb, vp, vn, cv, vb)
+    lengths = mx.array([0, 1, 777, lbuf], dtype=mx.int32)
+    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=GPU)
+    rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=REF)
+    _close_mma(out, rout)
+    _close_mma(lse, rlse)
+    ks = mx.random.split(mx.random.key(d + g), 4)
+    ek = mx.random.normal((4, 2, cap, d), key=ks[0]).astype(mx.float16)
+    km = mx.random.normal((4, 2, 1, d), key=ks[2]) * 0.5
+    counts = mx.array([[0, 1, 777, lbuf], [5, 0, cap, 33]], dtype=mx.int32)
+    tail = vk.DecodeTail(_orthogonal(d, 1), _orthogonal(d, 2).T, ek, ek, counts, km, km)
+    args = (q.astype(mx.float16), *args[1:])
+    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, backend=GPU)
+    rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, backend=REF)
+    _close_mma(out, rout)
+    _close_mma(lse, rlse)

@@ -24,6 +24,9 @@ MAX_ROW_TILE = 4  # query rows per thread group (codebook_attn: 128 registers at
 TOKENS_PER_LANE = 4  # tokens a lane scores per loop step (NT); 8 needs 168 registers
 MERGE_IN_KERNEL = True  # CUDA: the last thread group merges the splits (else attn_reduce)
 KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per token, <= 32
+# CUDA tensor-core loop of codebook_attn (sources/mma_loop.inc) for 1/2/4-bit codes without
+# RaBitQ's divisor/unit norm. Off until timed on a GPU: checked on the CPU emulator only.
+USE_MMA = False
 MAX_SPLITS = 256  # splits per launch that the in-kernel merge's scratch holds (tail included)
 
 

@@ -99,6 +99,7 @@ SPECS: dict[str, KernelSpec] = {
                 ("ROT", 1),
                 ("CEN", 1),
                 ("FIN", 1),
+                ("MMA", 1),
             ),
         ),
         KernelSpec(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from vq_kernels import _attention
 from vq_kernels._attention import (
     KERNEL_HEAD_DIMS,
     DecodeTail,
@@ -119,6 +120,20 @@ def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_un
     return out.astype(q.dtype if q.dtype == mx.float16 else mx.float32), lse
 
 
+def _mma_applies(backend: str, d: int, k_bits: int, v_bits: int, k_divisor, k_unit) -> bool:
+    """The tensor-core loop: CUDA, switched on (``_attention.USE_MMA``), 1/2/4-bit codes,
+    no RaBitQ divisor or unit-norm keys, head_dim a multiple of 16."""
+    return (
+        backend == "cuda"
+        and _attention.USE_MMA
+        and k_bits in (1, 2, 4)
+        and v_bits in (1, 2, 4)
+        and k_divisor is None
+        and not k_unit
+        and d % 16 == 0
+    )
+
+
 def codebook_decode_attention(
     q_rot: mx.array,
     k_packed: mx.array,
@@ -203,6 +218,7 @@ def codebook_decode_attention(
     extra, flags = no_tail_inputs() if tail is None else tail.inputs(q_rot, hkv)
     template = [("D", d), ("KB", k_bits), ("VB", v_bits)]
     template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit))), *flags]
+    template.append(("MMA", int(_mma_applies(be, d, k_bits, v_bits, k_divisor, k_unit))))
     if tail is not None:
         n, lens = None, tail.counts.astype(mx.int32)
     else:

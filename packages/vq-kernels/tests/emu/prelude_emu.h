@@ -6,6 +6,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,6 +24,7 @@ typedef _Float16 vq_half;
 #define VQ_UNROLL4
 #define VQ_DEVICE
 #define VQ_TG
+#define VQ_THREAD
 
 using std::max;
 using std::min;
@@ -40,6 +42,7 @@ inline int cur = 0;
 inline unsigned gx = 0, gy = 0, gz = 0, ngx = 0, tpb = 0;
 inline void (*body)() = nullptr;
 inline std::vector<float> slot;
+inline std::vector<std::array<uint32_t, 6>> mslot;  // a warp's mma fragments (a[4], b[2])
 
 inline void sync() {
   fibers[cur].waiting = true;
@@ -55,6 +58,7 @@ inline void entry() {
 inline void run_group(int n) {
   fibers.resize(n);
   slot.assign(n, 0.0f);
+  mslot.assign(n, {});
   for (int t = 0; t < n; ++t) {
     Fiber& f = fibers[t];
     f.done = false;
@@ -135,3 +139,42 @@ struct VqShape {
   const vq_u32 vq_ngx = vq_emu::ngx;                                          \
   (void)vq_tid; (void)vq_lane; (void)vq_gx; (void)vq_gy; (void)vq_gz; (void)vq_gtid; \
   (void)vq_ngx;
+
+// Tensor cores (m16n8k16, fp16 A/B as packed half2 words, fp32 C/D, the PTX ISA's layout):
+// the warp's fragments meet in mslot; each thread computes its own four outputs.
+VQ_INLINE float vq_half_at(uint32_t w, int hi) {
+  const uint16_t h = hi ? uint16_t(w >> 16) : uint16_t(w & 0xffffu);
+  vq_half f;
+  std::memcpy(&f, &h, 2);
+  return float(f);
+}
+VQ_INLINE vq_u32 vq_pack_half2(float lo, float hi) {
+  const vq_half l = vq_half(lo), h = vq_half(hi);
+  uint16_t a, b;
+  std::memcpy(&a, &l, 2);
+  std::memcpy(&b, &h, 2);
+  return vq_u32(a) | (vq_u32(b) << 16);
+}
+VQ_INLINE void vq_mma_16816(float* d, const vq_u32* a, const vq_u32* b, const float* c, int) {
+  const int t = vq_emu::cur;
+  for (int i = 0; i < 4; ++i) vq_emu::mslot[t][i] = a[i];
+  vq_emu::mslot[t][4] = b[0];
+  vq_emu::mslot[t][5] = b[1];
+  vq_emu::sync();
+  const int base = t & ~31, lane = t & 31, grp = lane >> 2, tig = lane & 3;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = grp + (i >= 2 ? 8 : 0), col = tig * 2 + (i & 1);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) {
+      const auto& sa = vq_emu::mslot[base + (row % 8) * 4 + (k % 8) / 2];
+      const auto& sb = vq_emu::mslot[base + col * 4 + (k % 8) / 2];
+      const float av = vq_half_at(sa[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k & 1);
+      const float bv = vq_half_at(sb[4 + (k >= 8 ? 1 : 0)], k & 1);
+      acc += av * bv;
+    }
+    out[i] = acc;
+  }
+  vq_emu::sync();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}

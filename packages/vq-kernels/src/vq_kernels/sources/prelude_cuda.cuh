@@ -14,6 +14,7 @@ typedef __half vq_half;
 #define VQ_UNROLL4 _Pragma("unroll 4")
 #define VQ_DEVICE
 #define VQ_TG
+#define VQ_THREAD
 
 VQ_INLINE int vq_popcount(vq_u32 x) { return __popc(x); }
 VQ_INLINE float vq_shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
@@ -46,3 +47,22 @@ VQ_INLINE float vq_load_cg(const float* p) { return __ldcg(p); }
   const vq_u32 vq_ngx = gridDim.x;                          \
   (void)vq_tid; (void)vq_lane; (void)vq_gx; (void)vq_gy; (void)vq_gz; (void)vq_gtid; \
   (void)vq_ngx;
+
+// Tensor cores: D = A B + C for one warp, m16n8k16, fp16 A [16x16] (row) and B [16x8] (col)
+// as packed half2 words, fp32 C/D (the PTX ISA's fragment layout; lane is unused here).
+VQ_INLINE void vq_mma_16816(float* d, const vq_u32* a, const vq_u32* b, const float* c,
+                            int lane) {
+  (void)lane;
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
+        "f"(c[1]), "f"(c[2]), "f"(c[3]));
+}
+VQ_INLINE vq_u32 vq_pack_half2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<vq_u32*>(&h);
+}
+VQ_INLINE float vq_shfl_u(float v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
+VQ_INLINE vq_u32 vq_shfl_word(vq_u32 v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }

@@ -15,6 +15,7 @@ typedef half vq_half;
 #define VQ_UNROLL4 _Pragma("unroll 4")
 #define VQ_DEVICE device
 #define VQ_TG threadgroup
+#define VQ_THREAD thread
 
 VQ_INLINE int vq_popcount(vq_u32 x) { return int(popcount(x)); }
 VQ_INLINE float vq_shfl_xor(float v, int m) { return simd_shuffle_xor(v, ushort(m)); }
@@ -37,3 +38,30 @@ VQ_INLINE int vq_atomic_inc(const device int* p) {
   return atomic_fetch_add_explicit((device atomic_int*)p, 1, memory_order_relaxed);
 }
 VQ_INLINE float vq_load_cg(const device float* p) { return *p; }
+
+// Tensor-core stand-in (m16n8k16, the PTX fragment layout, see prelude_cuda.cuh): correct
+// but slow, built from simd shuffles; the decode ops pick the MMA loop on CUDA only.
+VQ_INLINE vq_u32 vq_pack_half2(float lo, float hi) {
+  return vq_u32(as_type<ushort>(half(lo))) | (vq_u32(as_type<ushort>(half(hi))) << 16);
+}
+VQ_INLINE float vq_half_at(vq_u32 w, int hi) {
+  return float(as_type<half>(ushort(hi ? (w >> 16) : (w & 0xffffu))));
+}
+VQ_INLINE vq_u32 vq_shfl_word(vq_u32 v, int lane) { return simd_shuffle(v, ushort(lane)); }
+VQ_INLINE void vq_mma_16816(thread float* d, const thread vq_u32* a, const thread vq_u32* b,
+                            const thread float* c, int lane) {
+  const int grp = lane >> 2;
+  const int tig = lane & 3;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int col = tig * 2 + (i & 1);
+    float acc = c[i];
+    for (int kk = 0; kk < 8; ++kk) {
+      const vq_u32 wa = vq_shfl_word(a[(i >> 1) + 2 * (kk >> 2)], grp * 4 + (kk & 3));
+      const vq_u32 wb = vq_shfl_word(b[kk >> 2], col * 4 + (kk & 3));
+      acc += vq_half_at(wa, 0) * vq_half_at(wb, 0) + vq_half_at(wa, 1) * vq_half_at(wb, 1);
+    }
+    out[i] = acc;
+  }
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
