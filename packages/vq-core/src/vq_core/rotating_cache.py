@@ -99,6 +99,8 @@ class CompressedRotatingKVCache(CompressedKVCache):
         ones), so decode steps need no mask and take the compressed-attention path; a
         prefill chunk's views may hold up to ``block - 1`` expired tokens, which
         :meth:`make_mask` hides."""
+        if keys.shape[2] == 1:  # the base encodes filled blocks first; count them as hidden too
+            self._encode_full_blocks(own_graph=True)
         hidden = self._expired_for_one() if keys.shape[2] == 1 else 0
         view = super().update_and_fetch(keys, values)
         if hidden:
