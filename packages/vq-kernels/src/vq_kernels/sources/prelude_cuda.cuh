@@ -64,5 +64,3 @@ VQ_INLINE vq_u32 vq_pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<vq_u32*>(&h);
 }
-VQ_INLINE float vq_shfl_u(float v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
-VQ_INLINE vq_u32 vq_shfl_word(vq_u32 v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
