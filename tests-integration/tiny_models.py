@@ -6,6 +6,20 @@ import importlib
 
 import mlx.core as mx
 
+# Layer 0 gated delta (linear attention, ArraysCache), layer 1 gated full attention.
+_GATED_DELTA = dict(
+    hidden_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_num_value_heads=2,
+    linear_num_key_heads=2,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    linear_conv_kernel_dim=4,
+    max_position_embeddings=4096,
+    full_attention_interval=2,
+)
 # (module, ModelArgs overrides): GQA ratios 1-8 and head_dim 64/96/128/256 are covered.
 ARCHS = {
     "llama": ("llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)),
@@ -52,15 +66,7 @@ ARCHS = {
     "qwen3_next": (  # hybrid: layer 0 gated delta (ArraysCache), layer 1 gated attention
         "qwen3_next",
         dict(
-            hidden_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=64,
-            linear_num_value_heads=2,
-            linear_num_key_heads=2,
-            linear_key_head_dim=32,
-            linear_value_head_dim=32,
-            linear_conv_kernel_dim=4,
+            _GATED_DELTA,
             num_experts=4,
             num_experts_per_tok=2,
             decoder_sparse_step=1,
@@ -68,24 +74,12 @@ ARCHS = {
             mlp_only_layers=[],
             moe_intermediate_size=64,
             partial_rotary_factor=0.5,
-            max_position_embeddings=4096,
-            full_attention_interval=2,
         ),
     ),
-    "qwen3_5": (  # hybrid under a multimodal wrapper: Model.args holds only text_config
+    "qwen3_5": (  # the same hybrid under a multimodal wrapper: Model.args holds text_config
         "qwen3_5",
         dict(
-            hidden_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=64,
-            linear_num_value_heads=2,
-            linear_num_key_heads=2,
-            linear_key_head_dim=32,
-            linear_value_head_dim=32,
-            linear_conv_kernel_dim=4,
-            max_position_embeddings=4096,
-            full_attention_interval=2,
+            _GATED_DELTA,
             rope_parameters={
                 "type": "default",
                 "rope_theta": 10000.0,

@@ -24,12 +24,13 @@ def _cpu() -> None:
         yield
 
 
-def _close(a: mx.array, b: mx.array) -> None:
+def _close(a: mx.array, b: mx.array, tol: float = TOL) -> None:
     assert a.shape == b.shape
     assert not mx.any(mx.isnan(a)).item(), "unwritten (poisoned) or NaN output"
     assert mx.array_equal(mx.isinf(a), mx.isinf(b)).item()
-    excess = mx.where(mx.isinf(b), 0.0, mx.abs(a - b) - TOL * mx.abs(b))
-    assert mx.max(excess).item() <= TOL, f"max excess error {mx.max(excess).item()}"
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    excess = mx.where(mx.isinf(b), 0.0, mx.abs(a - b) - tol * mx.abs(b))
+    assert mx.max(excess).item() <= tol, f"max excess error {mx.max(excess).item()}"
 
 
 def _codebook_case(
@@ -215,14 +216,6 @@ def test_sign_dot_planes_bit_exact(emulated: list[str]) -> None:
 MMA_TOL = 1e-2  # fp16 operands (q, levels, p * v_norm) round to 11 bits
 
 
-def _close_mma(a: mx.array, b: mx.array) -> None:
-    assert a.shape == b.shape
-    assert not mx.any(mx.isnan(a)).item(), "unwritten (poisoned) or NaN output"
-    assert mx.array_equal(mx.isinf(a), mx.isinf(b)).item()
-    excess = mx.where(mx.isinf(b), 0.0, mx.abs(a - b) - MMA_TOL * mx.abs(b))
-    assert mx.max(excess).item() <= MMA_TOL, f"max excess error {mx.max(excess).item()}"
-
-
 @pytest.mark.parametrize(
     ("d", "hkv", "g", "kb", "vb"), [(64, 2, 4, 4, 4), (128, 1, 8, 2, 1), (32, 1, 3, 1, 2)]
 )
@@ -241,8 +234,8 @@ def test_codebook_attention_tensor_core_loop(
     monkeypatch.setattr(_attention, "USE_MMA", True)
     out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths)
     rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=REF)
-    _close_mma(out, rout)
-    _close_mma(lse, rlse)
+    _close(out, rout, MMA_TOL)
+    _close(lse, rlse, MMA_TOL)
     assert not mx.array_equal(out, scalar).item()
     assert emulated == ["codebook_attn"] * 2
 
@@ -272,6 +265,6 @@ def test_codebook_attention_fp16_query_with_tail_both_loops(
         monkeypatch.setattr(_attention, "USE_MMA", mma)
         out, lse = vk.codebook_decode_attention(q16, *args[1:], scale=d**-0.5, tail=tail)
         assert out.dtype == mx.float16
-        _close_mma(out.astype(mx.float32), rout.astype(mx.float32))
-        _close_mma(lse, rlse)
+        _close(out, rout, MMA_TOL)
+        _close(lse, rlse, MMA_TOL)
     assert emulated == ["codebook_attn"] * 2
