@@ -156,17 +156,12 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
                 ),
                 nbytes,
             )
-            if variants and bits in (2, 4):
-                out[f"vq cb{bits} tail mma"] = (
-                    _with(out[f"vq cb{bits} tail"][0], USE_MMA=True),
-                    nbytes,
-                )
-            if variants:
-                for groups in (132, 264, 1056):
-                    out[f"vq cb{bits} tail TG={groups}"] = (
-                        _with(out[f"vq cb{bits} tail"][0], TARGET_GROUPS=groups),
-                        nbytes,
-                    )
+            if variants:  # the fp32 loop (USE_MMA off); one-wave grids of other sizes
+                tail_op = out[f"vq cb{bits} tail"][0]
+                out[f"vq cb{bits} tail fp32 loop"] = (_with(tail_op, USE_MMA=False), nbytes)
+                for groups in (132, 264, 528):
+                    pinned = {"TARGET_GROUPS": groups, "MMA_LONG_GROUPS": groups}
+                    out[f"vq cb{bits} tail TG={groups}"] = (_with(tail_op, **pinned), nbytes)
         if bits in (2, 4):
             out[f"vq cb{bits} int len"] = (host, nbytes)
             out[f"vq cb{bits} 2 launches"] = (_with(dev, MERGE_IN_KERNEL=False), nbytes)

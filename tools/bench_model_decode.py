@@ -46,6 +46,7 @@ ARGS = dict(
     head_dim=128,
 )
 GIB = 1024**3
+FP32_LOOP = False  # --fp32-loop: every config uses the codebook kernel's fp32 loop
 
 
 def build(layers: int = 32, hidden: int = 4096):
@@ -116,9 +117,22 @@ def prefill(model, tokens: int, chunk: int) -> tuple[float, float]:
 
 
 def _with(model, cfg: str | None):
+    """Patch ``model`` with ``cfg`` (``method:bits``, ``+fp32loop`` appended for the codebook
+    kernel's fp32 loop instead of its tensor-core loop) or unpatch it (``None``)."""
+    from vq_algorithms import _fused
+    from vq_kernels import _attention
+
     vq_mlxlm.unpatch(model)
     if cfg is not None:
-        method, bits = cfg.split(":")
+        spec, _, variant = cfg.partition("+")
+        if variant not in ("", "fp32loop"):
+            raise SystemExit(f"unknown config variant {variant!r} in {cfg!r} (known: +fp32loop)")
+        mma = not (FP32_LOOP or variant == "fp32loop")
+        if mma != _attention.USE_MMA:  # compiled decode steps hold the loop they traced
+            _attention.USE_MMA = mma
+            _fused._compiled_step.cache_clear()
+            _fused._WARM.clear()
+        method, bits = spec.split(":")
         vq_mlxlm.patch(model, method, int(bits))
     return model
 
@@ -128,7 +142,10 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument(
-        "--mma", action="store_true", help="the codebook kernel's tensor-core loop (USE_MMA)"
+        "--fp32-loop",
+        action="store_true",
+        help="every config uses the codebook kernel's fp32 loop (USE_MMA off) instead of "
+        "its tensor-core loop; or append +fp32loop to one config, e.g. turboquant_mse:4+fp32loop",
     )
     ap.add_argument("--prefill", type=int, nargs="*", default=[8192, 32768])
     ap.add_argument("--chunk", type=int, default=2048)
@@ -144,10 +161,8 @@ def main() -> None:
     ap.add_argument("--other-contexts", type=int, nargs="*", default=[32768])
     ap.add_argument("--json", help="write every cell here")
     args = ap.parse_args()
-    if args.mma:
-        from vq_kernels import _attention
-
-        _attention.USE_MMA = True
+    global FP32_LOOP
+    FP32_LOOP = args.fp32_loop
     model, dtype = build(args.layers, args.hidden)
     kv_heads, head_dim = model.args.num_key_value_heads, model.args.head_dim
     print(f"device {mx.default_device()}, MLX {mx.__version__}, layers {args.layers}", flush=True)

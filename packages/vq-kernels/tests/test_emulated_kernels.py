@@ -217,7 +217,8 @@ MMA_TOL = 1e-2  # fp16 operands (q, levels, p * v_norm) round to 11 bits
 
 
 @pytest.mark.parametrize(
-    ("d", "hkv", "g", "kb", "vb"), [(64, 2, 4, 4, 4), (128, 1, 8, 2, 1), (32, 1, 3, 1, 2)]
+    ("d", "hkv", "g", "kb", "vb"),
+    [(64, 2, 4, 4, 4), (128, 1, 8, 2, 1), (32, 1, 3, 1, 2), (128, 1, 4, 4, 4), (256, 1, 2, 1, 4)],
 )
 def test_codebook_attention_tensor_core_loop(
     d: int, hkv: int, g: int, kb: int, vb: int, emulated: list[str],
@@ -230,6 +231,7 @@ def test_codebook_attention_tensor_core_loop(
     lbuf = 150
     args = _codebook_case(d + g + kb, 4, hkv, g, 1, lbuf, d, kb, vb)
     lengths = mx.array([0, 1, 77, lbuf], dtype=mx.int32)
+    monkeypatch.setattr(_attention, "USE_MMA", False)
     scalar, _ = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths)
     monkeypatch.setattr(_attention, "USE_MMA", True)
     out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths)

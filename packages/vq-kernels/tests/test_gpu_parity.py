@@ -1,7 +1,8 @@
 """Element-wise parity of every kernel with its pure-MLX reference, on the GPU.
 
 Packing and sign scores are bit-exact. Attention: |out - ref| <= 2e-4 + 2e-4 |ref| and
-|lse - ref| <= 2e-4 (fp32 throughout; only summation order and exp2 differ). Codebook
+|lse - ref| <= 2e-4 (fp32 throughout; only summation order and exp2 differ), the codebook
+kernel's tensor-core loop 1e-2 (fp16 operands); its tests run both loops. Codebook
 quantize: norms equal, codes equal except where the fp32 norm's summation order flips an
 argmin tie (at most 1 in 10^4).
 """
@@ -19,6 +20,21 @@ pytestmark = pytest.mark.skipif(
 )
 REF = "reference"
 ATOL = RTOL = 2e-4
+MMA_TOL = 1e-2  # the tensor-core loop's fp16 operands (q, levels, p * v_norm): 11 bits
+
+
+@pytest.fixture(params=["fp32 loop", "tensor-core loop"])
+def loop_tol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """The codebook kernel's loop (``USE_MMA``) and its (atol, rtol). The tensor-core loop
+    takes 1/2/4-bit codes without RaBitQ's divisor and head_dim % 16 == 0 on CUDA; other
+    cases run the fp32 loop under either setting."""
+    from vq_kernels import _attention
+
+    mma = request.param == "tensor-core loop"
+    if mma and GPU != "cuda":
+        pytest.skip("the tensor-core loop is CUDA's")
+    monkeypatch.setattr(_attention, "USE_MMA", mma)
+    return (MMA_TOL, MMA_TOL) if mma else (ATOL, RTOL)
 
 
 def _close(a: mx.array, b: mx.array, atol: float = ATOL, rtol: float = RTOL) -> None:
@@ -79,7 +95,7 @@ BITS = [(1, 1), (2, 2), (3, 3), (4, 4), (4, 2), (2, 4), (3, 4)]
 @pytest.mark.parametrize(("kb", "vb"), BITS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize(("g", "lq"), [(1, 1), (3, 1), (4, 1), (8, 1), (4, 2)])
-def test_codebook_decode_attention(kb: int, vb: int, d: int, g: int, lq: int) -> None:
+def test_codebook_decode_attention(kb: int, vb: int, d: int, g: int, lq: int, loop_tol) -> None:
     lbuf = 1500
     q, kp, kn, ck, vp, vn, cv = _codebook_case(d, 2, g, lq, lbuf, kb, vb)
     scale = d**-0.5
@@ -87,15 +103,16 @@ def test_codebook_decode_attention(kb: int, vb: int, d: int, g: int, lq: int) ->
         args = (q, kp, kn, ck, kb, vp, vn, cv, vb)
         out, lse = vk.codebook_decode_attention(*args, scale=scale, length=length, backend=GPU)
         rout, rlse = vk.codebook_decode_attention(*args, scale=scale, length=length, backend=REF)
-        _close(out, rout)
-        _close(lse, rlse)
+        _close(out, rout, *loop_tol)
+        _close(lse, rlse, *loop_tol)
 
 
 @pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize(("d", "g", "kb", "vb"), [(64, 1, 4, 4), (128, 4, 2, 2), (256, 8, 3, 4)])
 def test_codebook_decode_attention_ragged_batch(
-    d: int, g: int, kb: int, vb: int, merge_in_kernel: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    d: int, g: int, kb: int, vb: int, merge_in_kernel: bool, monkeypatch: pytest.MonkeyPatch,
+    loop_tol,
+) -> None:  # fmt: skip
     """B = 4 rows of different valid lengths (0, 1, 777, the whole buffer) from a device array;
     a poisoned output proves every element is written."""
     from vq_kernels import _attention
@@ -108,12 +125,12 @@ def test_codebook_decode_attention_ragged_batch(
     out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=GPU)
     rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, backend=REF)
     assert not mx.any(mx.isnan(out)).item()
-    _close(out, rout)
-    _close(lse, rlse)
+    _close(out, rout, *loop_tol)
+    _close(lse, rlse, *loop_tol)
     for i, n in enumerate(lengths.tolist()):  # each row equals its own single-row call
         one = (q[i : i + 1], kp[i : i + 1], kn[i : i + 1], ck, kb, vp[i : i + 1], vn[i : i + 1])
         o1, _ = vk.codebook_decode_attention(*one, cv, vb, scale=d**-0.5, length=n, backend=GPU)
-        _close(o1, rout[i : i + 1])
+        _close(o1, rout[i : i + 1], *loop_tol)
 
 
 def _orthogonal(d: int, seed: int) -> mx.array:
@@ -123,7 +140,9 @@ def _orthogonal(d: int, seed: int) -> mx.array:
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
 @pytest.mark.parametrize(("d", "g", "kb", "vb"), [(128, 4, 4, 4), (128, 4, 2, 2), (64, 8, 3, 4)])
-def test_codebook_decode_attention_with_tail(d: int, g: int, kb: int, vb: int, dtype) -> None:
+def test_codebook_decode_attention_with_tail(
+    d: int, g: int, kb: int, vb: int, dtype, loop_tol
+) -> None:
     """One launch for the whole decode attention: ragged compressed and exact counts, both
     rotations, centering means, the finite flag (False gives NaN everywhere)."""
     lbuf, cap = 1500, 40
@@ -142,8 +161,8 @@ def test_codebook_decode_attention_with_tail(d: int, g: int, kb: int, vb: int, d
         if finite is not None and not finite.item():
             assert mx.all(mx.isnan(out)).item()
             continue
-        _close(out, rout)
-        _close(lse, rlse)
+        _close(out, rout, *loop_tol)
+        _close(lse, rlse, *loop_tol)
 
 
 @pytest.mark.parametrize(("kb", "d"), [(1, 128), (2, 128), (4, 64)])
@@ -182,14 +201,14 @@ def test_affine_decode_attention(bits: int, d: int, gs: int, g: int) -> None:
     _close(lse, rlse)
 
 
-def test_codebook_decode_attention_long_and_empty() -> None:
+def test_codebook_decode_attention_long_and_empty(loop_tol) -> None:
     q, kp, kn, ck, vp, vn, cv = _codebook_case(128, 2, 4, 1, 40000, 4, 4)
     args = (q, kp, kn, ck, 4, vp, vn, cv, 4)
     for length in (0, 39999):
         out, lse = vk.codebook_decode_attention(*args, scale=0.088, length=length, backend=GPU)
         rout, rlse = vk.codebook_decode_attention(*args, scale=0.088, length=length, backend=REF)
-        _close(out, rout)
-        _close(lse, rlse)
+        _close(out, rout, *loop_tol)
+        _close(lse, rlse, *loop_tol)
 
 
 @pytest.mark.parametrize(("d", "m", "kc"), [(64, 16, 16), (128, 16, 256), (128, 32, 64)])
@@ -225,9 +244,6 @@ def test_compile_report_records_first_calls() -> None:
     rows = vk.compile_report()
     assert any(r.kernel == "pack_bits" and r.backend == GPU for r in rows)
     assert all(r.first_call_s > 0 for r in rows)
-
-
-MMA_TOL = 1e-2  # the tensor-core loop's fp16 operands (q, levels, p * v_norm): 11 bits
 
 
 @pytest.mark.skipif(GPU != "cuda", reason="the tensor-core loop is CUDA's")

@@ -120,6 +120,15 @@ VQ_INLINE float vq_bits_to_float(int x) {
   std::memcpy(&f, &x, sizeof f);
   return f;
 }
+VQ_INLINE vq_u32 vq_float_bits(float x) {
+  vq_u32 u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+template <int N>
+VQ_INLINE void vq_load_words(const vq_u32* p, vq_u32* o) {
+  for (int i = 0; i < N; ++i) o[i] = p[i];
+}
 VQ_INLINE void vq_fence_device() {}
 VQ_INLINE int vq_atomic_inc(const int* p) { return (*const_cast<int*>(p))++; }
 VQ_INLINE float vq_load_cg(const float* p) { return *p; }

@@ -30,6 +30,28 @@ VQ_INLINE float vq_to_float(vq_half x) { return __half2float(x); }
 VQ_INLINE float vq_to_float(float x) { return x; }
 VQ_INLINE vq_half vq_to_half(float x) { return __float2half_rn(x); }
 VQ_INLINE float vq_bits_to_float(int x) { return __int_as_float(x); }
+VQ_INLINE vq_u32 vq_float_bits(float x) { return __float_as_uint(x); }
+
+// N consecutive words from p (aligned to 16 bytes when N % 4 == 0, to 8 when N == 2), in
+// vector loads.
+template <int N>
+VQ_INLINE void vq_load_words(const vq_u32* p, vq_u32* o) {
+  if constexpr (N % 4 == 0) {
+    VQ_UNROLL for (int i = 0; i < N; i += 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(p + i);
+      o[i] = v.x;
+      o[i + 1] = v.y;
+      o[i + 2] = v.z;
+      o[i + 3] = v.w;
+    }
+  } else if constexpr (N == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    o[0] = v.x;
+    o[1] = v.y;
+  } else {
+    VQ_UNROLL for (int i = 0; i < N; ++i) o[i] = p[i];
+  }
+}
 
 // Cross-group hand-off (the last group of a launch merges the others' partials).
 VQ_INLINE void vq_fence_device() { __threadfence(); }

@@ -31,6 +31,13 @@ VQ_INLINE float vq_to_float(vq_half x) { return float(x); }
 VQ_INLINE float vq_to_float(float x) { return x; }
 VQ_INLINE vq_half vq_to_half(float x) { return vq_half(x); }
 VQ_INLINE float vq_bits_to_float(int x) { return as_type<float>(x); }
+VQ_INLINE vq_u32 vq_float_bits(float x) { return as_type<uint>(x); }
+
+// N consecutive words from p (prelude_cuda.cuh loads them as vectors).
+template <int N>
+VQ_INLINE void vq_load_words(const device vq_u32* p, thread vq_u32* o) {
+  for (int i = 0; i < N; ++i) o[i] = p[i];
+}
 
 // Cross-group hand-off. Metal runs the two-launch path (FUSED = 0): these compile, unused.
 VQ_INLINE void vq_fence_device() { threadgroup_barrier(mem_flags::mem_device); }
