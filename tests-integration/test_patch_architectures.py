@@ -90,6 +90,8 @@ def test_per_layer_bits_and_errors():
     model = patch(build("llama"), "turboquant_mse", bits=[2, 4])
     caches = make_prompt_cache(model)
     assert [c.key_quantizer.config.bits for c in caches] == [2, 4]
+    # decode-time encodes spread over the block: about one layer's block per step
+    assert [c.encode_lag for c in caches] == [0, caches[0].block // 2]
     with pytest.raises(ValueError, match="2 layers"):
         patch(build("llama"), "turboquant_mse", bits=[2, 3, 4])
     with pytest.raises(ValueError, match="bits=9"):

@@ -266,6 +266,33 @@ def test_blocked_encoding_encodes_whole_blocks_and_keeps_the_rest_exact():
         _cache(block=0)
 
 
+def test_encode_lag_delays_decode_encodes_only():
+    """A decode step encodes a filled block ``encode_lag`` tokens later (prefill chunks do
+    not wait); attention stays exact over what is held; the lag survives a state round trip."""
+    k = create("toy_uniform", head_dim=64, bits=8)
+    v = create("toy_uniform", head_dim=64, bits=8, seed=1)
+    cache = CompressedKVCache(k, v, window=3, block=8, sink=0, center=False, encode_lag=5)
+    cache.update_and_fetch(*_kv(20))  # a prefill chunk: two blocks go, as without a lag
+    assert cache.compressed_tokens == 16 and cache.exact_tokens == 4
+    counts = []
+    for step in range(16):
+        view = cache.update_and_fetch(*_kv(1, seed=step))
+        counts.append(cache.compressed_tokens)
+        q1 = mx.random.normal((1, 6, 1, 64), key=mx.random.key(step))
+        kk, vv = _decoded(cache, view)
+        assert kk.shape[2] == 21 + step
+        ref = _reference(q1, kk, vv, 0.125, None)
+        assert mx.allclose(attend(q1, *view, scale=0.125), ref, atol=1e-4).item()
+    # the exact part grows to window + block + lag = 16 tokens before the next step encodes
+    assert counts == [16] * 12 + [24] * 4
+    loaded = CompressedKVCache.from_state(cache.state, cache.meta_state)
+    assert loaded.encode_lag == 5 and loaded.exact_tokens == cache.exact_tokens
+    with pytest.raises(ConfigError, match="encode_lag"):
+        CompressedKVCache(k, v, block=8, encode_lag=8)
+    with pytest.raises(ConfigError, match="encode_lag"):
+        CompressedKVCache(k, v, block=8, encode_lag=-1)
+
+
 def test_block_rounds_up_to_the_quantizers_token_block():
     assert _cache(method="toy_block", block=6).block == 8
     assert _cache(method="toy_block", block=1).block == 4

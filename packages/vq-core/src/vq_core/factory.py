@@ -35,6 +35,7 @@ def make_cache(
     block: int = DEFAULT_BLOCK,
     artifact: str | None = None,
     layer: int = 0,
+    encode_lag: int = 0,
     **options: Any,
 ) -> CompressedKVCache:
     """One layer's cache: ``method`` for keys, ``value_method`` (default: the same, or the
@@ -51,7 +52,8 @@ def make_cache(
     ``kind="v"``.
 
     ``block``: new tokens stay exact until a block of them fills, then are encoded together
-    (see :class:`CompressedKVCache`). Values get ``seed + 1`` so their rotation differs
+    (see :class:`CompressedKVCache`; ``encode_lag`` delays a decode step's encode of a
+    filled block by that many tokens). Values get ``seed + 1`` so their rotation differs
     from the keys'.
     """
     if value_method is not None:
@@ -77,5 +79,6 @@ def make_cache(
     values = create(value_method, head_dim=head_dim, bits=vbits, seed=seed + 1, **value_options,
                     **calibrated(value_method, "v"))  # fmt: skip
     return CompressedKVCache(
-        keys, values, window=window, sink=sink, step=step, center=center, block=block
-    )
+        keys, values, window=window, sink=sink, step=step, center=center, block=block,
+        encode_lag=encode_lag,
+    )  # fmt: skip

@@ -59,6 +59,7 @@ class CachePlan:
             seed=self.seed + 1000 * i,
             artifact=self.artifacts,
             layer=i,
+            encode_lag=self.encode_lag(i),
             **self.options,
         )
         if heads is None:
@@ -68,8 +69,15 @@ class CachePlan:
         if keys is cache.key_quantizer and values is cache.value_quantizer:
             return cache
         return CompressedKVCache(
-            keys, values, window=self.window, sink=self.sink, center=self.center, block=self.block
-        )
+            keys, values, window=self.window, sink=self.sink, center=self.center,
+            block=self.block, encode_lag=cache.encode_lag,
+        )  # fmt: skip
+
+    def encode_lag(self, i: int) -> int:
+        """Layer ``i``'s decode-time encode lag: the layers' lags spread evenly over a block,
+        so that a decode step encodes the filled blocks of about ``layers / block`` layers
+        rather than of all of them (see :class:`~vq_core.CompressedKVCache`)."""
+        return (i * self.block // len(self.bits)) % self.block
 
 
 def _head_slice(quantizer, heads: tuple[int, int, int]):
