@@ -274,6 +274,9 @@ def test_encode_lag_delays_decode_encodes_only():
     cache = CompressedKVCache(k, v, window=3, block=8, sink=0, center=False, encode_lag=5)
     cache.update_and_fetch(*_kv(20))  # a prefill chunk: two blocks go, as without a lag
     assert cache.compressed_tokens == 16 and cache.exact_tokens == 4
+    plain = CompressedKVCache(k, v, window=3, block=8, sink=0, center=False)
+    plain.update_and_fetch(*_kv(20))
+    assert cache.nbytes == plain.nbytes  # a prefill allocates no room for the lag
     counts = []
     for step in range(16):
         view = cache.update_and_fetch(*_kv(1, seed=step))

@@ -168,17 +168,16 @@ class CompressedKVCache:
         lag = self.encode_lag if own_graph else 0
         n_move = max(0, n_x - n_sink - self.window - lag)
         n_move -= n_move % self.block
+        steady = self._steady_decode if own_graph else self._steady
         if n_move:
             span = slice(n_sink, n_sink + n_move)
             self._encode(self._xk[:, :, span], self._xv[:, :, span])
             self._xk, self._xv = (
-                _drop(b, n_sink, n_move, n_x, self._steady) for b in (self._xk, self._xv)
+                _drop(b, n_sink, n_move, n_x, steady) for b in (self._xk, self._xv)
             )
             self._n_x -= n_move
-        elif self._xk is not None and self._xk.shape[2] > self._steady and n_x <= self._steady:
-            self._xk, self._xv = (
-                _drop(b, n_sink, 0, n_x, self._steady) for b in (self._xk, self._xv)
-            )
+        elif self._xk is not None and self._xk.shape[2] > steady and n_x <= steady:
+            self._xk, self._xv = (_drop(b, n_sink, 0, n_x, steady) for b in (self._xk, self._xv))
         else:
             return
         if own_graph:
@@ -192,9 +191,15 @@ class CompressedKVCache:
 
     @property
     def _steady(self) -> int:
-        """Exact tokens a decode step can hold: the sink, the window, one block and the
-        encode lag."""
-        return self.sink + self.window + self.block + self.encode_lag
+        """Exact tokens a cache holds between encodes: the sink, the window and one block
+        (decode steps: see :attr:`_steady_decode`)."""
+        return self.sink + self.window + self.block
+
+    @property
+    def _steady_decode(self) -> int:
+        """:attr:`_steady` plus the encode lag: decode steps grow the exact buffers to this
+        once, on the first step that needs it (a prefill does not allocate the lag)."""
+        return self._steady + self.encode_lag
 
     @property
     def _n_sink(self) -> int:
@@ -211,7 +216,8 @@ class CompressedKVCache:
             self._xk[:, :, n : n + n_new] = keys
             self._xv[:, :, n : n + n_new] = values
         else:
-            pad = max(0, self._steady - n - n_new)
+            steady = self._steady_decode if n_new == 1 else self._steady
+            pad = max(0, steady - n - n_new)
             self._xk, self._xv = (
                 _grown(old, new, n, pad) for old, new in ((self._xk, keys), (self._xv, values))
             )
