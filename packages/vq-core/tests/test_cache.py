@@ -296,6 +296,28 @@ def test_encode_lag_delays_decode_encodes_only():
         CompressedKVCache(k, v, block=8, encode_lag=-1)
 
 
+def test_decode_buffers_have_one_shape_whatever_the_lag():
+    """Caches with different lags (a patched model's layers) decode with exact buffers of
+    one shape from the first decode step on: a new shape would cost the compiled decode
+    step a new trace at some step of each layer."""
+    k = create("toy_uniform", head_dim=64, bits=8)
+    v = create("toy_uniform", head_dim=64, bits=8, seed=1)
+    caches = [
+        CompressedKVCache(k, v, window=3, block=8, sink=1, center=False, encode_lag=lag)
+        for lag in range(8)
+    ]
+    shapes = []
+    for c in caches:
+        c.update_and_fetch(*_kv(21))
+    for step in range(20):
+        for c in caches:
+            c.update_and_fetch(*_kv(1, seed=step))
+        shapes.append({c._xk.shape for c in caches} | {c._xv.shape for c in caches})
+    assert all(s == shapes[0] and len(s) == 1 for s in shapes), shapes
+    held = [c.compressed_tokens for c in caches]  # longer lags encode later
+    assert held == sorted(held, reverse=True) and held[0] > held[-1], held
+
+
 def test_block_rounds_up_to_the_quantizers_token_block():
     assert _cache(method="toy_block", block=6).block == 8
     assert _cache(method="toy_block", block=1).block == 4

@@ -176,16 +176,27 @@ class CompressedKVCache:
                 _drop(b, n_sink, n_move, n_x, steady) for b in (self._xk, self._xv)
             )
             self._n_x -= n_move
-        elif self._xk is not None and self._xk.shape[2] > steady and n_x <= steady:
+        elif self._xk is not None and n_x <= steady and self._resize(own_graph, steady):
             self._xk, self._xv = (_drop(b, n_sink, 0, n_x, steady) for b in (self._xk, self._xv))
         else:
             return
         if own_graph:
             submit(self._encoded_arrays())
 
+    def _resize(self, decode: bool, steady: int) -> bool:
+        """Whether the exact buffers change size before a step: a prefill shrinks buffers
+        larger than ``steady``; a decode step also grows smaller ones, so that every layer
+        of a model decodes with buffers of one shape whatever its lag (each new shape costs
+        the compiled decode step a new trace and new GPU graphs)."""
+        size = self._xk.shape[2]
+        return size > steady or (decode and size < steady)
+
     def _encoded_arrays(self) -> list[mx.array]:
         """What an encode produces: code buffers, exact buffers, means, the finite flag."""
-        arrays = [self._xk, self._xv, *self._keys.values(), *self._values.values()]
+        arrays = [self._xk, self._xv]
+        arrays += [
+            a for codes in (self._keys, self._values) if codes is not None for a in codes.values()
+        ]
         arrays += [a for a in (self._key_mean, self._value_mean, self._finite) if a is not None]
         return arrays
 
@@ -197,9 +208,10 @@ class CompressedKVCache:
 
     @property
     def _steady_decode(self) -> int:
-        """:attr:`_steady` plus the encode lag: decode steps grow the exact buffers to this
-        once, on the first step that needs it (a prefill does not allocate the lag)."""
-        return self._steady + self.encode_lag
+        """:attr:`_steady` plus room for any encode lag (one more block): decode steps bring
+        the exact buffers to this size once, on the first decode step, the same size for
+        every lag (a prefill does not allocate it)."""
+        return self._steady + self.block
 
     @property
     def _n_sink(self) -> int:
