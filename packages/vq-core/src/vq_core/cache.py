@@ -208,10 +208,10 @@ class CompressedKVCache:
 
     @property
     def _steady_decode(self) -> int:
-        """:attr:`_steady` plus room for any encode lag (one more block): decode steps bring
-        the exact buffers to this size once, on the first decode step, the same size for
-        every lag (a prefill does not allocate it)."""
-        return self._steady + self.block
+        """:attr:`_steady` plus, with an encode lag, room for any lag (one more block):
+        decode steps bring the exact buffers to this size once, on the first decode step,
+        the same size for every lag > 0 (a prefill does not allocate it)."""
+        return self._steady + (self.block if self.encode_lag else 0)
 
     @property
     def _n_sink(self) -> int:
