@@ -147,7 +147,7 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
         out[f"vq cb{bits}"] = (dev, nbytes)
         if bits in (2, 4):  # the whole decode step: rotations, 33 exact tokens, means
             tail = vk.DecodeTail(
-                rot, rot.T, ek, ek, mx.array([[length] * b, [33] * b], dtype=mx.int32),
+                rot.astype(mx.float16), rot.T, ek, ek, mx.array([[length] * b, [33] * b], dtype=mx.int32),
                 mean, mean, mx.array(True),
             )  # fmt: skip
             out[f"vq cb{bits} tail"] = (

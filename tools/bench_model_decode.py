@@ -33,6 +33,8 @@ import mlx.nn as nn
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
+from vq_mlxlm.layer_caches import CachePlan
+
 ARGS = dict(
     model_type="llama",
     hidden_size=4096,
@@ -47,6 +49,7 @@ ARGS = dict(
 )
 GIB = 1024**3
 FP32_LOOP = False  # --fp32-loop: every config uses the codebook kernel's fp32 loop
+_PLAN_LAG = CachePlan.encode_lag  # restored after a +nolag config
 
 
 def build(layers: int = 32, hidden: int = 4096):
@@ -117,17 +120,24 @@ def prefill(model, tokens: int, chunk: int) -> tuple[float, float]:
 
 
 def _with(model, cfg: str | None):
-    """Patch ``model`` with ``cfg`` (``method:bits``, ``+fp32loop`` appended for the codebook
-    kernel's fp32 loop instead of its tensor-core loop) or unpatch it (``None``)."""
+    """Patch ``model`` with ``cfg`` (``method:bits``; ``+fp32loop`` appended for the codebook
+    kernel's fp32 loop instead of its tensor-core loop, ``+nolag`` for no decode-time encode
+    lag in any layer) or unpatch it (``None``)."""
     from vq_algorithms import _fused
     from vq_kernels import _attention
 
     vq_mlxlm.unpatch(model)
+    CachePlan.encode_lag = _PLAN_LAG
     if cfg is not None:
-        spec, _, variant = cfg.partition("+")
-        if variant not in ("", "fp32loop"):
-            raise SystemExit(f"unknown config variant {variant!r} in {cfg!r} (known: +fp32loop)")
-        mma = not (FP32_LOOP or variant == "fp32loop")
+        spec, *variants = cfg.split("+")
+        unknown = set(variants) - {"fp32loop", "nolag"}
+        if unknown:
+            raise SystemExit(
+                f"unknown config variant(s) {sorted(unknown)} in {cfg!r} (known: fp32loop, nolag)"
+            )
+        if "nolag" in variants:
+            CachePlan.encode_lag = lambda self, i: 0
+        mma = not (FP32_LOOP or "fp32loop" in variants)
         if mma != _attention.USE_MMA:  # compiled decode steps hold the loop they traced
             _attention.USE_MMA = mma
             _fused._compiled_step.cache_clear()

@@ -155,7 +155,8 @@ def test_codebook_decode_attention_with_tail(
     counts = mx.array([[0, 1, 777, lbuf], [5, 0, cap, 33]], dtype=mx.int32)
     args = (q.astype(dtype), kp, kn, ck, kb, vp, vn, cv, vb)
     for finite in (None, mx.array(True), mx.array(False)):
-        tail = vk.DecodeTail(_orthogonal(d, 1), _orthogonal(d, 2).T, ek, ev, counts, km, vm, finite)
+        mk = _orthogonal(d, 1).astype(dtype)  # float16: the query rotation's float16 GEMM
+        tail = vk.DecodeTail(mk, _orthogonal(d, 2).T, ek, ev, counts, km, vm, finite)
         out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, backend=GPU)
         rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, backend=REF)
         if finite is not None and not finite.item():

@@ -146,9 +146,10 @@ def _step(k_bits, v_bits, scale, k_unit, present, dtype):
 
 
 @functools.lru_cache(maxsize=4096)
-def rotation_matrix(rotation) -> mx.array:
-    """A preconditioner's ``[D, D]`` matrix (``apply(x) = x @ M``), built once."""
-    m = rotation.matrix.astype(mx.float32)
+def rotation_matrix(rotation, dtype=mx.float32) -> mx.array:
+    """A preconditioner's ``[D, D]`` matrix (``apply(x) = x @ M``) in ``dtype``, built once
+    (a decode step's queries are rotated in their own dtype: :func:`query_dtype`)."""
+    m = rotation.matrix.astype(mx.float32).astype(dtype)
     mx.eval(m)
     return m
 
@@ -159,6 +160,12 @@ def inverse_matrix(rotation) -> mx.array:
     m = mx.contiguous(rotation_matrix(rotation).T)
     mx.eval(m)
     return m
+
+
+def query_dtype(queries: mx.array):
+    """The dtype a one-launch decode rotates ``queries`` in: float16 queries in float16 (one
+    tensor-core GEMM; see :class:`vq_kernels.DecodeTail`), anything else in float32."""
+    return mx.float16 if queries.dtype == mx.float16 else mx.float32
 
 
 def valid_tokens(keys: CompressedSide) -> dict:

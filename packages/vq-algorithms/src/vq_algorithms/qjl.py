@@ -39,6 +39,7 @@ from vq_algorithms._fused import (
     codebook_decode_with_turboquant_values,
     codebook_keys_with_turboquant_values,
     kernel_applies,
+    query_dtype,
     sign_codebook,
     tail_applies,
 )
@@ -151,9 +152,10 @@ def fused_qjl_attention(
 
 
 @functools.lru_cache(maxsize=4096)
-def _query_sketch(quantizer) -> mx.array:
-    """``[D, m]``: the query's sketch as one matrix, ``q_keys = q @ it`` (built once)."""
-    m = mx.contiguous(quantizer.sketch.T.astype(mx.float32) * quantizer.scale)
+def _query_sketch(quantizer, dtype=mx.float32) -> mx.array:
+    """``[D, m]``: the query's sketch as one matrix, ``q_keys = q @ it``, in ``dtype``
+    (built once)."""
+    m = mx.contiguous((quantizer.sketch.T.astype(mx.float32) * quantizer.scale).astype(dtype))
     mx.eval(m)
     return m
 
@@ -166,7 +168,8 @@ def fused_qjl_decode(queries: mx.array, keys, values, *, scale: float) -> mx.arr
     if kq.m != kq.head_dim or not tail_applies(queries, keys, values):
         return None
     return codebook_decode_with_turboquant_values(
-        queries, _query_sketch(kq), keys.codes["signs"], sign_codebook(), 1, keys, values,
+        queries, _query_sketch(kq, query_dtype(queries)), keys.codes["signs"], sign_codebook(), 1,
+        keys, values,
         scale=scale,
     )  # fmt: skip
 

@@ -48,6 +48,7 @@ from vq_algorithms._fused import (
     codebook_keys_with_turboquant_values,
     grid_codebook,
     kernel_applies,
+    query_dtype,
     rotation_matrix,
     tail_applies,
 )
@@ -264,7 +265,8 @@ def fused_rabitq_decode(queries: mx.array, keys, values, *, scale: float) -> mx.
     if kq.config.binary_query or not tail_applies(queries, keys, values):
         return None
     return codebook_decode_with_turboquant_values(
-        queries, rotation_matrix(kq.rotation), keys.codes["idx"], grid_codebook(kq.config.bits),
+        queries, rotation_matrix(kq.rotation, query_dtype(queries)), keys.codes["idx"],
+        grid_codebook(kq.config.bits),
         kq.config.bits, keys, values, scale=scale, k_divisor=keys.codes["ip"], k_unit=True,
     )  # fmt: skip
 

@@ -19,6 +19,7 @@ from vq_algorithms._fused import (
     codebook_decode_with_turboquant_values,
     codebook_keys_with_turboquant_values,
     kernel_applies,
+    query_dtype,
     rotation_matrix,
     tail_applies,
 )
@@ -109,7 +110,7 @@ def fused_codebook_decode(queries: mx.array, keys, values, *, scale: float) -> m
         return None
     kc = keys.quantizer.rc
     return codebook_decode_with_turboquant_values(
-        queries, rotation_matrix(kc.rotation), keys.codes["idx"], kc.codebook.centroids,
+        queries, rotation_matrix(kc.rotation, query_dtype(queries)), keys.codes["idx"], kc.codebook.centroids,
         kc.bits, keys, values, scale=scale,
     )  # fmt: skip
 

@@ -42,7 +42,10 @@ class DecodeTail:
     With a tail the op's query is in the original basis and its output is the whole
     attention of a cache: softmax over the compressed tokens and the exact ones together.
 
-    * ``key_matrix [D, D]``: the keys' basis, ``q_keys = q @ key_matrix``;
+    * ``key_matrix [D, D]``: the keys' basis, ``q_keys = q @ key_matrix``; with float16
+      queries and a float16 matrix that product is one float16 GEMM (fp32 accumulate, its
+      output rounded to float16: a relative error of at most 2^-11 per element, the queries'
+      own rounding), otherwise it is computed in float32;
     * ``value_matrix_t [D, D]``: back from the values' basis, ``out = y @ value_matrix_t``;
     * ``exact_k, exact_v [B, Hkv, C, D]`` (float16 or float32): exact tokens, the first
       ``counts[1, b]`` of batch row ``b`` valid (the rest of the buffer is ignored);
@@ -87,18 +90,25 @@ class DecodeTail:
         if self.finite is not None and self.finite.size != 1:
             raise ValueError(f"finite must be one boolean, got shape {self.finite.shape}")
 
+    def keys_basis_query(self, q: mx.array) -> mx.array:
+        """``q @ key_matrix`` for ``q [B, Hq, 1, D]``: one float16 GEMM (a tensor-core GEMM
+        with no split-K reduce or cast) when both are float16, else float32."""
+        if q.dtype == mx.float16 and self.key_matrix.dtype == mx.float16:
+            return q @ self.key_matrix
+        return q.astype(mx.float32) @ self.key_matrix.astype(mx.float32)
+
     def inputs(self, q: mx.array, hkv: int) -> tuple[list[mx.array], list[tuple[str, int]]]:
         """The kernel inputs ``qk, mvt, ek, ev, kmu, vmu, fin`` and template flags for
-        queries ``q [B, Hq, 1, D]``: ``qk = q @ key_matrix`` (fp32) is one matmul here, since
-        every thread group computing it in the kernel cost more than the attention."""
+        queries ``q [B, Hq, 1, D]``: ``qk = q @ key_matrix`` is one matmul here (in float16
+        when both are, else float32), since every thread group computing it in the kernel
+        cost more than the attention."""
         b, _, _, d = q.shape
         cen = self.key_mean is not None or self.value_mean is not None
         zero = _zeros(b * hkv * d)
         kmu = zero if self.key_mean is None else self.key_mean.astype(mx.float32)
         vmu = zero if self.value_mean is None else self.value_mean.astype(mx.float32)
         fin = _true() if self.finite is None else self.finite
-        qk = q.astype(mx.float32) @ self.key_matrix.astype(mx.float32)
-        arrays = [qk, self.value_matrix_t.astype(mx.float32)]
+        arrays = [self.keys_basis_query(q), self.value_matrix_t.astype(mx.float32)]
         arrays += [self.exact_k, self.exact_v, kmu, vmu, fin]
         flags = [("TAIL", 1), ("ROT", 1), ("CEN", int(cen)), ("FIN", int(self.finite is not None))]
         return arrays, flags

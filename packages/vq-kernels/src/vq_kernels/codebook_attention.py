@@ -90,7 +90,7 @@ def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_un
         one = slice(i, i + 1)
         div = None if k_divisor is None else k_divisor[one]
         o_c, l_c = codebook_decode_attention_reference(
-            q[one].astype(mx.float32) @ tail.key_matrix.astype(mx.float32),
+            tail.keys_basis_query(q[one]).astype(mx.float32),
             kp[one], kn[one], kc, kb, vp[one], vn[one], vc, vb,
             scale=scale, length=n, k_divisor=div, k_unit=k_unit,
         )  # fmt: skip
