@@ -3,10 +3,11 @@ KVCache and with vq caches, side by side in one run (not a test; meant for a GPU
 
 32 layers, hidden 4096, 32 query / 8 KV heads, head_dim 128, MLP 14336, vocab 128256.
 
-* Decode: the caches are filled with random keys/values for each ``--contexts`` length
-  (``update_and_fetch`` in 4,096-token chunks; prefill cost is not measured there), then
-  ``--steps`` single-token steps are timed. fp16 is measured warm twice before the vq caches
-  (a fresh process's first run is several times slower) and once more at the end.
+* Decode: for each ``--contexts`` length one cache per config is filled with random
+  keys/values (``update_and_fetch`` in 4,096-token chunks; prefill cost is not measured
+  there), then ``--rounds`` rounds each time ``--steps`` single-token steps of every config,
+  fp16 first; a cell is the median over the rounds (the spread is printed). fp16 is run once
+  before, as a warm-up (a fresh process's first run is several times slower).
 * Prefill: ``--prefill`` tokens run through the model in ``--chunk``-token chunks, each
   chunk evaluated; tok/s and the peak memory over the weights (``mx.get_peak_memory``
   after ``mx.reset_peak_memory``, minus the memory held before).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import vq_mlxlm
@@ -152,6 +154,13 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="decode: every config (fp16 first) is timed once per round on caches filled "
+        "once; each cell is the median over the rounds",
+    )
+    ap.add_argument(
         "--fp32-loop",
         action="store_true",
         help="every config uses the codebook kernel's fp32 loop (USE_MMA off) instead of "
@@ -195,23 +204,27 @@ def main() -> None:
         )
 
     for n in args.contexts:
-        fp16 = [
-            decode_tps(_with(model, None), _filled(model, n, kv_heads, head_dim, dtype), args.steps)
-        ]
-        fp16.append(decode_tps(model, _filled(model, n, kv_heads, head_dim, dtype), args.steps))
-        base = fp16[-1]
-        row("decode", n, "fp16 (1st, warm-up)", fp16[0], base, "tok/s")
-        row("decode", n, "fp16 (2nd: baseline)", base, base, "tok/s")
         configs = list(args.configs) + (args.other_configs if n in args.other_contexts else [])
-        for cfg in configs:
-            tps = decode_tps(
-                _with(model, cfg), _filled(model, n, kv_heads, head_dim, dtype), args.steps
-            )
-            row("decode", n, cfg, tps, base, "tok/s")
-        again = decode_tps(
+        warm = decode_tps(
             _with(model, None), _filled(model, n, kv_heads, head_dim, dtype), args.steps
         )
-        row("decode", n, "fp16 (again, last)", again, base, "tok/s")
+        caches = {None: _filled(model, n, kv_heads, head_dim, dtype)}
+        for cfg in configs:
+            caches[cfg] = _filled(_with(model, cfg), n, kv_heads, head_dim, dtype)
+        samples: dict = {cfg: [] for cfg in caches}
+        for _ in range(args.rounds):  # every config once per round, fp16 first
+            for cfg, cache in caches.items():
+                samples[cfg].append(decode_tps(_with(model, cfg), cache, args.steps))
+        base = statistics.median(samples[None])
+        row("decode", n, "fp16 (1st, warm-up)", warm, base, "tok/s")
+        for cfg, got in samples.items():
+            spread = f"(rounds {min(got):.1f}-{max(got):.1f})" if len(got) > 1 else ""
+            name = "fp16 (baseline)" if cfg is None else cfg
+            row("decode", n, name, statistics.median(got), base, "tok/s", spread)
+            cells[-1].update(samples=got)
+        save()
+        del caches
+        mx.clear_cache()
     for n in args.prefill:
         prefill(_with(model, None), min(n, 2 * args.chunk), args.chunk)  # warm-up
         base, base_peak = prefill(model, n, args.chunk)

@@ -43,3 +43,14 @@ def test_metal_source_syntax(name: str, tmp_path: Path) -> None:
     cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wno-attributes", "-Wno-unknown-pragmas", str(src)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr
+
+
+def test_compact_drops_comments_and_blanks_but_keeps_lines_and_strings() -> None:
+    text = '  int a = 1;  // one\n// whole line\n  asm("x // y" : "=f"(z));\n#define M \\\n  2\n'
+    out = _sources.compact(text)
+    assert out == 'int a = 1;\n\nasm("x // y" : "=f"(z));\n#define M \\\n2\n'
+    full = _sources.header("cuda") + _sources.body("codebook_attn", "cuda")
+    small = _sources.compact(full)
+    assert small.count("\n") == full.count("\n")  # compiler line numbers hold
+    assert not any(line.startswith("//") or line != line.strip() for line in small.split("\n"))
+    assert len(small) < 0.8 * len(full)

@@ -72,8 +72,8 @@ def _kernel_object(name: str, backend: str) -> Any:
             name=f"vq_{name}",
             input_names=spec.input_names,
             output_names=spec.output_names,
-            source=_sources.body(name, backend),
-            header=_sources.header(backend),
+            source=_sources.compact(_sources.body(name, backend)),
+            header=_sources.compact(_sources.header(backend)),
         )
     return _KERNEL_OBJECTS[key]
 

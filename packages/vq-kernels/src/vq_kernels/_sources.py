@@ -171,6 +171,25 @@ def body(name: str, backend: str) -> str:
     return ids + _expand(read(f"{name}.body"))
 
 
+def compact(text: str) -> str:
+    """``text`` without ``//`` comments (outside string literals) and without each line's
+    leading and trailing blanks, one output line per input line (compiler messages keep
+    their line numbers). What MLX is given: it hashes a custom kernel's whole source on
+    every launch (``CustomKernel::eval_gpu`` in MLX 0.32), ~35 KB for ``codebook_attn``
+    with its comments, so the source's size is host time on every decode step."""
+    lines = []
+    for line in text.split("\n"):
+        quoted, cut = False, len(line)
+        for i, ch in enumerate(line):
+            if ch == '"' and (i == 0 or line[i - 1] != "\\"):
+                quoted = not quoted
+            elif not quoted and line.startswith("//", i):
+                cut = i
+                break
+        lines.append(line[:cut].strip())
+    return "\n".join(lines)
+
+
 def _expand(text: str) -> str:
     lines = []
     for line in text.splitlines(keepends=True):
@@ -217,10 +236,10 @@ def standin_source(spec: KernelSpec, backend: str) -> str:
     ``constexpr int`` at the top, and an input's shape (``name_shape``, 8 ints by value) after
     it when the body mentions it; Metal: a ``[[kernel]]`` function with ``[[buffer(i)]]``
     arguments (a shape as ``constant int*``) and the thread-position attributes the body
-    mentions.
+    mentions. Body and prelude are :func:`compact`, as MLX gets them.
     """
     consts = "".join(f"  constexpr int {n} = {v};\n" for n, v in spec.template)
-    src = body(spec.name, backend)
+    src = compact(body(spec.name, backend))
     shaped = {n for n, _ in spec.inputs if f"{n}_shape" in src}
     if backend == "cuda":
         args = []
@@ -230,7 +249,15 @@ def standin_source(spec: KernelSpec, backend: str) -> str:
                 args.append(f"const __grid_constant__ VqShape {n}_shape")
         args += [f"{_CUDA_TYPES[t]}* {n}" for n, t in spec.outputs]
         sig = f'extern "C" __global__ void {spec.name}(\n    ' + ",\n    ".join(args) + ") {\n"
-        return "#include <cstdint>\n" + header("cuda") + _CUDA_SHAPE + sig + consts + src + "\n}\n"
+        return (
+            "#include <cstdint>\n"
+            + compact(header("cuda"))
+            + _CUDA_SHAPE
+            + sig
+            + consts
+            + src
+            + "\n}\n"
+        )
     args = []
     for n, t in spec.inputs:
         args.append(f"const device {_METAL_TYPES[t]}* {n} [[buffer({len(args)})]]")
@@ -242,4 +269,4 @@ def standin_source(spec: KernelSpec, backend: str) -> str:
     ]
     args += [f"{t} {a} [[{a}]]" for a, t in _METAL_ATTRS.items() if a in src]
     sig = f"[[kernel]] void {spec.name}(\n    " + ",\n    ".join(args) + ") {\n"
-    return header("metal") + sig + consts + src + "\n}\n"
+    return compact(header("metal")) + sig + consts + src + "\n}\n"
