@@ -20,4 +20,4 @@ for pkg in vq-core vq-kernels vq-algorithms vq-calibrate vq-mlxlm; do
 done
 echo "== integration (full workspace)"
 uv sync --frozen --quiet
-pytest_ok tests-integration
+pytest_ok tests-integration --durations=15
