@@ -35,3 +35,36 @@ def test_patched_model_decodes_through_the_fused_kernel_and_matches_reference():
     finally:
         del os.environ[vq_kernels.ENV_VAR]
     assert mx.allclose(fused, ref, atol=2e-3, rtol=2e-3).item()
+
+
+def test_toggling_the_tensor_core_loop_retraces_the_compiled_decode_step(monkeypatch):
+    """``USE_MMA`` keys the compiled decode step: after a toggle the next decode steps
+    launch the other loop's specialization (a stale trace would replay the old one without
+    calling the wrapper) and agree with the first within the tensor-core loop's tolerance."""
+    from vq_algorithms import _fused
+    from vq_kernels import _attention
+
+    launched = []
+    real = _attention.launch
+
+    def spy(name, backend, inputs, *, template, **kw):
+        launched.append((name, dict(template).get("MMA")))
+        return real(name, backend, inputs, template=template, **kw)
+
+    monkeypatch.setattr(_attention, "launch", spy)
+    monkeypatch.setattr(_fused, "_WARM", set())
+    _fused._compiled_step.cache_clear()  # traces of earlier tests would replay unseen
+    model = patch(build("llama"), "turboquant_mse", bits=4, block=4)
+    results = []
+    for i, mma in enumerate((True, False, True)):
+        monkeypatch.setattr(_attention, "USE_MMA", mma)
+        launched.clear()
+        results.append(_decode_logits(model))
+        mx.eval(results[-1])
+        flags = {m for n, m in launched if n == "codebook_attn"}
+        if i < 2:  # the third replays the first's trace
+            assert flags, "no decode step reached the codebook kernel's wrapper"
+        if vq_kernels.available_backend() == "cuda":
+            assert flags <= {int(mma)}, (mma, flags)
+    assert mx.allclose(results[0], results[1], atol=2e-2, rtol=2e-2).item()
+    assert mx.allclose(results[0], results[2], atol=1e-5, rtol=1e-5).item()

@@ -125,7 +125,6 @@ def _with(model, cfg: str | None):
     """Patch ``model`` with ``cfg`` (``method:bits``; ``+fp32loop`` appended for the codebook
     kernel's fp32 loop instead of its tensor-core loop, ``+nolag`` for no decode-time encode
     lag in any layer) or unpatch it (``None``)."""
-    from vq_algorithms import _fused
     from vq_kernels import _attention
 
     vq_mlxlm.unpatch(model)
@@ -139,11 +138,7 @@ def _with(model, cfg: str | None):
             )
         if "nolag" in variants:
             CachePlan.encode_lag = lambda self, i: 0
-        mma = not (FP32_LOOP or "fp32loop" in variants)
-        if mma != _attention.USE_MMA:  # compiled decode steps hold the loop they traced
-            _attention.USE_MMA = mma
-            _fused._compiled_step.cache_clear()
-            _fused._WARM.clear()
+        _attention.USE_MMA = not (FP32_LOOP or "fp32loop" in variants)  # keys the traces
         method, bits = spec.split(":")
         vq_mlxlm.patch(model, method, int(bits))
     return model

@@ -14,6 +14,7 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_core import CompressedSide
+from vq_kernels import _attention
 from vq_kernels._attention import MERGE_IN_KERNEL
 from vq_kernels.codebook_attention import KERNEL_HEAD_DIMS
 
@@ -104,7 +105,7 @@ def codebook_decode_with_turboquant_values(
     optional = (key_options.get("k_divisor"), keys.mean, values.mean, keys.finite)
     config = (
         key_bits, vc.bits, float(scale), bool(key_options.get("k_unit", False)),
-        tuple(x is not None for x in optional), queries.dtype,
+        tuple(x is not None for x in optional), queries.dtype, _attention.USE_MMA,
     )  # fmt: skip
     # The kernel wrapper evaluates the first launch of each kernel specialization (to report
     # its compile time and errors), which a compiled trace cannot: the first call of each
@@ -122,15 +123,17 @@ _WARM: set = set()
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled_step(k_bits, v_bits, scale, k_unit, present, dtype):
-    """One compiled graph per static configuration (bits, scale, which optional arrays come):
+def _compiled_step(k_bits, v_bits, scale, k_unit, present, dtype, mma):
+    """One compiled graph per static configuration (bits, scale, which optional arrays come,
+    and ``mma``: ``vq_kernels._attention.USE_MMA`` when traced, whose loop the trace holds):
     a decode step's Python then costs one call, whatever the kernel wrapper checks; MLX
     traces it again only when a shape changes (the code buffers grow in steps)."""
-    return mx.compile(_step(k_bits, v_bits, scale, k_unit, present, dtype))
+    return mx.compile(_step(k_bits, v_bits, scale, k_unit, present, dtype, mma))
 
 
-def _step(k_bits, v_bits, scale, k_unit, present, dtype):
-    """The decode step of :func:`_compiled_step`, uncompiled."""
+def _step(k_bits, v_bits, scale, k_unit, present, dtype, mma):
+    """The decode step of :func:`_compiled_step`, uncompiled (``mma`` only keys the cache:
+    the kernel wrapper reads ``USE_MMA`` itself)."""
 
     def step(q, mk, mvt, ek, ev, counts, kw, kn, kc, vw, vn, vc, *rest):
         it = iter(rest)
