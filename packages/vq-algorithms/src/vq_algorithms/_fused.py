@@ -152,7 +152,7 @@ def _step(k_bits, v_bits, scale, k_unit, present, dtype, mma):
 def rotation_matrix(rotation, dtype=mx.float32) -> mx.array:
     """A preconditioner's ``[D, D]`` matrix (``apply(x) = x @ M``) in ``dtype``, built once
     (a decode step's queries are rotated in their own dtype: :func:`query_dtype`)."""
-    m = rotation.matrix.astype(mx.float32).astype(dtype)
+    m = rotation.matrix.astype(dtype)
     mx.eval(m)
     return m
 

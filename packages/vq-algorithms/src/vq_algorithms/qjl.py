@@ -169,8 +169,7 @@ def fused_qjl_decode(queries: mx.array, keys, values, *, scale: float) -> mx.arr
         return None
     return codebook_decode_with_turboquant_values(
         queries, _query_sketch(kq, query_dtype(queries)), keys.codes["signs"], sign_codebook(), 1,
-        keys, values,
-        scale=scale,
+        keys, values, scale=scale,
     )  # fmt: skip
 
 

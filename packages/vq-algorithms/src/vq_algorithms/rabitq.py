@@ -266,8 +266,8 @@ def fused_rabitq_decode(queries: mx.array, keys, values, *, scale: float) -> mx.
         return None
     return codebook_decode_with_turboquant_values(
         queries, rotation_matrix(kq.rotation, query_dtype(queries)), keys.codes["idx"],
-        grid_codebook(kq.config.bits),
-        kq.config.bits, keys, values, scale=scale, k_divisor=keys.codes["ip"], k_unit=True,
+        grid_codebook(kq.config.bits), kq.config.bits, keys, values, scale=scale,
+        k_divisor=keys.codes["ip"], k_unit=True,
     )  # fmt: skip
 
 

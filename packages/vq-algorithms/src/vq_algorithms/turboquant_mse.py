@@ -110,8 +110,8 @@ def fused_codebook_decode(queries: mx.array, keys, values, *, scale: float) -> m
         return None
     kc = keys.quantizer.rc
     return codebook_decode_with_turboquant_values(
-        queries, rotation_matrix(kc.rotation, query_dtype(queries)), keys.codes["idx"], kc.codebook.centroids,
-        kc.bits, keys, values, scale=scale,
+        queries, rotation_matrix(kc.rotation, query_dtype(queries)), keys.codes["idx"],
+        kc.codebook.centroids, kc.bits, keys, values, scale=scale,
     )  # fmt: skip
 
 
