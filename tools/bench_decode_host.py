@@ -9,7 +9,7 @@ median over ``--steps`` steps, each run alone (the device idle when it starts):
 
 * ``build``: the forward call; ``dispatch``: ``mx.async_eval`` of its output;
 * ``synced``: build + dispatch + waiting for the result (host and device in series);
-* ``pipelined``: tok/s of steps chained as ``mx_lm`` generates (the next step built while
+* ``pipelined``: tok/s of steps chained as mlx-lm generates (``bench_model_decode.decode_tps``) (the next step built while
   the device runs the last), and the graph's node count (``mx.export_to_dot``).
 
     python tools/bench_decode_host.py --contexts 4096 --configs turboquant_mse:4 rabitq:4
@@ -29,7 +29,7 @@ import vq_mlxlm
 vq_mlxlm.enable_fast_blas()
 
 import mlx.core as mx
-from bench_model_decode import _filled, _with, build
+from bench_model_decode import _filled, _with, build, decode_tps
 
 
 def graph_nodes(out: mx.array) -> int:
@@ -59,12 +59,7 @@ def host_times(model, cache, steps: int) -> dict[str, float]:
         build_s.append(t1 - t0)
         dispatch_s.append(t2 - t1)
         synced_s.append(t3 - t0)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tok = mx.argmax(model(tok, cache=cache)[:, -1:], axis=-1)
-        mx.async_eval(tok)
-    mx.eval(tok)
-    tps = steps / (time.perf_counter() - t0)
+    tps = decode_tps(model, cache, steps)
     ms = {k: 1e3 * statistics.median(v) for k, v in
           (("build", build_s), ("dispatch", dispatch_s), ("synced", synced_s))}  # fmt: skip
     return {**ms, "pipelined_tps": tps, "nodes": nodes}

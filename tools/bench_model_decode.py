@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--other-contexts", type=int, nargs="*", default=[32768])
     ap.add_argument("--json", help="write every cell here")
     args = ap.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     global FP32_LOOP
     FP32_LOOP = args.fp32_loop
     model, dtype = build(args.layers, args.hidden)
