@@ -9,8 +9,9 @@ median over ``--steps`` steps, each run alone (the device idle when it starts):
 
 * ``build``: the forward call; ``dispatch``: ``mx.async_eval`` of its output;
 * ``synced``: build + dispatch + waiting for the result (host and device in series);
-* ``pipelined``: tok/s of steps chained as mlx-lm generates (``bench_model_decode.decode_tps``) (the next step built while
-  the device runs the last), and the graph's node count (``mx.export_to_dot``).
+* ``pipelined``: tok/s of steps chained as mlx-lm generates, the next step built while the
+  device runs the last (``bench_model_decode.decode_tps``); and the graph's node count
+  (``mx.export_to_dot``).
 
     python tools/bench_decode_host.py --contexts 4096 --configs turboquant_mse:4 rabitq:4
 """
