@@ -124,23 +124,25 @@ def prefill(model, tokens: int, chunk: int) -> tuple[float, float]:
 def _with(model, cfg: str | None):
     """Patch ``model`` with ``cfg`` (``method:bits``; ``+fp32loop`` appended for the codebook
     kernel's fp32 loop instead of its tensor-core loop, ``+nolag`` for no decode-time encode
-    lag in any layer) or unpatch it (``None``)."""
+    lag in any layer, ``+nocompile`` for mlx-lm's forward on every decode step instead of
+    vq_mlxlm.compiled_decode) or unpatch it (``None``)."""
     from vq_kernels import _attention
 
     vq_mlxlm.unpatch(model)
     CachePlan.encode_lag = _PLAN_LAG
     if cfg is not None:
         spec, *variants = cfg.split("+")
-        unknown = set(variants) - {"fp32loop", "nolag"}
+        unknown = set(variants) - {"fp32loop", "nolag", "nocompile"}
         if unknown:
             raise SystemExit(
-                f"unknown config variant(s) {sorted(unknown)} in {cfg!r} (known: fp32loop, nolag)"
+                f"unknown config variant(s) {sorted(unknown)} in {cfg!r} "
+                "(known: fp32loop, nolag, nocompile)"
             )
         if "nolag" in variants:
             CachePlan.encode_lag = lambda self, i: 0
         _attention.USE_MMA = not (FP32_LOOP or "fp32loop" in variants)  # keys the traces
         method, bits = spec.split(":")
-        vq_mlxlm.patch(model, method, int(bits))
+        vq_mlxlm.patch(model, method, int(bits), compiled_decode="nocompile" not in variants)
     return model
 
 

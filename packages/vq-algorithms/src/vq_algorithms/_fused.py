@@ -100,8 +100,10 @@ def codebook_decode_with_turboquant_values(
     ``[B, Hq, 1, D]`` in the queries' dtype."""
     b = queries.shape[0]
     vc = values.quantizer.rc
-    n_exact = keys.buffer.shape[2] if keys.n_exact is None else keys.n_exact
-    counts = mx.array([[keys.n_comp] * b, [n_exact] * b], dtype=mx.int32)
+    counts = keys.counts
+    if counts is None:
+        n_exact = keys.buffer.shape[2] if keys.n_exact is None else keys.n_exact
+        counts = mx.array([[keys.n_comp] * b, [n_exact] * b], dtype=mx.int32)
     optional = (key_options.get("k_divisor"), keys.mean, values.mean, keys.finite)
     config = (
         key_bits, vc.bits, float(scale), bool(key_options.get("k_unit", False)),

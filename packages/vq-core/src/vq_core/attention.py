@@ -58,6 +58,11 @@ class CacheView:
     ``lengths`` int32 ``[B]`` (row ``b`` holds only its first ``lengths[b] <= n_comp``
     compressed tokens) and ``valid`` bool ``[B, s + m]`` (which exact columns are real).
     Attention never sees a padded position.
+
+    A compiled decode step's views (:meth:`CompressedKVCache.bind`) are shaped like a
+    ragged batch's, ``n_comp`` being the code buffers' capacity, and add ``counts`` int32
+    ``[2, B]`` (valid compressed tokens, valid exact tokens; ``lengths`` and ``valid`` come
+    from it): the one-launch decode reads it instead of Python ints.
     """
 
     quantizer: Quantizer
@@ -70,6 +75,7 @@ class CacheView:
     lengths: mx.array | None = None
     valid: mx.array | None = None
     n_exact: int | None = None
+    counts: mx.array | None = None
 
     @functools.cached_property
     def exact(self) -> mx.array:
@@ -128,7 +134,8 @@ def attend(
         got = tuple(sinks.shape) if isinstance(sinks, mx.array) else type(sinks).__name__
         raise ShapeError(f"sinks must be an array of shape ({hq},) (one per query head), got {got}")
     g = hq // hkv
-    one_row = keys.lengths is None and keys.valid is None and sinks is None
+    counted = keys.counts is not None or (keys.lengths is None and keys.valid is None)
+    one_row = counted and sinks is None
     if keys.n_comp and lq == 1 and one_row and not isinstance(mask, mx.array):
         # one launch for the whole step, where a kernel does that
         out = decode_attention(queries, keys, values, scale=scale)

@@ -33,6 +33,7 @@ call (KIVI's full-precision residual, arXiv 2402.02750 Section 3.3, generalized)
 
 from __future__ import annotations
 
+import functools
 import json
 
 import mlx.core as mx
@@ -65,6 +66,9 @@ DEFAULT_BLOCK = 32
 # SmolLM2-135M (docs/results.md). Centering without the sink makes it worse.
 DEFAULT_SINK = 1
 DEFAULT_CENTER = True
+# Decode-time encodes as one compiled graph each (CompressedKVCache._encode_compiled); off:
+# built op by op, as a prefill chunk's are (kept for A/B benchmarks and tests).
+COMPILED_ENCODE = True
 
 
 class CompressedKVCache:
@@ -121,6 +125,7 @@ class CompressedKVCache:
         self._key_mean: mx.array | None = None
         self._value_mean: mx.array | None = None
         self._finite: mx.array | None = None  # lazy: all compressed tokens were finite
+        self._bound: tuple | None = None  # a compiled decode step's (counts, at) while traced
 
     # -- protocol --------------------------------------------------------------------------
 
@@ -140,6 +145,8 @@ class CompressedKVCache:
         step's encode graphs took ~30 ms of host time on an H200 at 8B shape).
         Non-finite values are caught without a per-step sync (see :meth:`check_finite`).
         """
+        if self._bound is not None:
+            return self._bound_step(keys, values)
         if not self._like_buffers(keys, values):
             self._check(keys, "keys")
             self._check(values, "values")
@@ -170,7 +177,10 @@ class CompressedKVCache:
         n_move = max(0, n_x - n_sink - self.window - lag)
         n_move -= n_move % self.block
         steady = self._steady_decode if own_graph else self._steady
-        if n_move:
+        if n_move and own_graph and self._encodes_compiled():
+            self._encode_compiled(n_sink, n_move, n_x, steady)
+            self._n_x -= n_move
+        elif n_move:
             span = slice(n_sink, n_sink + n_move)
             self._encode(self._xk[:, :, span], self._xv[:, :, span])
             self._xk, self._xv = (
@@ -217,7 +227,8 @@ class CompressedKVCache:
     @property
     def _n_sink(self) -> int:
         """Sink tokens held (the first ``sink`` tokens ever seen, once they arrived)."""
-        return min(self.sink, self.offset)
+        offset = self.offset if self._bound is None else self._held[-1]  # bound: an array
+        return min(self.sink, offset)
 
     def _write_exact(self, keys: mx.array, values: mx.array) -> None:
         """Append ``L`` new tokens to the exact buffers: in place when they fit (a decode
@@ -280,6 +291,37 @@ class CompressedKVCache:
         kc = self.key_quantizer.encode(k_old, check_finite=False, start=start)
         vc = self.value_quantizer.encode(v_old, check_finite=False)
         self._append(kc, vc, k_old.shape[2])
+
+    def _encodes_compiled(self) -> bool:
+        """Whether a decode step's encode can run as one compiled graph
+        (:func:`_encode_graph`): something is compressed already (the centering means are
+        set; the finite flag exists) and the keys' codes do not depend on positions."""
+        kq, vq = self.key_quantizer, self.value_quantizer
+        sets_means = self.center and self._key_mean is None and self._value_mean is None
+        sets_means = sets_means and (kq.accepts_centering or vq.accepts_centering)
+        ready = COMPILED_ENCODE and self._keys is not None and self._finite is not None
+        return ready and not (sets_means or kq.position_aware)
+
+    def _encode_compiled(self, n_sink: int, n_move: int, n_x: int, steady: int) -> None:
+        """:meth:`_encode` plus :func:`_drop` of the exact buffers as one ``mx.compile``d
+        graph, the code write position an array: one trace per layer serves every
+        decode-time encode until the code buffers grow (~140 graph nodes built op by op in
+        Python and dispatched one by one for turboquant_mse, before)."""
+        kq, vq, n = self.key_quantizer, self.value_quantizer, self._n_comp
+        self._keys = _reserved(self._keys, self._keys, kq, n + n_move, self.step)
+        self._values = _reserved(self._values, self._values, vq, n + n_move, self.step)
+        fields = (tuple(sorted(self._keys)), tuple(sorted(self._values)))
+        means = (self._key_mean is not None, self._value_mean is not None)
+        fn = _encode_graph(kq, vq, n_sink, n_move, n_x, steady, fields, means)
+        arrays = [self._xk, self._xv, mx.array([n], dtype=mx.int32)]
+        arrays += [self._keys[f] for f in fields[0]] + [self._values[f] for f in fields[1]]
+        arrays += [a for a in (self._key_mean, self._value_mean) if a is not None]
+        out = iter(fn(*arrays, self._finite))
+        self._xk, self._xv = next(out), next(out)
+        self._keys = Codes({f: next(out) for f in fields[0]})
+        self._values = Codes({f: next(out) for f in fields[1]})
+        self._finite = next(out)
+        self._n_comp = n + n_move
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         """Mask for ``N`` new tokens after ``offset`` cached ones (mlx-lm's convention)."""
@@ -577,6 +619,112 @@ class CompressedKVCache:
             setattr(new, name, value)
         return new
 
+    # -- compiled decode steps (vq_mlxlm.compiled_decode) -----------------------------------
+
+    def decode_inputs(self) -> list[mx.array] | None:
+        """Get ready for one decode token, then return the arrays a decode step reads:
+        the exact buffers, the code buffers (key fields, then value fields, sorted), then
+        whichever of the key mean, value mean and finite flag exist (:meth:`decode_layout`
+        says which). Blocks earlier steps filled are encoded first, as
+        :meth:`update_and_fetch` does. None when a step of arrays alone cannot run now:
+        nothing compressed yet, or no free slot for the token in the exact buffers."""
+        self._encode_full_blocks(own_graph=True)
+        if self._keys is None or self._xk is None or not self._n_x:
+            return None
+        if self._n_x >= self._xk.shape[2]:
+            return None
+        arrays = [self._xk, self._xv]
+        arrays += [codes[k] for codes in (self._keys, self._values) for k in sorted(codes)]
+        return arrays + [
+            a for a in (self._key_mean, self._value_mean, self._finite) if a is not None
+        ]
+
+    def code_capacity(self) -> int:
+        """Tokens the code buffers hold room for (0 before anything is compressed)."""
+        return 0 if self._keys is None else self.key_quantizer.tokens_in(self._keys)
+
+    def reserve(self, tokens: int) -> None:
+        """Grow the code buffers to hold at least ``tokens`` tokens now (as an encode would
+        when it needs the room): a compiled decode grows every layer's buffers at one step,
+        so that one new trace serves them all."""
+        if self._keys is not None:
+            self._keys = _reserved(self._keys, self._keys, self.key_quantizer, tokens, self.step)
+            vq = self.value_quantizer
+            self._values = _reserved(self._values, self._values, vq, tokens, self.step)
+
+    def decode_layout(self) -> tuple:
+        """What :meth:`decode_inputs` holds besides shapes (code field names, which optional
+        arrays come, the sink): a compiled step is traced once per layout and shapes."""
+        fields = tuple(tuple(sorted(c)) for c in (self._keys, self._values))
+        optional = tuple(a is not None for a in (self._key_mean, self._value_mean, self._finite))
+        return (type(self).__name__, fields, optional, self._n_sink)
+
+    def decode_counts(self) -> list[list[int]]:
+        """``[2, B]`` ints for the next decode token: compressed tokens, then exact tokens
+        with the new one (the new token is written at exact slot ``counts[1] - 1``)."""
+        b = self._xk.shape[0]
+        return [[self._n_comp] * b, [self._n_x + 1] * b]
+
+    def bind(self, arrays: list[mx.array], counts: mx.array, at: mx.array, offset) -> None:
+        """While a compiled step traces: hold ``arrays`` (as :meth:`decode_inputs` returned
+        them, traced) in place of the held arrays, and take the step's ints as traced
+        arrays: ``counts`` int32 ``[2, B]`` (:meth:`decode_counts`), ``at`` int32 ``[1]``
+        (the new token's exact slot) and ``offset`` (a scalar: the new token's position, as
+        mlx-lm's RoPE reads ``cache.offset``). :meth:`update_and_fetch` then writes the
+        token at ``at`` and returns views with array counts, so the trace reads no Python
+        int that changes from step to step. :meth:`unbind` restores the held state."""
+        self._held = (self._xk, self._xv, self._keys, self._values, self._key_mean,
+                      self._value_mean, self._finite, self.offset)  # fmt: skip
+        it = iter(arrays)
+        self._xk, self._xv = next(it), next(it)
+        self._keys, self._values = (
+            Codes({k: next(it) for k in sorted(c)}) for c in self._held[2:4]
+        )
+        self._key_mean, self._value_mean, self._finite = (
+            None if a is None else next(it) for a in self._held[4:7]
+        )
+        self._bound = (counts, at)
+        self.offset = offset
+
+    def unbind(self) -> tuple[mx.array, mx.array]:
+        """Restore what :meth:`bind` replaced; returns the traced exact buffers (the step's
+        outputs)."""
+        out = (self._xk, self._xv)
+        (self._xk, self._xv, self._keys, self._values, self._key_mean, self._value_mean,
+         self._finite, self.offset) = self._held  # fmt: skip
+        self._bound = self._held = None
+        return out
+
+    def end_decode(self, keys: mx.array, values: mx.array) -> None:
+        """After a compiled step: its exact buffers ``keys, values`` hold the new token."""
+        self._xk, self._xv = keys, values
+        self._n_x += 1
+        self.offset += 1
+
+    def _bound_step(self, keys: mx.array, values: mx.array) -> tuple[CacheView, CacheView]:
+        """:meth:`update_and_fetch` while bound: one token written at an array position,
+        views with array counts (the whole code buffers, ``lengths`` and ``valid`` from
+        ``counts``, as a ragged batch's)."""
+        if not self._like_buffers(keys, values):
+            raise ShapeError(
+                f"a compiled decode step takes one token shaped like the held ones; got keys "
+                f"{tuple(keys.shape)} {keys.dtype} for buffers {tuple(self._xk.shape)} "
+                f"{self._xk.dtype}"
+            )
+        counts, at = self._bound
+        self._xk = mx.slice_update(self._xk, keys, at, axes=(2,))
+        self._xv = mx.slice_update(self._xv, values, at, axes=(2,))
+        valid = mx.arange(self._xk.shape[2])[None, :] < counts[1][:, None]
+        n_cap = self.key_quantizer.tokens_in(self._keys)
+        ragged = {"lengths": counts[0], "valid": valid, "counts": counts}
+        return tuple(
+            CacheView(q, codes, n_cap, buf, self._n_sink, mean, self._finite, **ragged)
+            for q, codes, buf, mean in (
+                (self.key_quantizer, self._keys, self._xk, self._key_mean),
+                (self.value_quantizer, self._values, self._xv, self._value_mean),
+            )
+        )
+
     # -- internals -------------------------------------------------------------------------
 
     @property
@@ -628,6 +776,38 @@ class CompressedKVCache:
         self._n_comp = start + n
 
 
+@functools.lru_cache(maxsize=1024)
+def _encode_graph(kq, vq, n_sink, n_move, n_x, steady, fields, means):
+    """The compiled decode-time encode of :meth:`CompressedKVCache._encode_compiled` for
+    these quantizers and static sizes: ``fn(xk, xv, at, *key codes, *value codes, *means,
+    finite)`` encodes exact tokens ``[n_sink, n_sink + n_move)`` of ``xk, xv [B, H, C, D]``
+    (centered by the means given), writes their codes at compressed token ``at`` (int32
+    ``[1]``) and returns the exact buffers without them (:func:`_drop`), the code buffers
+    and the finite flag."""
+
+    def fn(xk, xv, at, *rest):
+        it = iter(rest)
+        kbuf = {f: next(it) for f in fields[0]}
+        vbuf = {f: next(it) for f in fields[1]}
+        k_mean, v_mean = (next(it) if m else None for m in means)
+        finite = next(it)
+        k_old, v_old = xk[:, :, n_sink : n_sink + n_move], xv[:, :, n_sink : n_sink + n_move]
+        if k_mean is not None:
+            k_old = k_old - k_mean
+        if v_mean is not None:
+            v_old = v_old - v_mean
+        finite = finite & kq.storable(k_old) & vq.storable(v_old)
+        out = [_drop(b, n_sink, n_move, n_x, steady) for b in (xk, xv)]
+        for q, buf, x in ((kq, kbuf, k_old), (vq, vbuf, v_old)):
+            codes, strides = q.encode(x, check_finite=False), q.token_strides()
+            for f in sorted(buf):
+                start = at // strides.get(f, 1)
+                out.append(mx.slice_update(buf[f], codes[f], start, axes=(2,)))
+        return [*out, finite]
+
+    return mx.compile(fn)
+
+
 def _grown(old: mx.array | None, new: mx.array, n: int, pad: int) -> mx.array:
     """A new exact buffer ``[B, H, n + L + pad, D]``: the first ``n`` tokens of ``old``, then
     ``new [B, H, L, D]``, then ``pad`` unused slots."""
@@ -663,19 +843,25 @@ def _write(buf: Codes | None, new: Codes, q: Quantizer, start: int, n: int, step
     growing by 8,192, Llama-3-8B shape at 4k, H200), and an eighth bounds what is held
     unused."""
     strides = q.token_strides()
-    cap = 0 if buf is None else q.tokens_in(buf)
-    if start + n > cap:
-        grow = step * -(-max(start + n - cap, cap // 8) // step)
-        grown = {}
-        for name, arr in new.items():
-            s = strides.get(name, 1)
-            shape = list(arr.shape)
-            shape[2] = grow // s
-            pad = mx.zeros(shape, dtype=arr.dtype)
-            grown[name] = pad if buf is None else mx.concatenate([buf[name], pad], axis=2)
-        buf = Codes(grown)
-    out = Codes(buf)
+    out = Codes(_reserved(buf, new, q, start + n, step))
     for name, arr in new.items():
         s = strides.get(name, 1)
         out[name][:, :, start // s : (start + n) // s] = arr
     return out
+
+
+def _reserved(buf: Codes | None, like: Codes, q: Quantizer, tokens: int, step: int) -> Codes:
+    """``buf`` with room for ``tokens`` tokens (new zero buffers shaped like ``like``'s fields
+    if None), grown as :func:`_write` says."""
+    cap = 0 if buf is None else q.tokens_in(buf)
+    if tokens <= cap:
+        return buf
+    strides = q.token_strides()
+    grow = step * -(-max(tokens - cap, cap // 8) // step)
+    grown = {}
+    for name, arr in like.items():
+        shape = list(arr.shape)
+        shape[2] = grow // strides.get(name, 1)
+        pad = mx.zeros(shape, dtype=arr.dtype)
+        grown[name] = pad if buf is None else mx.concatenate([buf[name], pad], axis=2)
+    return Codes(grown)

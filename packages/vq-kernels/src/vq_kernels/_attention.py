@@ -275,7 +275,9 @@ def decode_launch(
     added here (``tokens_per_lane`` defaults to ``TOKENS_PER_LANE``). Thread groups of 128
     threads cover (split, kv head, row tile); S splits give about ``TARGET_GROUPS`` groups.
     On CUDA the last group of each (kv head, row tile) merges the splits (the semaphore is a
-    fresh zero array per call: MLX's CUDA graphs may run independent calls concurrently); on
+    fresh zero array per call: MLX's CUDA graphs may run independent calls concurrently;
+    the kernel leaves it zero, since ``mx.compile`` merges equal zero arrays of a traced
+    graph into one that its launches then share one after another); on
     Metal, or with ``MERGE_IN_KERNEL`` off, ``attn_reduce`` does. ``length`` (an int for
     every row) is sent as a fresh [B] array. With ``tail`` (CUDA, merged in the kernel
     only) one more thread group per (kv head, row tile) takes the exact tokens and

@@ -131,6 +131,7 @@ VQ_INLINE void vq_load_words(const vq_u32* p, vq_u32* o) {
 }
 VQ_INLINE void vq_fence_device() {}
 VQ_INLINE int vq_atomic_inc(const int* p) { return (*const_cast<int*>(p))++; }
+VQ_INLINE void vq_atomic_clear(const int* p) { *const_cast<int*>(p) = 0; }
 VQ_INLINE float vq_load_cg(const float* p) { return *p; }
 
 struct VqShape {

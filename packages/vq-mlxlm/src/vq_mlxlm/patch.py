@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vq_core import CompressedKVCache, CompressedRotatingKVCache, ConfigError
+from vq_core import CompressedKVCache, CompressedRotatingKVCache, ConfigError, check_bool
 from vq_core.cache import DEFAULT_BLOCK, DEFAULT_CENTER, DEFAULT_SINK
 from vq_mlxlm.architectures import check_architecture
+from vq_mlxlm.compiled_decode import install, uninstall
 from vq_mlxlm.layer_caches import plan
 from vq_mlxlm.model_shape import layer_head_dim, model_fingerprint, original_caches
 from vq_mlxlm.routing import route
@@ -41,6 +42,7 @@ def patch(
     seed: int = 0,
     artifacts: str | None = None,
     sliding: str = "compressed",
+    compiled_decode: bool = True,
     **options: Any,
 ):
     """Make ``model.make_cache()`` return vq caches; returns the model (patched in place).
@@ -61,11 +63,15 @@ def patch(
             ``RotatingKVCache(max_size, keep)``) get a
             :class:`~vq_core.CompressedRotatingKVCache` with the same window; ``"exact"``:
             they keep mlx-lm's exact cache.
+        compiled_decode: run one-token forwards over vq caches as one compiled graph
+            (:mod:`vq_mlxlm.compiled_decode`; not on a sharded model, whose collectives
+            stay uncompiled); False keeps mlx-lm's forward for every step.
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
     from vq_mlxlm.distributed.layout import layout
 
     check_architecture(model)
+    check_bool("compiled_decode", compiled_decode)
     if sliding not in ("compressed", "exact"):
         raise ConfigError(f"sliding={sliding!r} is not allowed; expected 'compressed' or 'exact'")
     spread = layout(model)  # a sharded model: this rank's layers and KV heads
@@ -124,6 +130,10 @@ def patch(
         return out
 
     model.make_cache = make_vq_cache
+    if compiled_decode and not spread.sharded:
+        install(model)
+    else:
+        uninstall(model)
     model._vq_config = {
         "method": method,
         "bits": bits,
@@ -142,7 +152,8 @@ def patch(
 
 
 def unpatch(model):
-    """Restore the model's own ``make_cache``."""
+    """Restore the model's own ``make_cache`` and forward."""
+    uninstall(model)
     if "_vq_original_make_cache" in model.__dict__:
         original = model.__dict__.pop("_vq_original_make_cache")
         if original is None:

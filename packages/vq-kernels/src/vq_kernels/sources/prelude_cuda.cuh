@@ -56,6 +56,7 @@ VQ_INLINE void vq_load_words(const vq_u32* p, vq_u32* o) {
 // Cross-group hand-off (the last group of a launch merges the others' partials).
 VQ_INLINE void vq_fence_device() { __threadfence(); }
 VQ_INLINE int vq_atomic_inc(const int* p) { return atomicAdd(const_cast<int*>(p), 1); }
+VQ_INLINE void vq_atomic_clear(const int* p) { atomicExch(const_cast<int*>(p), 0); }
 VQ_INLINE float vq_load_cg(const float* p) { return __ldcg(p); }
 
 // Thread and group ids, spelled out at the top of every body.

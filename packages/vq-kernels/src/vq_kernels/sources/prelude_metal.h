@@ -44,6 +44,9 @@ VQ_INLINE void vq_fence_device() { threadgroup_barrier(mem_flags::mem_device); }
 VQ_INLINE int vq_atomic_inc(const device int* p) {
   return atomic_fetch_add_explicit((device atomic_int*)p, 1, memory_order_relaxed);
 }
+VQ_INLINE void vq_atomic_clear(const device int* p) {
+  atomic_store_explicit((device atomic_int*)p, 0, memory_order_relaxed);
+}
 VQ_INLINE float vq_load_cg(const device float* p) { return *p; }
 
 // Tensor-core stand-in (m16n8k16, the PTX fragment layout, see prelude_cuda.cuh): correct
