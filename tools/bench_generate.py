@@ -4,6 +4,9 @@ side (not a test).
     uv run python tools/bench_generate.py [--model default] [--prompt-tokens 4096 8192]
         [--configs turboquant_mse:4 rabitq:4] [--max-tokens 32]
 
+A config ``method:bits+nocompile`` decodes with mlx-lm's forward on every step instead of
+``vq_mlxlm.compiled_decode``'s compiled steps (an A/B in one run).
+
 The prompt is real English text (the Python reference manual that ships with Python,
 ``pydoc_data.topics``); mlx-lm's ``stream_generate`` prefills it in 2,048-token chunks and
 decodes ``--max-tokens`` tokens. Every configuration runs on the same tokens in the same
@@ -79,8 +82,13 @@ def main() -> None:
         line("exact (1st, warm-up)", *first, base)
         line("exact (baseline)", *base, base)
         for cfg in args.configs:
-            method, bits = cfg.split(":")
-            vq_mlxlm.patch(model, method, int(bits))
+            spec, _, variant = cfg.partition("+")
+            if variant not in ("", "nocompile"):
+                raise SystemExit(
+                    f"unknown config variant {variant!r} in {cfg!r} (known: nocompile)"
+                )
+            method, bits = spec.split(":")
+            vq_mlxlm.patch(model, method, int(bits), compiled_decode=variant != "nocompile")
             line(cfg, *run(model, tokenizer, ids[:n], args.max_tokens), base)
             vq_mlxlm.unpatch(model)
 

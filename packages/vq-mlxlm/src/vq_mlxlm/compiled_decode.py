@@ -66,8 +66,9 @@ class Decoder:
         offset = caches[0].offset
         if any(c.offset != offset for c in caches):
             return None
-        counts = mx.array([c.decode_counts() for c in caches], dtype=mx.int32)
-        at = mx.array([c.decode_counts()[1][0] - 1 for c in caches], dtype=mx.int32)
+        rows = [c.decode_counts() for c in caches]
+        counts = mx.array(rows, dtype=mx.int32)
+        at = mx.array([r[1][0] - 1 for r in rows], dtype=mx.int32)
         self._caches = list(caches)
         try:
             flat = (x for a in arrays for x in a)
