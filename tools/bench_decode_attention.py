@@ -160,7 +160,7 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
                 tail_op = out[f"vq cb{bits} tail"][0]
                 out[f"vq cb{bits} tail fp32 loop"] = (_with(tail_op, USE_MMA=False), nbytes)
                 for groups in (132, 264, 528):
-                    pinned = {"TARGET_GROUPS": groups, "MMA_LONG_GROUPS": groups}
+                    pinned = {"TARGET_GROUPS": groups, "LONG_GROUPS": groups}
                     out[f"vq cb{bits} tail TG={groups}"] = (_with(tail_op, **pinned), nbytes)
         if bits in (2, 4):
             out[f"vq cb{bits} int len"] = (host, nbytes)

@@ -27,11 +27,12 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per to
 # CUDA tensor-core loop of codebook_attn (sources/mma_loop.inc) for 1/2/4-bit codes without
 # RaBitQ's divisor/unit norm: on an H200 at 128k tokens 143 us against the fp32 loop's 198.
 USE_MMA = True
-# Four groups per SM for the tensor-core loop over long caches (at head_dim <= 128 its 35 KiB
-# of shared memory and 128 registers per thread fit four; 256 needs 254 registers): at 128k
-# tokens 125 us against 143 with two groups.
-MMA_LONG_GROUPS = 528
-MMA_LONG_TOKENS = 1 << 19  # valid-token slots x (kv head, row tile) groups from which it pays
+# Four groups per SM for codebook_attn over long caches (at head_dim <= 128 its 128
+# registers per thread fit four, and the tensor-core loop's 35 KiB of shared memory; 256
+# needs 254 registers): on an H200 at 128k tokens the tensor-core loop took 125 us against
+# 143 with two groups, RaBitQ's fp32 loop 182 against 273 (4-bit keys, with the tail).
+LONG_GROUPS = 528
+LONG_TOKENS = 1 << 19  # valid-token slots x (kv head, row tile) groups from which it pays
 MAX_SPLITS = 256  # splits per launch that the in-kernel merge's scratch holds (tail included)
 
 
@@ -295,8 +296,8 @@ def decode_launch(
     planned = lbuf if length is None else length
     target = TARGET_GROUPS
     fmt = dict(template)
-    if fmt.get("MMA") and fmt["D"] <= 128 and planned * groups >= MMA_LONG_TOKENS:
-        target = MMA_LONG_GROUPS
+    if kernel == "codebook_attn" and fmt["D"] <= 128 and planned * groups >= LONG_TOKENS:
+        target = LONG_GROUPS
     splits = plan_split_count(planned, step, groups, int(tail), target)
     fused = backend == "cuda" and MERGE_IN_KERNEL
     if tail and not fused:
