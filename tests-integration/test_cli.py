@@ -1,13 +1,13 @@
 """The `vq` command line on the embedded default model (offline)."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from serving import free_port
 
 from vq_core.cache import DEFAULT_BLOCK
 from vq_mlxlm.cli import DEFAULT_PROMPT
@@ -63,14 +63,8 @@ def test_methods_and_estimate_json():
     assert cvq["bits_per_element"] == pytest.approx((2 + 2 + 16 / 64) / 2)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_answers_an_openai_request():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [*VQ, "serve", "--port", str(port), "--bits", "4"],
         stdout=subprocess.PIPE,

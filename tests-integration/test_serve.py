@@ -7,47 +7,20 @@ server that keeps no prompt cache (greedy decoding).
 
 import http.client
 import json
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from openai import OpenAI
+from serving import start_server, stop_server
 
 MAX_TOKENS = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(*flags):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "vq_mlxlm.cli", "serve", "--port", str(port), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"vq serve did not start: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.5)
+    proc, port = start_server(*flags)
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     return proc, port, client
-
-
-def _stop(proc):
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def _conversation(client):
@@ -101,12 +74,12 @@ def test_prompt_cache_hits_answer_like_a_fresh_server_and_the_guards_hold():
         listed = client.models.list().data
         assert [m.id for m in listed] == ["vq-turboquant_mse-4bit"]
     finally:
-        _stop(cached)
+        stop_server(cached)
     fresh, _, client = _start("--max-tokens", str(MAX_TOKENS), "--prompt-cache-size", "0")
     try:
         reference = _conversation(client)
     finally:
-        _stop(fresh)
+        stop_server(fresh)
     assert reused[1][1] > 0 and reused[3][1] > 0  # the second turn and the repeat: cache hits
     assert all(hits == 0 for _, hits in reference)
     assert [text for text, _ in reused] == [text for text, _ in reference]

@@ -10,13 +10,12 @@ import http.client
 import json
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from openai import BadRequestError, OpenAI
+from serving import start_server, stop_server
 
 CAP = 40
 QUESTIONS = [
@@ -32,37 +31,15 @@ QUESTIONS = [
 COUNTING = ", ".join(str(i) for i in range(1, 30)) + ","  # continues for as long as asked
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     log = open(log_path, "w")  # noqa: SIM115  (closed below; a pipe could fill and block)
-    cmd = [sys.executable, "-m", "vq_mlxlm.cli", "serve", "--port", str(port)]
-    cmd += ["--max-tokens", str(CAP), "--prompt-cache-size", "0"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while True:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"vq serve did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.5)
+    flags = ("--max-tokens", str(CAP), "--prompt-cache-size", "0")
+    proc, port = start_server(*flags, output=log)
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     yield port, client, log_path
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
     log.close()
 
 

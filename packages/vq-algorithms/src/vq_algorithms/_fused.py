@@ -113,7 +113,7 @@ def codebook_decode_with_turboquant_values(
     # its compile time and errors), which a compiled trace cannot: the first call of each
     # (configuration, head layout, dtypes) runs uncompiled, the rest compiled.
     layout = (config, queries.shape[1:], keys.buffer.shape[1], keys.buffer.dtype)
-    step = _compiled_step(*config) if layout in _WARM else _step(*config)
+    step = _compiled_step(*config) if layout in _WARM else _step(*config[:-1])
     _WARM.add(layout)
     arrays = [queries, key_matrix, inverse_matrix(vc.rotation), keys.buffer, values.buffer]
     arrays += [counts, key_codes, keys.codes["norm"], key_centroids]
@@ -130,12 +130,12 @@ def _compiled_step(k_bits, v_bits, scale, k_unit, present, dtype, mma):
     and ``mma``: ``vq_kernels._attention.USE_MMA`` when traced, whose loop the trace holds):
     a decode step's Python then costs one call, whatever the kernel wrapper checks; MLX
     traces it again only when a shape changes (the code buffers grow in steps)."""
-    return mx.compile(_step(k_bits, v_bits, scale, k_unit, present, dtype, mma))
+    return mx.compile(_step(k_bits, v_bits, scale, k_unit, present, dtype))
 
 
-def _step(k_bits, v_bits, scale, k_unit, present, dtype, mma):
-    """The decode step of :func:`_compiled_step`, uncompiled (``mma`` only keys the cache:
-    the kernel wrapper reads ``USE_MMA`` itself)."""
+def _step(k_bits, v_bits, scale, k_unit, present, dtype):
+    """The decode step of :func:`_compiled_step`, uncompiled (the kernel wrapper reads
+    ``USE_MMA`` itself)."""
 
     def step(q, mk, mvt, ek, ev, counts, kw, kn, kc, vw, vn, vc, *rest):
         it = iter(rest)
