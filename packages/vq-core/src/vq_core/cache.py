@@ -280,16 +280,12 @@ class CompressedKVCache:
                 self._key_mean = k_old.astype(mx.float32).mean(axis=2, keepdims=True)
             if self.value_quantizer.accepts_centering:
                 self._value_mean = v_old.astype(mx.float32).mean(axis=2, keepdims=True)
-        if self._key_mean is not None:
-            k_old = k_old - self._key_mean
-        if self._value_mean is not None:
-            v_old = v_old - self._value_mean
-        # finite, and within what the codes store (e.g. float16 norms): Quantizer.storable
-        finite = self.key_quantizer.storable(k_old) & self.value_quantizer.storable(v_old)
-        self._finite = finite if self._finite is None else self._finite & finite
         start = self._comp_start + self._n_comp  # position of k_old's first token
-        kc = self.key_quantizer.encode(k_old, check_finite=False, start=start)
-        vc = self.value_quantizer.encode(v_old, check_finite=False)
+        kc, vc, finite = _block_codes(
+            self.key_quantizer, self.value_quantizer, k_old, v_old,
+            self._key_mean, self._value_mean, start,
+        )  # fmt: skip
+        self._finite = finite if self._finite is None else self._finite & finite
         self._append(kc, vc, k_old.shape[2])
 
     def _encodes_compiled(self) -> bool:
@@ -715,8 +711,8 @@ class CompressedKVCache:
         self._xk = mx.slice_update(self._xk, keys, at, axes=(2,))
         self._xv = mx.slice_update(self._xv, values, at, axes=(2,))
         valid = mx.arange(self._xk.shape[2])[None, :] < counts[1][:, None]
-        n_cap = self.key_quantizer.tokens_in(self._keys)
         ragged = {"lengths": counts[0], "valid": valid, "counts": counts}
+        n_cap = self.code_capacity()
         return tuple(
             CacheView(q, codes, n_cap, buf, self._n_sink, mean, self._finite, **ragged)
             for q, codes, buf, mean in (
@@ -791,21 +787,30 @@ def _encode_graph(kq, vq, n_sink, n_move, n_x, steady, fields, means):
         vbuf = {f: next(it) for f in fields[1]}
         k_mean, v_mean = (next(it) if m else None for m in means)
         finite = next(it)
-        k_old, v_old = xk[:, :, n_sink : n_sink + n_move], xv[:, :, n_sink : n_sink + n_move]
-        if k_mean is not None:
-            k_old = k_old - k_mean
-        if v_mean is not None:
-            v_old = v_old - v_mean
-        finite = finite & kq.storable(k_old) & vq.storable(v_old)
+        span = slice(n_sink, n_sink + n_move)
+        kc, vc, ok = _block_codes(kq, vq, xk[:, :, span], xv[:, :, span], k_mean, v_mean)
         out = [_drop(b, n_sink, n_move, n_x, steady) for b in (xk, xv)]
-        for q, buf, x in ((kq, kbuf, k_old), (vq, vbuf, v_old)):
-            codes, strides = q.encode(x, check_finite=False), q.token_strides()
+        for q, buf, codes in ((kq, kbuf, kc), (vq, vbuf, vc)):
+            strides = q.token_strides()
             for f in sorted(buf):
                 start = at // strides.get(f, 1)
                 out.append(mx.slice_update(buf[f], codes[f], start, axes=(2,)))
-        return [*out, finite]
+        return [*out, finite & ok]
 
     return mx.compile(fn)
+
+
+def _block_codes(kq, vq, k, v, k_mean, v_mean, start: int = 0) -> tuple[Codes, Codes, mx.array]:
+    """The codes of a block of keys and values ``[B, H, n, D]`` centered by the means given
+    (None: uncentered), and whether the block is storable (finite, and within what the codes
+    hold, e.g. float16 norms: :meth:`Quantizer.storable`). ``start``: the position of the
+    block's first token (position-aware keys)."""
+    if k_mean is not None:
+        k = k - k_mean
+    if v_mean is not None:
+        v = v - v_mean
+    ok = kq.storable(k) & vq.storable(v)
+    return kq.encode(k, check_finite=False, start=start), vq.encode(v, check_finite=False), ok
 
 
 def _grown(old: mx.array | None, new: mx.array, n: int, pad: int) -> mx.array:
