@@ -1,6 +1,7 @@
 """Compiled decode steps (vq_mlxlm.compiled_decode): the same logits as mlx-lm's forward
 step by step, across block encodes and code-buffer growths, with one trace per layout and
-set of shapes, for every zero-calibration family and every full-attention architecture."""
+set of shapes, for every zero-calibration family and every full-attention architecture
+(on the CPU with ``vq_core.cache.COMPILE_ON_CPU``; on a GPU as they are)."""
 
 import mlx.core as mx
 import pytest
@@ -10,6 +11,14 @@ import vq_core.cache
 from vq_core import ConfigError, ShapeError
 from vq_mlxlm import patch, unpatch
 from vq_mlxlm.compiled_decode import decoder
+
+
+@pytest.fixture(autouse=True)
+def _compile_on_cpu(monkeypatch):
+    """Compiled steps and encodes run on a GPU only by default (vq_core.cache.compiles_here);
+    these tests run them on the CPU too."""
+    monkeypatch.setattr(vq_core.cache, "COMPILE_ON_CPU", True)
+
 
 PROMPT = mx.array([[(7 * i + 3) % 97 for i in range(70)]])
 STEPS = 120  # block 8, code step 16: 15 encodes and several growths per layer
@@ -82,6 +91,15 @@ def test_sliding_window_layers_stay_uncompiled():
     compiled, _ = _decode(model, True, steps=20)
     assert decoder(model).compiled_steps == 0
     assert mx.array_equal(plain, compiled)
+
+
+def test_the_cpu_decodes_op_by_op_by_default(monkeypatch):
+    if mx.default_device() == mx.gpu:
+        pytest.skip("the CPU default")
+    monkeypatch.setattr(vq_core.cache, "COMPILE_ON_CPU", False)
+    model = build("llama", init="fan_in")
+    _decode(model, True, steps=20)
+    assert decoder(model).compiled_steps == 0 and decoder(model).traces == 0
 
 
 def test_step_reads_no_host_value():

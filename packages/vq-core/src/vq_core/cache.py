@@ -69,6 +69,16 @@ DEFAULT_CENTER = True
 # Decode-time encodes as one compiled graph each (CompressedKVCache._encode_compiled); off:
 # built op by op, as a prefill chunk's are (kept for A/B benchmarks and tests).
 COMPILED_ENCODE = True
+# mx.compile on MLX's CPU backend builds each fused graph with the system C++ compiler at
+# first use (seconds per graph, and one must be installed): compiled decode-time encodes
+# and compiled decode steps (vq_mlxlm.compiled_decode) run on a GPU only, unless this is set.
+COMPILE_ON_CPU = False
+
+
+def compiles_here() -> bool:
+    """Whether decode work is compiled on the default device (a GPU, or the CPU with
+    ``COMPILE_ON_CPU``)."""
+    return mx.default_device() == mx.gpu or COMPILE_ON_CPU
 
 
 class CompressedKVCache:
@@ -295,7 +305,8 @@ class CompressedKVCache:
         kq, vq = self.key_quantizer, self.value_quantizer
         sets_means = self.center and self._key_mean is None and self._value_mean is None
         sets_means = sets_means and (kq.accepts_centering or vq.accepts_centering)
-        ready = COMPILED_ENCODE and self._keys is not None and self._finite is not None
+        ready = COMPILED_ENCODE and compiles_here()
+        ready = ready and self._keys is not None and self._finite is not None
         return ready and not (sets_means or kq.position_aware)
 
     def _encode_compiled(self, n_sink: int, n_move: int, n_x: int, steady: int) -> None:

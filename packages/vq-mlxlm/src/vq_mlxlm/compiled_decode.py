@@ -15,7 +15,9 @@ a buffer changes shape; :class:`Decoder` grows every layer's code buffers at one
 per layer. Encoding the blocks that earlier steps filled stays outside the graph, as its
 own submission (as in an uncompiled step).
 
-Steps that do not fit run mlx-lm's forward unchanged: prefill chunks, calls with other
+Steps that do not fit run mlx-lm's forward unchanged: every step on the CPU (MLX builds a
+compiled graph there with the system C++ compiler, seconds per graph;
+``vq_core.cache.COMPILE_ON_CPU`` allows it, as the tests do), prefill chunks, calls with other
 arguments, caches other than :class:`~vq_core.CompressedKVCache` (sliding-window or batched
 caches, mlx-lm's own), a cache with nothing compressed yet, and the first step of each
 layout (it builds and checks the kernels, which a trace cannot evaluate).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from vq_core import CompressedKVCache
+from vq_core.cache import compiles_here
 
 _SUBCLASSES: dict[type, type] = {}
 
@@ -47,7 +50,7 @@ class Decoder:
         """The logits of one decode step of ``inputs [B, 1]`` over ``caches``, compiled; None
         (nothing done but the encodes an uncompiled step would do first) when it does not
         apply."""
-        if not isinstance(caches, (list, tuple)) or not caches:
+        if not compiles_here() or not isinstance(caches, (list, tuple)) or not caches:
             return None
         if any(type(c) is not CompressedKVCache for c in caches):
             return None

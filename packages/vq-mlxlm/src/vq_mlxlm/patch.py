@@ -63,9 +63,10 @@ def patch(
             ``RotatingKVCache(max_size, keep)``) get a
             :class:`~vq_core.CompressedRotatingKVCache` with the same window; ``"exact"``:
             they keep mlx-lm's exact cache.
-        compiled_decode: run one-token forwards over vq caches as one compiled graph
-            (:mod:`vq_mlxlm.compiled_decode`; not on a sharded model, whose collectives
-            stay uncompiled); False keeps mlx-lm's forward for every step.
+        compiled_decode: run one-token forwards over vq caches as one compiled graph on a
+            GPU (:mod:`vq_mlxlm.compiled_decode`; not on the CPU by default, nor on a
+            sharded model, whose collectives stay uncompiled); False keeps mlx-lm's
+            forward for every step.
         options: extra config for the key method (e.g. ``rotation="orthogonal"``).
     """
     from vq_mlxlm.distributed.layout import layout
