@@ -151,3 +151,24 @@ def test_bad_inputs():
         cache[0].unbind()
     unpatch(model)
     assert decoder(model) is None and type(model) is own_class
+
+
+def test_another_seed_is_traced_again():
+    """Quantizer matrices are constants of a trace: caches of another seed (same shapes)
+    must not replay the first seed's trace."""
+    model = build("llama", init="fan_in")
+    outs = {}
+    for seed in (0, 1):
+        patch(model, "turboquant_mse", 4, block=8, seed=seed)  # one decoder for both
+        cache = model.make_cache()
+        model(PROMPT, cache=cache)
+        for i in range(12):
+            logits = model(mx.array([[(13 * i + 5) % 97]]), cache=cache)
+        outs[seed] = logits
+    patch(model, "turboquant_mse", 4, block=8, seed=1, compiled_decode=False)
+    cache = model.make_cache()
+    model(PROMPT, cache=cache)
+    for i in range(12):
+        plain = model(mx.array([[(13 * i + 5) % 97]]), cache=cache)
+    assert mx.abs(outs[1] - plain).max().item() <= 1e-5 * mx.abs(plain).max().item()
+    assert not mx.allclose(outs[0], outs[1]).item()

@@ -660,11 +660,20 @@ class CompressedKVCache:
             self._values = _reserved(self._values, self._values, vq, tokens, self.step)
 
     def decode_layout(self) -> tuple:
-        """What :meth:`decode_inputs` holds besides shapes (code field names, which optional
-        arrays come, the sink): a compiled step is traced once per layout and shapes."""
+        """What a decode step's graph depends on besides the shapes of :meth:`decode_inputs`:
+        the configuration (quantizers with their seeds, whose matrices a trace holds as
+        constants), the code field names, which optional arrays come, the sink. A compiled
+        step is traced once per layout and set of shapes."""
         fields = tuple(tuple(sorted(c)) for c in (self._keys, self._values))
         optional = tuple(a is not None for a in (self._key_mean, self._value_mean, self._finite))
-        return (type(self).__name__, fields, optional, self._n_sink)
+        return (self._config_key, fields, optional, self._n_sink)
+
+    @functools.cached_property
+    def _config_key(self) -> str:
+        """This cache's configuration as one string (:meth:`decode_layout`)."""
+        config = [type(self).__name__, self.key_quantizer.describe()]
+        config += [self.value_quantizer.describe(), self.window, self.sink, self.center]
+        return json.dumps(config, sort_keys=True, default=str)
 
     def decode_counts(self) -> list[list[int]]:
         """``[2, B]`` ints for the next decode token: compressed tokens, then exact tokens
