@@ -274,3 +274,29 @@ def test_codebook_decode_attention_tensor_core_loop(
     rout, rlse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, backend=REF)
     _close(out, rout, MMA_TOL, MMA_TOL)
     _close(lse, rlse, MMA_TOL, MMA_TOL)
+
+
+@pytest.mark.parametrize("rabitq_keys", [False, True])
+def test_codebook_decode_attention_long_cache_plan(rabitq_keys: bool, loop_tol) -> None:
+    """A cache long enough for the long-cache plan (``LONG_GROUPS`` thread groups: 8 kv heads
+    x 66,000 tokens >= ``LONG_TOKENS``), with a tail; RaBitQ-style keys take the fp32 loop."""
+    from vq_kernels import _attention
+
+    lbuf, kb, d = 66000, 4, 128
+    assert 8 * lbuf >= _attention.LONG_TOKENS
+    q, kp, kn, ck, vp, vn, cv = _codebook_case(d, 8, 4, 1, lbuf, kb, 4, batch=1)
+    kw: dict = {"scale": d**-0.5}
+    if rabitq_keys:
+        ck = mx.arange(1 << kb, dtype=mx.float32) - ((1 << kb) - 1) / 2
+        div = mx.random.uniform(0.6, 0.9, kn.shape, key=mx.random.key(5)).astype(mx.float16)
+        kw |= {"k_divisor": div, "k_unit": True}
+    ks = mx.random.split(mx.random.key(9), 2)
+    ek = mx.random.normal((1, 8, 32, d), key=ks[0]).astype(mx.float16)
+    ev = mx.random.normal((1, 8, 32, d), key=ks[1]).astype(mx.float16)
+    counts = mx.array([[lbuf - 7], [19]], dtype=mx.int32)
+    kw["tail"] = vk.DecodeTail(_orthogonal(d, 3), _orthogonal(d, 4).T, ek, ev, counts)
+    args = (q, kp, kn, ck, kb, vp, vn, cv, 4)
+    out, lse = vk.codebook_decode_attention(*args, **kw, backend=GPU)
+    rout, rlse = vk.codebook_decode_attention(*args, **kw, backend=REF)
+    _close(out, rout, *loop_tol)
+    _close(lse, rlse, *loop_tol)
