@@ -166,14 +166,20 @@ def test_codebook_decode_attention_with_tail(
         _close(lse, rlse, *loop_tol)
 
 
+def _rabitq_style_keys(kb: int, norm_shape, seed: int) -> tuple[mx.array, dict]:
+    """RaBitQ's half-integer grid codebook for ``kb``-bit keys and the kernel options of its
+    estimator: a float16 divisor per key (``norm_shape``) and unit code vectors."""
+    grid = mx.arange(1 << kb, dtype=mx.float32) - ((1 << kb) - 1) / 2
+    div = mx.random.uniform(0.6, 0.9, norm_shape, key=mx.random.key(seed)).astype(mx.float16)
+    return grid, {"k_divisor": div, "k_unit": True}
+
+
 @pytest.mark.parametrize(("kb", "d"), [(1, 128), (2, 128), (4, 64)])
 def test_codebook_decode_attention_rabitq_style_keys(kb: int, d: int) -> None:
     """Keys norm / divisor * grid / ||grid code|| (RaBitQ), values 4-bit, ragged B = 2."""
     q, kp, kn, _, vp, vn, cv = _codebook_case(d, 2, 4, 1, 1500, kb, 4)
-    grid = mx.arange(1 << kb, dtype=mx.float32) - ((1 << kb) - 1) / 2
-    div = mx.random.uniform(0.6, 0.9, kn.shape, key=mx.random.key(kb)).astype(mx.float16)
-    kw = {"scale": d**-0.5, "lengths": mx.array([999, 1500], dtype=mx.int32)}
-    kw |= {"k_divisor": div, "k_unit": True}
+    grid, keys = _rabitq_style_keys(kb, kn.shape, seed=kb)
+    kw = {"scale": d**-0.5, "lengths": mx.array([999, 1500], dtype=mx.int32), **keys}
     args = (q, kp, kn, grid, kb, vp, vn, cv, 4)
     out, lse = vk.codebook_decode_attention(*args, **kw, backend=GPU)
     rout, rlse = vk.codebook_decode_attention(*args, **kw, backend=REF)
@@ -287,9 +293,8 @@ def test_codebook_decode_attention_long_cache_plan(rabitq_keys: bool, loop_tol) 
     q, kp, kn, ck, vp, vn, cv = _codebook_case(d, 8, 4, 1, lbuf, kb, 4, batch=1)
     kw: dict = {"scale": d**-0.5}
     if rabitq_keys:
-        ck = mx.arange(1 << kb, dtype=mx.float32) - ((1 << kb) - 1) / 2
-        div = mx.random.uniform(0.6, 0.9, kn.shape, key=mx.random.key(5)).astype(mx.float16)
-        kw |= {"k_divisor": div, "k_unit": True}
+        ck, keys = _rabitq_style_keys(kb, kn.shape, seed=5)
+        kw |= keys
     ks = mx.random.split(mx.random.key(9), 2)
     ek = mx.random.normal((1, 8, 32, d), key=ks[0]).astype(mx.float16)
     ev = mx.random.normal((1, 8, 32, d), key=ks[1]).astype(mx.float16)
