@@ -13,6 +13,7 @@ import mlx.core as mx
 import pytest
 
 import vq_kernels as vk
+from vq_kernels._attention import softmax_attention
 
 REF = "reference"
 TOL = 2e-4
@@ -166,6 +167,54 @@ def test_affine_attention_ragged(d: int, gs: int, bits: int, g: int, emulated: l
     _close(out, rout)
     _close(lse, rlse)
     assert emulated == ["affine_attn"]
+
+
+@pytest.mark.parametrize(
+    ("d", "kgs", "kb", "vgs", "vb", "g"),
+    [(64, 32, 2, 64, 4, 4), (128, 16, 4, 32, 2, 2), (32, 32, 3, 32, 8, 1), (128, 128, 8, 64, 4, 4)],
+)
+def test_affine_attention_channel_keys(
+    d, kgs, kb, vgs, vb, g, channel_quantize, emulated: list[str]
+) -> None:
+    """KIVI's keys (per channel) with per-token values of other bits and group size: the
+    kernel against the reference, and the reference against attention over the keys
+    dequantized here."""
+    ks = mx.random.split(mx.random.key(d + kb), 3)
+    lbuf = 4 * kgs
+    k = mx.random.normal((3, 1, lbuf, d), key=ks[0]) * mx.linspace(0.2, 3.0, d)
+    v = mx.random.normal((3, 1, lbuf, d), key=ks[1]).astype(mx.float16)
+    q = mx.random.normal((3, g, 1, d), key=ks[2])
+    kq, k_deq = channel_quantize(k, kgs, kb)
+    vq = mx.quantize(v, group_size=vgs, bits=vb)
+    kw = {"scale": d**-0.5, "group_size": kgs, "bits": kb, "key_axis": "channel"}
+    kw |= {"value_group_size": vgs, "value_bits": vb}
+    kw["lengths"] = mx.array([0, 2 * kgs, lbuf], dtype=mx.int32)
+    out, lse = vk.affine_decode_attention(q, kq, vq, **kw)
+    rout, rlse = vk.affine_decode_attention(q, kq, vq, **kw, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+    assert emulated == ["affine_attn"]
+    f32 = mx.float32
+    v_deq = mx.dequantize(vq[0], vq[1].astype(f32), vq[2].astype(f32), group_size=vgs, bits=vb)
+    dense, dlse = softmax_attention(q[2:], k_deq[2:], v_deq[2:], d**-0.5)
+    _close(rout[2:], dense)
+    _close(rlse[2:], dlse)
+
+
+def test_affine_attention_channel_keys_need_whole_blocks(channel_quantize) -> None:
+    kq, _ = channel_quantize(mx.zeros((1, 1, 64, 64)), 32, 4)
+    vq = mx.quantize(mx.zeros((1, 1, 64, 64), mx.float16), group_size=64, bits=4)
+    q = mx.zeros((1, 1, 1, 64))
+    kw = {"scale": 0.1, "group_size": 32, "bits": 4, "key_axis": "channel"}
+    kw["value_group_size"] = 64
+    with pytest.raises(ValueError, match="whole blocks of 32 tokens; 40"):
+        vk.affine_decode_attention(q, kq, vq, **kw, length=40)
+    with pytest.raises(ValueError, match="key_axis"):
+        vk.affine_decode_attention(q, kq, vq, **{**kw, "key_axis": "row"})
+    with pytest.raises(ValueError, match=r"values.*group size"):
+        vk.affine_decode_attention(q, kq, vq, **{**kw, "value_group_size": 48})
+    with pytest.raises(ValueError, match=r"values: scales/biases .* \[1, 1, 64, 2\]"):
+        vk.affine_decode_attention(q, kq, vq, **{**kw, "value_group_size": 32})
 
 
 def test_pq_attention(emulated: list[str]) -> None:

@@ -208,6 +208,34 @@ def test_affine_decode_attention(bits: int, d: int, gs: int, g: int) -> None:
     _close(lse, rlse)
 
 
+@pytest.mark.parametrize(
+    ("d", "kgs", "kb", "vgs", "vb", "g"),
+    [
+        (128, 32, 2, 64, 2, 4),
+        (128, 32, 4, 64, 4, 4),
+        (64, 16, 8, 32, 4, 1),
+        (256, 64, 3, 128, 8, 8),
+    ],
+)
+def test_affine_decode_attention_channel_keys(d, kgs, kb, vgs, vb, g, channel_quantize) -> None:
+    """KIVI's per-channel keys with per-token values of other bits and group size, ragged
+    B = 3 from a device array."""
+    ks = mx.random.split(mx.random.key(d + kb), 3)
+    lbuf = 48 * kgs
+    k = mx.random.normal((3, 2, lbuf, d), key=ks[0]) * mx.linspace(0.2, 3.0, d)
+    v = mx.random.normal((3, 2, lbuf, d), key=ks[1]).astype(mx.float16)
+    q = mx.random.normal((3, 2 * g, 1, d), key=ks[2])
+    kq, _ = channel_quantize(k, kgs, kb)
+    vq = mx.quantize(v, group_size=vgs, bits=vb)
+    kw = {"scale": d**-0.5, "group_size": kgs, "bits": kb, "key_axis": "channel"}
+    kw |= {"value_group_size": vgs, "value_bits": vb}
+    kw["lengths"] = mx.array([0, 17 * kgs, lbuf], dtype=mx.int32)
+    out, lse = vk.affine_decode_attention(q, kq, vq, **kw, backend=GPU)
+    rout, rlse = vk.affine_decode_attention(q, kq, vq, **kw, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+
+
 def test_codebook_decode_attention_long_and_empty(loop_tol) -> None:
     q, kp, kn, ck, vp, vn, cv = _codebook_case(128, 2, 4, 1, 40000, 4, 4)
     args = (q, kp, kn, ck, 4, vp, vn, cv, 4)

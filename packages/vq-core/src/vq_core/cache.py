@@ -728,9 +728,15 @@ class CompressedKVCache:
                 f"{self._xk.dtype}"
             )
         counts, at = self._bound
-        self._xk = mx.slice_update(self._xk, keys, at, axes=(2,))
-        self._xv = mx.slice_update(self._xv, values, at, axes=(2,))
-        valid = mx.arange(self._xk.shape[2])[None, :] < counts[1][:, None]
+        # A select over the (block-sized) exact buffers, not a slice update at an array
+        # start: MLX runs a one-thread offset kernel before every dynamic slice update (two
+        # extra kernels a layer on the critical path of a step; docs/gpu.md), while the
+        # select fuses into one elementwise kernel per buffer.
+        slots = mx.arange(self._xk.shape[2], dtype=at.dtype)
+        here = (slots == at)[None, None, :, None]
+        self._xk = mx.where(here, keys, self._xk)
+        self._xv = mx.where(here, values, self._xv)
+        valid = slots[None, :] < counts[1][:, None]
         ragged = {"lengths": counts[0], "valid": valid, "counts": counts}
         n_cap = self.code_capacity()
         return tuple(
