@@ -14,7 +14,7 @@ import pytest
 
 import vq_algorithms  # noqa: F401  (registers the methods and their kernels)
 import vq_kernels
-from vq_core import attend, make_cache
+from vq_core import CompressedKVCache, attend, create, make_cache
 from vq_core import compressed_attention as table
 
 EMULATOR = Path(__file__).parents[1] / "packages/vq-kernels/tests/kernel_emulator.py"
@@ -60,3 +60,41 @@ def test_decode_steps_match_the_segment_path(method, bits, options, emulated) ->
         ref = _without_decode_table(lambda kv=kv, vv=vv: attend(q, kv, vv, scale=d**-0.5))
         assert mx.allclose(fused, ref, atol=3e-4, rtol=3e-4).item(), (t, mx.abs(fused - ref).max())
     assert emulated and set(emulated) == {"codebook_attn"}
+
+
+def _without_segment_table(fn):
+    saved = dict(table._TABLE)
+    table._TABLE.clear()
+    try:
+        return fn()
+    finally:
+        table._TABLE.update(saved)
+
+
+@pytest.mark.parametrize(
+    ("keys", "values"),
+    [({"method": "kivi", "bits": 4}, {"method": "affine", "bits": 4}),
+     ({"method": "kivi", "bits": 2}, {"method": "kivi", "bits": 2, "axis": "token"}),
+     ({"method": "kivi", "bits": 4, "group_size": 16}, {"method": "affine", "bits": 8}),
+     ({"method": "affine", "bits": 4, "group_size": 32}, {"method": "kivi", "bits": 3,
+                                                            "axis": "token"})],
+)  # fmt: skip
+def test_affine_kernel_decode_matches_the_segment_path(keys, values, emulated) -> None:
+    """KIVI's per-channel keys (and affine/KIVI pairs) through a real cache: each decode
+    step's compressed segment from vq-kernels' affine kernel (emulated) equals the
+    reference segment, as blocks of 32 tokens fill and encode."""
+    hkv, g, d = 2, 4, 64
+    cache = CompressedKVCache(
+        create(**keys, head_dim=d), create(**values, head_dim=d, seed=1), block=32
+    )
+    ks = mx.random.split(mx.random.key(keys["bits"]), 3)
+    k = mx.random.normal((1, hkv, 110, d), key=ks[0]) * mx.linspace(0.3, 2.0, d) + 0.5
+    v = mx.random.normal((1, hkv, 110, d), key=ks[1])
+    q = mx.random.normal((1, hkv * g, 1, d), key=ks[2])
+    cache.update_and_fetch(k[:, :, :60], v[:, :, :60])  # prefill: reference path
+    for t in range(60, 110):
+        kv, vv = cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        fused = attend(q, kv, vv, scale=d**-0.5)
+        ref = _without_segment_table(lambda kv=kv, vv=vv: attend(q, kv, vv, scale=d**-0.5))
+        assert mx.allclose(fused, ref, atol=3e-4, rtol=3e-4).item(), (t, mx.abs(fused - ref).max())
+    assert emulated and set(emulated) == {"affine_attn"}

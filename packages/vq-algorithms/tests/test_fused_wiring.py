@@ -29,14 +29,13 @@ PAIRS = [
 ]  # fmt: skip
 
 
-def _sides(key, value, lengths):
+def _sides(key, value, lengths, lbuf=LBUF, n=LBUF - 3):
     ks = mx.random.split(mx.random.key(3), 3)
-    k = mx.random.normal((3, HKV, LBUF, D), key=ks[0])
-    v = mx.random.normal((3, HKV, LBUF, D), key=ks[1])
+    k = mx.random.normal((3, HKV, lbuf, D), key=ks[0])
+    v = mx.random.normal((3, HKV, lbuf, D), key=ks[1])
     kq = create(key[0], head_dim=D, seed=1, **key[1])
     vq = create(value[0], head_dim=D, seed=2, **value[1])
     q = mx.random.normal((3, HKV, G, D), key=ks[2])
-    n = LBUF - 3
     return (
         q,
         CompressedSide(kq, kq.encode(k), n, lengths),
@@ -64,8 +63,32 @@ def test_fused_segment_equals_reference(module, key, value, ragged, monkeypatch)
     assert mx.allclose(out, rout, atol=1e-4).item()
 
 
-def test_binary_query_rabitq_and_mismatched_affine_decline(monkeypatch) -> None:
-    """The quantized-query estimator and unequal affine widths keep the reference path."""
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [(("kivi", {"bits": 2}), ("affine", {"bits": 4})),
+     (("kivi", {"bits": 4, "group_size": 16}), ("kivi", {"bits": 3, "axis": "token"})),
+     (("affine", {"bits": 4, "group_size": 32}), ("affine", {"bits": 8, "group_size": 64}))],
+    ids=str,
+)  # fmt: skip
+def test_affine_kernel_pairs_equal_reference(key, value, ragged, monkeypatch) -> None:
+    """KIVI keys (per channel: whole blocks of their group size) and affine/KIVI values of
+    other widths through the affine kernel's wiring."""
+    lengths = mx.array([0, 32, 64], dtype=mx.int32) if ragged else None
+    q, keys, values = _sides(key, value, lengths, 64, 64)
+    impl = registered_compressed_attention()[(key[0], value[0])]
+    assert impl(q, keys, values, scale=0.125) is None  # the CPU: no kernel applies
+    monkeypatch.setattr(vq_algorithms.affine, "kernel_applies", lambda head_dim, rows: True)
+    out, lse = impl(q, keys, values, scale=0.125)
+    rout, rlse = reference_segment(q, keys, values, scale=0.125)
+    finite = mx.isfinite(rlse)
+    assert mx.array_equal(finite, mx.isfinite(lse)).item()
+    assert mx.allclose(mx.where(finite, lse, 0), mx.where(finite, rlse, 0), atol=1e-4).item()
+    assert mx.allclose(out, rout, atol=1e-4).item()
+
+
+def test_binary_query_rabitq_and_channel_values_decline(monkeypatch) -> None:
+    """The quantized-query estimator and KIVI's per-channel values keep the reference path."""
     monkeypatch.setattr(vq_algorithms.rabitq, "kernel_applies", lambda head_dim, rows: True)
     monkeypatch.setattr(vq_algorithms.affine, "kernel_applies", lambda head_dim, rows: True)
     table = registered_compressed_attention()
@@ -73,5 +96,5 @@ def test_binary_query_rabitq_and_mismatched_affine_decline(monkeypatch) -> None:
         ("rabitq", {"bits": 1, "binary_query": True}), ("turboquant_mse", {}), None
     )
     assert table[("rabitq", "turboquant_mse")](q, keys, values, scale=0.1) is None
-    q, keys, values = _sides(("affine", {"bits": 4}), ("affine", {"bits": 8}), None)
-    assert table[("affine", "affine")](q, keys, values, scale=0.1) is None
+    q, keys, values = _sides(("kivi", {"bits": 4}), ("kivi", {"bits": 4}), None, 64, 64)
+    assert table[("kivi", "kivi")](q, keys, values, scale=0.1) is None

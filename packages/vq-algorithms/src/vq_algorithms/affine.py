@@ -7,8 +7,8 @@ group_size=g, bits=b)`` returns (MLX's affine format: codes packed little-endian
 uint32 words), so they are bit-for-bit mlx-lm's quantized KV cache and KIVI's per-token
 value quantizer (Liu et al., arXiv 2402.02750, Section 3.2) with MLX's rounding of the
 scale. Attention reads the codes through ``mx.quantized_matmul``, as mlx-lm's
-``quantized_scaled_dot_product_attention`` does; on a GPU, keys and values of equal bits and
-group size run vq-kernels' one-pass affine kernel instead.
+``quantized_scaled_dot_product_attention`` does; on a GPU a decode step runs vq-kernels'
+one-pass affine kernel instead (keys and values may differ in bits and group size).
 
 Codes for ``x [..., D]``: ``w`` uint32 ``[..., D*b/32]``, ``scales`` and ``biases`` float16
 ``[..., D/g]``: ``b + 32/g`` bits per element (4.5 at the mlx-lm default b=4, g=64).
@@ -128,27 +128,45 @@ class Affine(Quantizer):
         )
 
 
+def kernel_format(side: CompressedSide) -> tuple[tuple[mx.array, ...], int, int, str] | None:
+    """``(codes, bits, group_size, axis)`` of a side whose codes are affine group codes in
+    the layout of vq-kernels' affine kernel (affine; KIVI, either axis), else None."""
+    q = side.quantizer
+    fields = {"affine": ("w", "scales", "biases"), "kivi": ("idx", "scale", "zero")}
+    if q.method not in fields:
+        return None
+    axis = getattr(q.config, "axis", "token")
+    codes = tuple(side.codes[f] for f in fields[q.method])
+    return codes, q.config.bits, q.config.group_size, axis
+
+
 def fused_affine_attention(
     q: mx.array, keys: CompressedSide, values: CompressedSide, *, scale: float
 ) -> tuple[mx.array, mx.array] | None:
-    """Affine keys and values in vq-kernels' ``affine_decode_attention`` (one pass over the
-    codes). None when keys and values differ in bits or group size, and unless
-    :func:`~vq_algorithms._fused.kernel_applies`."""
-    kc, vc = keys.quantizer.config, values.quantizer.config
-    if (kc.bits, kc.group_size) != (vc.bits, vc.group_size):
+    """Affine or KIVI keys (per token or per channel) with affine or per-token KIVI values
+    in vq-kernels' ``affine_decode_attention`` (one pass over the codes). None (the
+    reference segment runs) for formats that kernel does not take (per-channel values,
+    groups of 16 along head_dim, per-channel blocks shorter than its token lanes), and
+    unless :func:`~vq_algorithms._fused.kernel_applies`."""
+    kf, vf = kernel_format(keys), kernel_format(values)
+    d = keys.quantizer.head_dim
+    if kf is None or vf is None or vf[3] != "token" or not kernel_applies(d, q.shape[2]):
         return None
-    if not kernel_applies(keys.quantizer.head_dim, q.shape[2]):
+    if not all(vq_kernels.affine_format_supported(d, *f[1:]) for f in (kf, vf)):
         return None
-    fields = ("w", "scales", "biases")
     return vq_kernels.affine_decode_attention(
         q,
-        tuple(keys.codes[f] for f in fields),
-        tuple(values.codes[f] for f in fields),
+        kf[0],
+        vf[0],
         scale=scale,
-        group_size=kc.group_size,
-        bits=kc.bits,
+        group_size=kf[2],
+        bits=kf[1],
+        key_axis=kf[3],
+        value_group_size=vf[2],
+        value_bits=vf[1],
         **valid_tokens(keys),
     )
 
 
 register_compressed_attention("affine", "affine", fused_affine_attention)
+register_compressed_attention("affine", "kivi", fused_affine_attention)

@@ -6,7 +6,8 @@ of ``g`` along head_dim. Both are asymmetric round-to-nearest: ``scale = (max - 
 (2**b - 1)``, ``code = round((x - min) / scale)``, ``x̂ = scale * code + min``, with ``scale``
 and ``min`` stored in float16. The newest ``L mod g`` tokens stay in full precision (Section
 3.3): in vq that is :class:`~vq_core.CompressedKVCache`, which flushes whole ``token_block``
-groups and keeps the partial group exact.
+groups and keeps the partial group exact. On a GPU a decode step reads the codes in
+vq-kernels' one-pass affine kernel (:func:`vq_algorithms.affine.fused_affine_attention`).
 
 ``axis="channel"`` (the default, keys) groups ``g`` tokens x 1 channel; ``axis="token"``
 (KIVI's values) groups 1 token x ``g`` channels. ``make_cache("kivi")`` pairs the keys with
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from vq_algorithms.affine import fused_affine_attention
 from vq_core import (
     FLOAT16_MAX,
     Codes,
@@ -40,6 +42,7 @@ from vq_core import (
     pack,
     packed_words,
     register,
+    register_compressed_attention,
     unpack,
 )
 
@@ -222,3 +225,9 @@ class Kivi(Quantizer):
             acc = mx.swapaxes(acc, -3, -2) + (pt @ z[..., 0])[..., None]  # [..., M, G, g]
             out = out + acc.reshape(*acc.shape[:-2], self.head_dim)
         return out
+
+
+# A decode step over KIVI keys (either axis) and affine or per-token KIVI values: vq-kernels'
+# affine kernel (per-channel keys fold a block's scales into the query once per block).
+register_compressed_attention("kivi", "affine", fused_affine_attention)
+register_compressed_attention("kivi", "kivi", fused_affine_attention)

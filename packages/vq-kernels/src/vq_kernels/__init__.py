@@ -17,6 +17,7 @@ from vq_kernels._backend import (
     resolve_backend,
 )
 from vq_kernels.affine_attention import affine_decode_attention
+from vq_kernels.affine_attention import format_supported as affine_format_supported
 from vq_kernels.codebook import (
     codebook_dequantize,
     codebook_dequantize_reference,
@@ -49,6 +50,7 @@ __all__ = [
     "DecodeTail",
     "KernelError",
     "affine_decode_attention",
+    "affine_format_supported",
     "available_backend",
     "codebook_decode_attention",
     "codebook_decode_attention_reference",

@@ -119,10 +119,10 @@ def affine_decode_attention(
     vgs, vbits = value_group_size or group_size, value_bits or bits
     if key_axis not in KEY_AXES:
         raise ValueError(f"key_axis must be one of {KEY_AXES}, got {key_axis!r}")
-    key_sizes = CHANNEL_GROUP_SIZES if key_axis == "channel" else GROUP_SIZES
-    for side, nb, gs, sizes in (("keys", bits, group_size, key_sizes),
-                                ("values", vbits, vgs, GROUP_SIZES)):  # fmt: skip
-        if nb not in AFFINE_BITS or gs not in sizes or d % gs:
+    for side, nb, gs, axis in (("keys", bits, group_size, key_axis),
+                               ("values", vbits, vgs, "token")):  # fmt: skip
+        if not format_supported(d, nb, gs, axis):
+            sizes = CHANNEL_GROUP_SIZES if axis == "channel" else GROUP_SIZES
             raise ValueError(
                 f"affine {side} need bits in {AFFINE_BITS} and a group size in {sizes} "
                 f"dividing head_dim {d}; got bits={nb}, group_size={gs}"
@@ -164,6 +164,13 @@ def affine_decode_attention(
         "affine_attn", be, q, codes, template, scale=scale, lbuf=lbuf, length=n, lengths=lens,
         tokens_per_lane=nt,
     )  # fmt: skip
+
+
+def format_supported(d: int, bits: int, group_size: int, axis: str = "token") -> bool:
+    """Whether codes of ``bits`` in groups of ``group_size`` along ``axis`` ("token": along
+    head_dim ``d``; "channel": over tokens, keys only) are a format this op takes."""
+    sizes = CHANNEL_GROUP_SIZES if axis == "channel" else GROUP_SIZES
+    return axis in KEY_AXES and bits in AFFINE_BITS and group_size in sizes and d % group_size == 0
 
 
 def tokens_per_lane(d: int, key_group_size: int, key_axis: str) -> int:
