@@ -32,13 +32,18 @@ def emulated(monkeypatch: pytest.MonkeyPatch):
     mx.enable_compile()
 
 
-def _without_decode_table(fn):
-    saved = dict(table._DECODE)
-    table._DECODE.clear()
+def _without(entries: dict, fn):
+    """``fn()`` with one of vq_core's attention tables emptied (its reference path runs)."""
+    saved = dict(entries)
+    entries.clear()
     try:
         return fn()
     finally:
-        table._DECODE.update(saved)
+        entries.update(saved)
+
+
+def _without_decode_table(fn):
+    return _without(table._DECODE, fn)
 
 
 @pytest.mark.parametrize(
@@ -60,15 +65,6 @@ def test_decode_steps_match_the_segment_path(method, bits, options, emulated) ->
         ref = _without_decode_table(lambda kv=kv, vv=vv: attend(q, kv, vv, scale=d**-0.5))
         assert mx.allclose(fused, ref, atol=3e-4, rtol=3e-4).item(), (t, mx.abs(fused - ref).max())
     assert emulated and set(emulated) == {"codebook_attn"}
-
-
-def _without_segment_table(fn):
-    saved = dict(table._TABLE)
-    table._TABLE.clear()
-    try:
-        return fn()
-    finally:
-        table._TABLE.update(saved)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +91,6 @@ def test_affine_kernel_decode_matches_the_segment_path(keys, values, emulated) -
     for t in range(60, 110):
         kv, vv = cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
         fused = attend(q, kv, vv, scale=d**-0.5)
-        ref = _without_segment_table(lambda kv=kv, vv=vv: attend(q, kv, vv, scale=d**-0.5))
+        ref = _without(table._TABLE, lambda kv=kv, vv=vv: attend(q, kv, vv, scale=d**-0.5))
         assert mx.allclose(fused, ref, atol=3e-4, rtol=3e-4).item(), (t, mx.abs(fused - ref).max())
     assert emulated and set(emulated) == {"affine_attn"}
