@@ -29,13 +29,13 @@ PAIRS = [
 ]  # fmt: skip
 
 
-def _sides(key, value, lengths, lbuf=LBUF, n=LBUF - 3):
+def _sides(key, value, lengths, lbuf=LBUF, n=LBUF - 3, d=D):
     ks = mx.random.split(mx.random.key(3), 3)
-    k = mx.random.normal((3, HKV, lbuf, D), key=ks[0])
-    v = mx.random.normal((3, HKV, lbuf, D), key=ks[1])
-    kq = create(key[0], head_dim=D, seed=1, **key[1])
-    vq = create(value[0], head_dim=D, seed=2, **value[1])
-    q = mx.random.normal((3, HKV, G, D), key=ks[2])
+    k = mx.random.normal((3, HKV, lbuf, d), key=ks[0])
+    v = mx.random.normal((3, HKV, lbuf, d), key=ks[1])
+    kq = create(key[0], head_dim=d, seed=1, **key[1])
+    vq = create(value[0], head_dim=d, seed=2, **value[1])
+    q = mx.random.normal((3, HKV, G, d), key=ks[2])
     return (
         q,
         CompressedSide(kq, kq.encode(k), n, lengths),
@@ -98,3 +98,15 @@ def test_binary_query_rabitq_and_channel_values_decline(monkeypatch) -> None:
     assert table[("rabitq", "turboquant_mse")](q, keys, values, scale=0.1) is None
     q, keys, values = _sides(("kivi", {"bits": 4}), ("kivi", {"bits": 4}), None, 64, 64)
     assert table[("kivi", "kivi")](q, keys, values, scale=0.1) is None
+
+
+def test_channel_blocks_shorter_than_the_kernel_lanes_decline(monkeypatch) -> None:
+    """Per-channel key blocks of 16 tokens at head_dim 32 (32 token lanes a step): the
+    affine kernel cannot take them, so the reference runs; at head_dim 64 (16 lanes) it can."""
+    monkeypatch.setattr(vq_algorithms.affine, "kernel_applies", lambda head_dim, rows: True)
+    impl = registered_compressed_attention()[("kivi", "affine")]
+    key, value = ("kivi", {"bits": 4, "group_size": 16}), ("affine", {"bits": 4, "group_size": 32})
+    q, keys, values = _sides(key, value, None, 64, 64, d=32)
+    assert impl(q, keys, values, scale=0.1) is None
+    q, keys, values = _sides(key, value, None, 64, 64, d=64)
+    assert impl(q, keys, values, scale=0.1) is not None

@@ -221,6 +221,19 @@ def test_affine_attention_per_row_lengths_and_bad_input() -> None:
         vk.affine_decode_attention(q, kq, kq, scale=0.1, group_size=64, bits=8)
 
 
+def test_affine_kernel_formats() -> None:
+    """The kernel's formats are the reference's, less head dims it is not built for and
+    per-channel key blocks shorter than one loop step's token lanes (128 / (d / 8))."""
+    assert vk.affine_kernel_format_supported(128, 4, 64)
+    assert vk.affine_kernel_format_supported(64, 2, 16, "channel")  # 16 lanes
+    assert not vk.affine_kernel_format_supported(32, 2, 16, "channel")  # 32 lanes
+    assert vk.affine_format_supported(32, 2, 16, "channel")  # the reference takes it
+    assert not vk.affine_kernel_format_supported(96, 4, 32)  # head_dim 96: no kernel
+    assert not vk.affine_kernel_format_supported(128, 7, 64)
+    with pytest.raises(ValueError, match="token lanes"):
+        vk.affine_attention.tokens_per_lane(32, 16, "channel")
+
+
 def test_backend_choice() -> None:
     assert vk.resolve_backend("reference") == "reference"
     with pytest.raises(ValueError, match="unknown"):

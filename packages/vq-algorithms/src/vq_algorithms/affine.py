@@ -34,7 +34,6 @@ from vq_core import (
     register,
     register_compressed_attention,
 )
-from vq_kernels.affine_attention import tokens_per_lane
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -153,11 +152,7 @@ def fused_affine_attention(
     d = keys.quantizer.head_dim
     if kf is None or vf is None or vf[3] != "token" or not kernel_applies(d, q.shape[2]):
         return None
-    if not all(vq_kernels.affine_format_supported(d, *f[1:]) for f in (kf, vf)):
-        return None
-    try:  # per-channel blocks must hold whole loop steps of the kernel
-        tokens_per_lane(d, kf[2], kf[3])
-    except ValueError:
+    if not all(vq_kernels.affine_kernel_format_supported(d, *f[1:]) for f in (kf, vf)):
         return None
     return vq_kernels.affine_decode_attention(
         q,

@@ -18,6 +18,9 @@ from vq_kernels._backend import (
 )
 from vq_kernels.affine_attention import affine_decode_attention
 from vq_kernels.affine_attention import format_supported as affine_format_supported
+from vq_kernels.affine_attention import (
+    kernel_format_supported as affine_kernel_format_supported,
+)
 from vq_kernels.codebook import (
     codebook_dequantize,
     codebook_dequantize_reference,
@@ -51,6 +54,7 @@ __all__ = [
     "KernelError",
     "affine_decode_attention",
     "affine_format_supported",
+    "affine_kernel_format_supported",
     "available_backend",
     "codebook_decode_attention",
     "codebook_decode_attention_reference",

@@ -68,9 +68,8 @@ def affine_decode_attention_reference(
     lengths: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Pure-MLX :func:`affine_decode_attention` (each batch row alone when ``lengths``)."""
-    vgs, vbits = value_group_size or group_size, value_bits or bits
-    fmt = {"group_size": group_size, "bits": bits, "value_group_size": vgs}
-    fmt |= {"value_bits": vbits, "key_axis": key_axis}
+    fmt = _format(group_size, bits, value_group_size, value_bits, key_axis)
+    vgs, vbits = fmt["value_group_size"], fmt["value_bits"]
     if lengths is not None:
         rows = []
         for i, n in enumerate(batch_lengths(lengths, q.shape[0], k_quant[0].shape[2]).tolist()):
@@ -116,7 +115,8 @@ def affine_decode_attention(
     gqa_groups(q, hkv)
     if length is not None and lengths is not None:
         raise ValueError("pass length or lengths, not both")
-    vgs, vbits = value_group_size or group_size, value_bits or bits
+    fmt = _format(group_size, bits, value_group_size, value_bits, key_axis)
+    vgs, vbits = fmt["value_group_size"], fmt["value_bits"]
     if key_axis not in KEY_AXES:
         raise ValueError(f"key_axis must be one of {KEY_AXES}, got {key_axis!r}")
     for side, nb, gs, axis in (("keys", bits, group_size, key_axis),
@@ -144,8 +144,6 @@ def affine_decode_attention(
     if n is not None:
         _check_channel_length(n, group_size, key_axis)
     be = resolve_backend(backend)
-    fmt = {"group_size": group_size, "bits": bits, "value_group_size": vgs}
-    fmt |= {"value_bits": vbits, "key_axis": key_axis}
     if be == "reference":
         return affine_decode_attention_reference(
             q, k_quant, v_quant, scale=scale, length=n, lengths=lengths, **fmt
@@ -173,12 +171,21 @@ def format_supported(d: int, bits: int, group_size: int, axis: str = "token") ->
     return axis in KEY_AXES and bits in AFFINE_BITS and group_size in sizes and d % group_size == 0
 
 
+def kernel_format_supported(d: int, bits: int, group_size: int, axis: str = "token") -> bool:
+    """Whether the GPU kernel (not only the reference) takes this format at head_dim ``d``:
+    :func:`format_supported`, ``d`` in ``KERNEL_HEAD_DIMS``, and per-channel blocks that
+    hold whole loop steps (:func:`tokens_per_lane`)."""
+    if not format_supported(d, bits, group_size, axis) or d not in KERNEL_HEAD_DIMS:
+        return False
+    return axis == "token" or group_size % _token_lanes(d) == 0
+
+
 def tokens_per_lane(d: int, key_group_size: int, key_axis: str) -> int:
     """The kernel's tokens per lane per step (NT): ``TOKENS_PER_LANE``, fewer for
     per-channel keys so that one step (128 / (d / 8) token lanes x NT) lies in one block."""
     nt = min(TOKENS_PER_LANE, d // 8)
     if key_axis == "channel":
-        lanes = 128 // (d // 8)
+        lanes = _token_lanes(d)
         while nt > 1 and key_group_size % (lanes * nt):
             nt //= 2
         if key_group_size % (lanes * nt):
@@ -187,6 +194,22 @@ def tokens_per_lane(d: int, key_group_size: int, key_axis: str) -> int:
                 f"kernel's {lanes} token lanes at head_dim {d}; use a group size >= {lanes}"
             )
     return nt
+
+
+def _token_lanes(d: int) -> int:
+    """Token lanes of one 128-thread group: each lane reads ``d / 8`` 8-dim chunks."""
+    return 128 // (d // 8)
+
+
+def _format(group_size, bits, value_group_size, value_bits, key_axis) -> dict:
+    """The format keywords of both attention functions, the values' defaults filled in."""
+    return {
+        "group_size": group_size,
+        "bits": bits,
+        "value_group_size": value_group_size or group_size,
+        "value_bits": value_bits or bits,
+        "key_axis": key_axis,
+    }
 
 
 def _check_channel_length(n: int, group_size: int, key_axis: str) -> None:
