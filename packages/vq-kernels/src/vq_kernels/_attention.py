@@ -27,6 +27,8 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per to
 # CUDA tensor-core loop of codebook_attn (sources/mma_loop.inc) for 1/2/4-bit codes without
 # RaBitQ's divisor/unit norm: on an H200 at 128k tokens 143 us against the fp32 loop's 198.
 USE_MMA = True
+# Tiles of 16 tokens each warp of the tensor-core loop has in flight (its register ring).
+MMA_PREFETCH = 2
 # Four groups per SM for codebook_attn over long caches (at head_dim <= 128 its 128
 # registers per thread fit four, and the tensor-core loop's 35 KiB of shared memory; 256
 # needs 254 registers): on an H200 at 128k tokens the tensor-core loop took 125 us against

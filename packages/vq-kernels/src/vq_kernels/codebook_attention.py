@@ -218,7 +218,8 @@ def codebook_decode_attention(
     extra, flags = no_tail_inputs() if tail is None else tail.inputs(q_rot, hkv)
     template = [("D", d), ("KB", k_bits), ("VB", v_bits)]
     template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit))), *flags]
-    template.append(("MMA", int(_mma_applies(be, d, k_bits, v_bits, k_divisor, k_unit))))
+    mma = _mma_applies(be, d, k_bits, v_bits, k_divisor, k_unit)
+    template += [("MMA", int(mma)), ("PF", _attention.MMA_PREFETCH if mma else 1)]
     if tail is not None:
         n, lens = None, tail.counts.astype(mx.int32)
     else:
