@@ -217,6 +217,48 @@ def test_affine_attention_channel_keys_need_whole_blocks(channel_quantize) -> No
         vk.affine_decode_attention(q, kq, vq, **{**kw, "value_group_size": 32})
 
 
+@pytest.mark.parametrize(
+    ("d", "kgs", "kb", "vgs", "vb", "axis", "centered", "dtype"),
+    [(64, 32, 4, 64, 4, "token", True, mx.float16), (128, 32, 2, 32, 4, "channel", False, mx.float32),
+     (32, 32, 8, 32, 3, "token", False, mx.float16)],
+)  # fmt: skip
+def test_affine_attention_with_tail(
+    d, kgs, kb, vgs, vb, axis, centered, dtype, channel_quantize, emulated: list[str]
+) -> None:
+    """affine_attn's whole decode step in one launch (no rotation): ragged compressed counts
+    (whole per-channel blocks) and exact counts, 0 of either included, means, finite flag."""
+    b, hkv, g, lbuf, cap = 4, 2, 2, 4 * kgs, 40
+    ks = mx.random.split(mx.random.key(d + kb), 6)
+    k = mx.random.normal((b, hkv, lbuf, d), key=ks[0]).astype(mx.float16)
+    v = mx.random.normal((b, hkv, lbuf, d), key=ks[1]).astype(mx.float16)
+    q = mx.random.normal((b, hkv * g, 1, d), key=ks[2]).astype(dtype)
+    kq = channel_quantize(k, kgs, kb)[0] if axis == "channel" else mx.quantize(k, kgs, kb)
+    vq = mx.quantize(v, group_size=vgs, bits=vb)
+    ek = mx.random.normal((b, hkv, cap, d), key=ks[3]).astype(dtype)
+    ev = mx.random.normal((b, hkv, cap, d), key=ks[4]).astype(dtype)
+    means = {}
+    if centered:
+        means["key_mean"] = mx.random.normal((b, hkv, 1, d), key=ks[5]) * 0.5
+        means["value_mean"] = mx.random.normal((b, hkv, 1, d), key=ks[5]) * 0.3
+    counts = mx.array([[0, kgs, 3 * kgs, lbuf], [5, 0, cap, 1]], dtype=mx.int32)
+    kw = {"scale": d**-0.5, "group_size": kgs, "bits": kb, "key_axis": axis}
+    kw |= {"value_group_size": vgs, "value_bits": vb}
+    for finite in (None, mx.array(False)):
+        tail = vk.DecodeTail(None, None, ek, ev, counts, finite=finite, **means)
+        out, lse = vk.affine_decode_attention(q, kq, vq, **kw, tail=tail)
+        if finite is not None:
+            assert mx.all(mx.isnan(out)).item()
+            continue
+        rout, rlse = vk.affine_decode_attention(q, kq, vq, **kw, tail=tail, backend=REF)
+        assert out.dtype == (mx.float16 if dtype == mx.float16 else mx.float32)
+        _close(out, rout, 2e-3 if dtype == mx.float16 else TOL)
+        _close(lse, rlse)
+    assert emulated == ["affine_attn"] * 2
+    with pytest.raises(ValueError, match="original basis"):
+        tail = vk.DecodeTail(mx.eye(d), mx.eye(d), ek, ev, counts)
+        vk.affine_decode_attention(q, kq, vq, **kw, tail=tail)
+
+
 def test_pq_attention(emulated: list[str]) -> None:
     ks = mx.random.split(mx.random.key(3), 5)
     d, m, kc, hkv, g, lbuf = 64, 16, 16, 2, 2, 200

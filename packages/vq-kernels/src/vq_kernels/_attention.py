@@ -48,7 +48,8 @@ class DecodeTail:
     * ``key_matrix [D, D]``: the keys' basis, ``q_keys = q @ key_matrix``; with float16
       queries and a float16 matrix that product is one float16 GEMM (fp32 accumulate, its
       output rounded to float16: a relative error of at most 2^-11 per element, the queries'
-      own rounding), otherwise it is computed in float32;
+      own rounding), otherwise it is computed in float32; None for codes in the original
+      basis (affine, KIVI: no rotation, ``value_matrix_t`` None too);
     * ``value_matrix_t [D, D]``: back from the values' basis, ``out = y @ value_matrix_t``;
     * ``exact_k, exact_v [B, Hkv, C, D]`` (float16 or float32): exact tokens, the first
       ``counts[1, b]`` of batch row ``b`` valid (the rest of the buffer is ignored);
@@ -59,8 +60,8 @@ class DecodeTail:
     * ``finite``: a boolean scalar or None; False makes the output NaN.
     """
 
-    key_matrix: mx.array
-    value_matrix_t: mx.array
+    key_matrix: mx.array | None
+    value_matrix_t: mx.array | None
     exact_k: mx.array
     exact_v: mx.array
     counts: mx.array
@@ -73,8 +74,10 @@ class DecodeTail:
         b, _, lq, d = q.shape
         if lq != 1:
             raise ValueError(f"a decode tail takes one query token per row, got {lq}")
+        if (self.key_matrix is None) != (self.value_matrix_t is None):
+            raise ValueError("key_matrix and value_matrix_t come together (or neither)")
         for name in ("key_matrix", "value_matrix_t"):
-            if getattr(self, name).shape != (d, d):
+            if getattr(self, name) is not None and getattr(self, name).shape != (d, d):
                 raise ValueError(f"{name} must be [{d}, {d}], got {getattr(self, name).shape}")
         for name in ("exact_k", "exact_v"):
             x = getattr(self, name)
@@ -95,7 +98,10 @@ class DecodeTail:
 
     def keys_basis_query(self, q: mx.array) -> mx.array:
         """``q @ key_matrix`` for ``q [B, Hq, 1, D]``: one float16 GEMM (a tensor-core GEMM
-        with no split-K reduce or cast) when both are float16, else float32."""
+        with no split-K reduce or cast) when both are float16, else float32; ``q`` itself
+        without a key matrix."""
+        if self.key_matrix is None:
+            return q
         if q.dtype == mx.float16 and self.key_matrix.dtype == mx.float16:
             return q @ self.key_matrix
         return q.astype(mx.float32) @ self.key_matrix.astype(mx.float32)
@@ -111,10 +117,54 @@ class DecodeTail:
         kmu = zero if self.key_mean is None else self.key_mean.astype(mx.float32)
         vmu = zero if self.value_mean is None else self.value_mean.astype(mx.float32)
         fin = _true() if self.finite is None else self.finite
-        arrays = [self.keys_basis_query(q), self.value_matrix_t.astype(mx.float32)]
+        rot = self.key_matrix is not None
+        if rot:
+            arrays = [self.keys_basis_query(q), self.value_matrix_t.astype(mx.float32)]
+        else:  # unread: the kernel scores against q and adds no rotation
+            arrays = [_placeholder(mx.float32)] * 2
         arrays += [self.exact_k, self.exact_v, kmu, vmu, fin]
-        flags = [("TAIL", 1), ("ROT", 1), ("CEN", int(cen)), ("FIN", int(self.finite is not None))]
+        flags = [("TAIL", 1), ("ROT", int(rot)), ("CEN", int(cen))]
+        flags.append(("FIN", int(self.finite is not None)))
         return arrays, flags
+
+
+def tail_reference(q: mx.array, tail: DecodeTail, scale: float, compressed) -> tuple:
+    """Pure-MLX one-launch decode, every batch row on its own: the compressed part
+    (``compressed(i, q_keys, n)`` -> ``(out, lse)`` of row ``i`` over its first ``n``
+    compressed tokens, ``q_keys [1, Hq, 1, D]`` fp32 in the keys' basis, ``out`` in the
+    values' basis), rotated back, the means added, merged with the exact part as one
+    softmax; NaN where ``tail.finite`` is false. Returns ``(out, lse)`` as the kernels."""
+    counts = tail.counts.tolist()
+    outs, lses = [], []
+    for i in range(q.shape[0]):
+        n, m = counts[0][i], counts[1][i]
+        one = slice(i, i + 1)
+        o_c, l_c = compressed(i, tail.keys_basis_query(q[one]).astype(mx.float32), n)
+        if tail.value_matrix_t is not None:
+            o_c = o_c @ tail.value_matrix_t.astype(mx.float32)
+        _, hq, lq, d = q[one].shape
+        hkv = tail.exact_k.shape[1]
+        if tail.key_mean is not None:
+            qg = q[one].astype(mx.float32).reshape(1, hkv, hq // hkv * lq, d)
+            shift = (qg @ mx.swapaxes(tail.key_mean[one].astype(mx.float32), -1, -2))[..., 0]
+            l_c = l_c + scale * shift.reshape(l_c.shape)
+        if tail.value_mean is not None:
+            vm = tail.value_mean[one].astype(mx.float32)  # [1, Hkv, 1, D] -> per query head
+            o_c = o_c + mx.repeat(vm, hq // hkv, axis=1)
+        o_e, l_e = softmax_attention(
+            q[one], tail.exact_k[one, :, :m], tail.exact_v[one, :, :m], scale
+        )
+        top = mx.maximum(l_c, l_e)
+        top = mx.where(mx.isfinite(top), top, 0.0)
+        w_c, w_e = mx.exp(l_c - top), mx.exp(l_e - top)
+        total = w_c + w_e
+        o = (w_c[..., None] * o_c + w_e[..., None] * o_e) / mx.maximum(total, 1e-30)[..., None]
+        outs.append(o)
+        lses.append(mx.log(total) + top)
+    out, lse = mx.concatenate(outs), mx.concatenate(lses)
+    if tail.finite is not None:
+        out = mx.where(tail.finite.reshape(()), out, mx.nan)
+    return out.astype(q.dtype if q.dtype == mx.float16 else mx.float32), lse
 
 
 @functools.cache

@@ -21,10 +21,13 @@ import mlx.core as mx
 
 from vq_kernels._attention import (
     KERNEL_HEAD_DIMS,
+    DecodeTail,
     batch_lengths,
     decode_launch,
     gqa_groups,
+    no_tail_inputs,
     softmax_attention,
+    tail_reference,
     valid_length,
 )
 from vq_kernels._backend import resolve_backend
@@ -98,6 +101,7 @@ def affine_decode_attention(
     key_axis: str = "token",
     length: int | None = None,
     lengths: mx.array | None = None,
+    tail: DecodeTail | None = None,
     backend: str | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Attention of q fp32 (or fp16) [B, Hq, Lq, D] over affine-coded K/V.
@@ -107,14 +111,23 @@ def affine_decode_attention(
     dividing head_dim; with ``key_axis="channel"`` the keys are KIVI's per-channel groups of
     ``group_size`` tokens (16 allowed too), and every valid length must be whole blocks.
     ``length`` (every row) or ``lengths`` (int32 [B] on the device, one per batch row) valid
-    tokens at the front of the buffers. Returns out fp32 [B, Hq, Lq, D] and lse fp32
-    [B, Hq, Lq] (natural log-sum-exp).
+    tokens at the front of the buffers. ``tail``: a :class:`~vq_kernels.DecodeTail` without
+    matrices (affine codes are in the original basis): the op returns the whole attention
+    of a cache, compressed and exact tokens, from one launch (CUDA), ``tail.counts``
+    replacing ``length``/``lengths``. Returns out fp32 [B, Hq, Lq, D] (with a tail in q's
+    dtype if float16) and lse fp32 [B, Hq, Lq] (natural log-sum-exp).
     """
     b, _, _, d = q.shape
     _, hkv, lbuf, _ = k_quant[0].shape
     gqa_groups(q, hkv)
     if length is not None and lengths is not None:
         raise ValueError("pass length or lengths, not both")
+    if tail is not None:
+        if length is not None or lengths is not None:
+            raise ValueError("with a tail the valid counts come from tail.counts")
+        if tail.key_matrix is not None:
+            raise ValueError("affine codes are in the original basis: a tail without matrices")
+        tail.check(q, hkv)
     fmt = _format(group_size, bits, value_group_size, value_bits, key_axis)
     vgs, vbits = fmt["value_group_size"], fmt["value_bits"]
     if key_axis not in KEY_AXES:
@@ -140,10 +153,18 @@ def affine_decode_attention(
         raise ValueError(
             f"per-channel keys come in blocks of {group_size} tokens; the buffer holds {lbuf}"
         )
-    n = None if lengths is not None else valid_length(length, lbuf)
+    n = None if lengths is not None or tail is not None else valid_length(length, lbuf)
     if n is not None:
         _check_channel_length(n, group_size, key_axis)
     be = resolve_backend(backend)
+    if be == "reference" and tail is not None:
+
+        def compressed(i, q_keys, n_i):
+            one_k, one_v = (tuple(a[i : i + 1] for a in x) for x in (k_quant, v_quant))
+            kw = {"scale": scale, "length": n_i, **fmt}
+            return affine_decode_attention_reference(q_keys, one_k, one_v, **kw)
+
+        return tail_reference(q, tail, scale, compressed)
     if be == "reference":
         return affine_decode_attention_reference(
             q, k_quant, v_quant, scale=scale, length=n, lengths=lengths, **fmt
@@ -155,12 +176,16 @@ def affine_decode_attention(
     kw, ks, kb = k_quant
     vw, vs, vb = v_quant
     codes = [kw, ks.astype(f16), kb.astype(f16), vw, vs.astype(f16), vb.astype(f16)]
+    extra, flags = no_tail_inputs() if tail is None else tail.inputs(q, hkv)
     template = [("D", d), ("KB", bits), ("VB", vbits), ("KGS", group_size), ("VGS", vgs)]
-    template.append(("KCH", int(key_axis == "channel")))
-    lens = None if lengths is None else batch_lengths(lengths, b, lbuf)
+    template += [("KCH", int(key_axis == "channel")), *flags]
+    if tail is not None:
+        lens = tail.counts.astype(mx.int32)
+    else:
+        lens = None if lengths is None else batch_lengths(lengths, b, lbuf)
     return decode_launch(
-        "affine_attn", be, q, codes, template, scale=scale, lbuf=lbuf, length=n, lengths=lens,
-        tokens_per_lane=nt,
+        "affine_attn", be, q, codes + extra, template, scale=scale, lbuf=lbuf, length=n,
+        lengths=lens, tokens_per_lane=nt, tail=tail is not None,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from vq_kernels._attention import (
     gqa_groups,
     no_tail_inputs,
     softmax_attention,
+    tail_reference,
     valid_length,
 )
 from vq_kernels._backend import resolve_backend
@@ -81,43 +82,17 @@ def codebook_decode_attention_reference(
 
 
 def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_unit, tail):
-    """Every batch row on its own: compressed part (keys' basis, back from the values'
-    basis, means added) and exact part merged as one softmax."""
-    counts = tail.counts.tolist()
-    outs, lses = [], []
-    for i in range(q.shape[0]):
-        n, m = counts[0][i], counts[1][i]
+    """:func:`~vq_kernels._attention.tail_reference` over codebook codes."""
+
+    def compressed(i, q_keys, n):
         one = slice(i, i + 1)
         div = None if k_divisor is None else k_divisor[one]
-        o_c, l_c = codebook_decode_attention_reference(
-            tail.keys_basis_query(q[one]).astype(mx.float32),
-            kp[one], kn[one], kc, kb, vp[one], vn[one], vc, vb,
+        return codebook_decode_attention_reference(
+            q_keys, kp[one], kn[one], kc, kb, vp[one], vn[one], vc, vb,
             scale=scale, length=n, k_divisor=div, k_unit=k_unit,
         )  # fmt: skip
-        o_c = o_c @ tail.value_matrix_t.astype(mx.float32)
-        _, hq, lq, d = q[one].shape
-        hkv = kp.shape[1]
-        if tail.key_mean is not None:
-            qg = q[one].astype(mx.float32).reshape(1, hkv, hq // hkv * lq, d)
-            shift = (qg @ mx.swapaxes(tail.key_mean[one].astype(mx.float32), -1, -2))[..., 0]
-            l_c = l_c + scale * shift.reshape(l_c.shape)
-        if tail.value_mean is not None:
-            vm = tail.value_mean[one].astype(mx.float32)  # [1, Hkv, 1, D] -> per query head
-            o_c = o_c + mx.repeat(vm, hq // hkv, axis=1)
-        o_e, l_e = softmax_attention(
-            q[one], tail.exact_k[one, :, :m], tail.exact_v[one, :, :m], scale
-        )
-        top = mx.maximum(l_c, l_e)
-        top = mx.where(mx.isfinite(top), top, 0.0)
-        w_c, w_e = mx.exp(l_c - top), mx.exp(l_e - top)
-        total = w_c + w_e
-        o = (w_c[..., None] * o_c + w_e[..., None] * o_e) / mx.maximum(total, 1e-30)[..., None]
-        outs.append(o)
-        lses.append(mx.log(total) + top)
-    out, lse = mx.concatenate(outs), mx.concatenate(lses)
-    if tail.finite is not None:
-        out = mx.where(tail.finite.reshape(()), out, mx.nan)
-    return out.astype(q.dtype if q.dtype == mx.float16 else mx.float32), lse
+
+    return tail_reference(q, tail, scale, compressed)
 
 
 def _mma_applies(backend: str, d: int, k_bits: int, v_bits: int, k_divisor, k_unit) -> bool:
