@@ -1,4 +1,4 @@
-"""The one-launch decode (codebook kernel with a tail) wired through a real cache, on the CPU.
+"""The one-launch decode (codebook and affine kernels with a tail) through a real cache, on the CPU.
 
 vq-kernels' host emulator runs the CUDA kernel body; each decode step of a cache (sink,
 centering, blocked encoding, ragged exact counts as blocks fill) must equal the same step
@@ -77,8 +77,9 @@ def test_decode_steps_match_the_segment_path(method, bits, options, emulated) ->
 )  # fmt: skip
 def test_affine_kernel_decode_matches_the_segment_path(keys, values, emulated) -> None:
     """KIVI's per-channel keys (and affine/KIVI pairs) through a real cache: each decode
-    step's compressed segment from vq-kernels' affine kernel (emulated) equals the
-    reference segment, as blocks of 32 tokens fill and encode."""
+    step from vq-kernels' affine kernel (emulated), as one launch with the decode tail and
+    as the compressed segment of the segment path, equals the reference, as blocks of 32
+    tokens fill and encode."""
     hkv, g, d = 2, 4, 64
     cache = CompressedKVCache(
         create(**keys, head_dim=d), create(**values, head_dim=d, seed=1), block=32
@@ -90,7 +91,15 @@ def test_affine_kernel_decode_matches_the_segment_path(keys, values, emulated) -
     cache.update_and_fetch(k[:, :, :60], v[:, :, :60])  # prefill: reference path
     for t in range(60, 110):
         kv, vv = cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        n = len(emulated)
         fused = attend(q, kv, vv, scale=d**-0.5)
-        ref = _without(table._TABLE, lambda kv=kv, vv=vv: attend(q, kv, vv, scale=d**-0.5))
-        assert mx.allclose(fused, ref, atol=3e-4, rtol=3e-4).item(), (t, mx.abs(fused - ref).max())
+        assert len(emulated) == n + 1  # one launch for the whole step
+
+        def segments(kv=kv, vv=vv):
+            return attend(q, kv, vv, scale=d**-0.5)
+
+        seg = _without_decode_table(segments)
+        ref = _without_decode_table(lambda: _without(table._TABLE, segments))
+        for got in (fused, seg):
+            assert mx.allclose(got, ref, atol=3e-4, rtol=3e-4).item(), (t, mx.abs(got - ref).max())
     assert emulated and set(emulated) == {"affine_attn"}

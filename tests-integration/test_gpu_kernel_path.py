@@ -53,7 +53,7 @@ def test_toggling_the_tensor_core_loop_retraces_the_compiled_decode_step(monkeyp
 
     monkeypatch.setattr(_attention, "launch", spy)
     monkeypatch.setattr(_fused, "_WARM", set())
-    _fused._compiled_step.cache_clear()  # traces of earlier tests would replay unseen
+    _fused._compiled.cache_clear()  # traces of earlier tests would replay unseen
     model = patch(build("llama"), "turboquant_mse", bits=4, block=4)
     results = []
     for i, mma in enumerate((True, False, True)):

@@ -98,44 +98,54 @@ def codebook_decode_with_turboquant_values(
     values, plus the views' exact sink and recent tokens, centering means and finite flag.
     ``keys``, ``values``: the cache's :class:`~vq_core.attention.CacheView` pair. Returns
     ``[B, Hq, 1, D]`` in the queries' dtype."""
-    b = queries.shape[0]
     vc = values.quantizer.rc
-    counts = keys.counts
-    if counts is None:
-        n_exact = keys.buffer.shape[2] if keys.n_exact is None else keys.n_exact
-        counts = mx.array([[keys.n_comp] * b, [n_exact] * b], dtype=mx.int32)
     optional = (key_options.get("k_divisor"), keys.mean, values.mean, keys.finite)
     config = (
         key_bits, vc.bits, float(scale), bool(key_options.get("k_unit", False)),
-        tuple(x is not None for x in optional), queries.dtype, _attention.USE_MMA,
+        tuple(x is not None for x in optional), queries.dtype,
     )  # fmt: skip
-    # The kernel wrapper evaluates the first launch of each kernel specialization (to report
-    # its compile time and errors), which a compiled trace cannot: the first call of each
-    # (configuration, head layout, dtypes) runs uncompiled, the rest compiled.
-    layout = (config, queries.shape[1:], keys.buffer.shape[1], keys.buffer.dtype)
-    step = _compiled_step(*config) if layout in _WARM else _step(*config[:-1])
-    _WARM.add(layout)
     arrays = [queries, key_matrix, inverse_matrix(vc.rotation), keys.buffer, values.buffer]
-    arrays += [counts, key_codes, keys.codes["norm"], key_centroids]
+    arrays += [view_counts(keys, queries.shape[0]), key_codes, keys.codes["norm"], key_centroids]
     arrays += [values.codes["idx"], values.codes["norm"], vc.codebook.centroids]
-    return step(*arrays, *(x for x in optional if x is not None))
+    arrays += [x for x in optional if x is not None]
+    return one_launch(_codebook_step, config, queries, keys, arrays)
+
+
+def view_counts(keys, batch: int) -> mx.array:
+    """The one-launch kernels' counts int32 ``[2, B]`` (compressed, exact tokens per row) of
+    a :class:`~vq_core.attention.CacheView`: a compiled step's own, else built from ints."""
+    if keys.counts is not None:
+        return keys.counts
+    n_exact = keys.buffer.shape[2] if keys.n_exact is None else keys.n_exact
+    return mx.array([[keys.n_comp] * batch, [n_exact] * batch], dtype=mx.int32)
 
 
 _WARM: set = set()
 
 
+def one_launch(build, config: tuple, queries: mx.array, keys, arrays: list) -> mx.array:
+    """``build(*config)(*arrays)``: a one-launch decode step, compiled (one graph per static
+    ``config`` and the kernels' loop switches, ``USE_MMA`` and ``MMA_PREFETCH``, which the
+    trace holds) so that a step's Python costs one call whatever the kernel wrapper checks;
+    MLX traces again only when a shape changes (the code buffers grow in steps). The kernel
+    wrapper evaluates the first launch of each kernel specialization (to report its compile
+    time and errors), which a compiled trace cannot: the first call of each (configuration,
+    head layout, dtypes) runs uncompiled, the rest compiled."""
+    switches = (_attention.USE_MMA, _attention.MMA_PREFETCH)
+    layout = (build, config, switches, queries.shape[1:], keys.buffer.shape[1], keys.buffer.dtype)
+    step = _compiled(build, config, switches) if layout in _WARM else build(*config)
+    _WARM.add(layout)
+    return step(*arrays)
+
+
 @functools.lru_cache(maxsize=256)
-def _compiled_step(k_bits, v_bits, scale, k_unit, present, dtype, mma):
-    """One compiled graph per static configuration (bits, scale, which optional arrays come,
-    and ``mma``: ``vq_kernels._attention.USE_MMA`` when traced, whose loop the trace holds):
-    a decode step's Python then costs one call, whatever the kernel wrapper checks; MLX
-    traces it again only when a shape changes (the code buffers grow in steps)."""
-    return mx.compile(_step(k_bits, v_bits, scale, k_unit, present, dtype))
+def _compiled(build, config: tuple, switches: tuple):
+    del switches  # keys the cache: the trace holds the loop the switches chose
+    return mx.compile(build(*config))
 
 
-def _step(k_bits, v_bits, scale, k_unit, present, dtype):
-    """The decode step of :func:`_compiled_step`, uncompiled (the kernel wrapper reads
-    ``USE_MMA`` itself)."""
+def _codebook_step(k_bits, v_bits, scale, k_unit, present, dtype):
+    """The codebook kernel's decode step (:func:`codebook_decode_with_turboquant_values`)."""
 
     def step(q, mk, mvt, ek, ev, counts, kw, kn, kc, vw, vn, vc, *rest):
         it = iter(rest)

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 import vq_kernels
-from vq_algorithms._fused import kernel_applies, valid_tokens
+from vq_algorithms._fused import (
+    kernel_applies,
+    one_launch,
+    tail_applies,
+    valid_tokens,
+    view_counts,
+)
 from vq_core import (
     FLOAT16_MAX,
     Codes,
@@ -33,6 +39,7 @@ from vq_core import (
     invalid_choice,
     register,
     register_compressed_attention,
+    register_decode_attention,
 )
 
 GROUP_SIZES = (32, 64, 128)
@@ -148,12 +155,10 @@ def fused_affine_attention(
     reference segment runs) for formats that kernel does not take (per-channel values,
     groups of 16 along head_dim, per-channel blocks shorter than its token lanes), and
     unless :func:`~vq_algorithms._fused.kernel_applies`."""
-    kf, vf = kernel_format(keys), kernel_format(values)
-    d = keys.quantizer.head_dim
-    if kf is None or vf is None or vf[3] != "token" or not kernel_applies(d, q.shape[2]):
+    formats = _kernel_formats(keys, values)
+    if formats is None or not kernel_applies(keys.quantizer.head_dim, q.shape[2]):
         return None
-    if not all(vq_kernels.affine_kernel_format_supported(d, *f[1:]) for f in (kf, vf)):
-        return None
+    kf, vf = formats
     return vq_kernels.affine_decode_attention(
         q,
         kf[0],
@@ -168,5 +173,54 @@ def fused_affine_attention(
     )
 
 
+def _kernel_formats(keys, values):
+    """Both sides' :func:`kernel_format` when the affine kernel takes the pair, else None."""
+    kf, vf = kernel_format(keys), kernel_format(values)
+    if kf is None or vf is None or vf[3] != "token":
+        return None
+    d = keys.quantizer.head_dim
+    if not all(vq_kernels.affine_kernel_format_supported(d, *f[1:]) for f in (kf, vf)):
+        return None
+    return kf, vf
+
+
+def fused_affine_decode(queries: mx.array, keys, values, *, scale: float) -> mx.array | None:
+    """A whole decode step over affine or KIVI keys (either axis) and affine or per-token
+    KIVI values in one launch of vq-kernels' affine kernel with a decode tail (CUDA): the
+    compressed tokens, the exact sink and recent ones, means and finite flag. None for the
+    formats :func:`fused_affine_attention` declines and unless
+    :func:`~vq_algorithms._fused.tail_applies`."""
+    formats = _kernel_formats(keys, values)
+    if formats is None or not tail_applies(queries, keys, values):
+        return None
+    (k_codes, *kf), (v_codes, *vf) = formats
+    optional = (keys.mean, values.mean, keys.finite)
+    config = (tuple(kf), tuple(vf), float(scale), tuple(x is not None for x in optional))
+    config += (queries.dtype,)
+    arrays = [queries, keys.buffer, values.buffer, view_counts(keys, queries.shape[0])]
+    arrays += [*k_codes, *v_codes, *(x for x in optional if x is not None)]
+    return one_launch(_affine_step, config, queries, keys, arrays)
+
+
+def _affine_step(kf, vf, scale, present, dtype):
+    """The decode step of :func:`fused_affine_decode` (``kf``, ``vf``: bits, group size,
+    axis)."""
+    fmt = {"bits": kf[0], "group_size": kf[1], "key_axis": kf[2]}
+    fmt |= {"value_bits": vf[0], "value_group_size": vf[1]}
+
+    def step(q, ek, ev, counts, kw, ks, kb, vw, vs, vb, *rest):
+        it = iter(rest)
+        k_mean, v_mean, finite = (next(it) if p else None for p in present)
+        tail = vq_kernels.DecodeTail(None, None, ek, ev, counts, k_mean, v_mean, finite)
+        out, _ = vq_kernels.affine_decode_attention(
+            q, (kw, ks, kb), (vw, vs, vb), scale=scale, tail=tail, **fmt
+        )
+        return out.astype(dtype)
+
+    return step
+
+
 register_compressed_attention("affine", "affine", fused_affine_attention)
 register_compressed_attention("affine", "kivi", fused_affine_attention)
+register_decode_attention("affine", "affine", fused_affine_decode)
+register_decode_attention("affine", "kivi", fused_affine_decode)

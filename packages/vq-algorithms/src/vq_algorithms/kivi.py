@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_algorithms.affine import fused_affine_attention
+from vq_algorithms.affine import fused_affine_attention, fused_affine_decode
 from vq_core import (
     FLOAT16_MAX,
     Codes,
@@ -43,6 +43,7 @@ from vq_core import (
     packed_words,
     register,
     register_compressed_attention,
+    register_decode_attention,
     unpack,
 )
 
@@ -231,3 +232,5 @@ class Kivi(Quantizer):
 # affine kernel (per-channel keys fold a block's scales into the query once per block).
 register_compressed_attention("kivi", "affine", fused_affine_attention)
 register_compressed_attention("kivi", "kivi", fused_affine_attention)
+register_decode_attention("kivi", "affine", fused_affine_decode)
+register_decode_attention("kivi", "kivi", fused_affine_decode)
