@@ -129,6 +129,19 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
     ek = mx.random.normal((b, HKV, 40, D), key=ks[6]).astype(mx.float16)
     mean = mx.random.normal((b, HKV, 1, D), key=ks[5]) * 0.1
     mx.eval(rot, ek, mean)
+    counts = mx.array([[length] * b, [33] * b], dtype=mx.int32)
+    for bits in (4,):  # affine's whole decode step (no rotation): 33 exact tokens
+        qk, qv = (
+            mx.quantize(k16, group_size=64, bits=bits),
+            mx.quantize(v16, group_size=64, bits=bits),
+        )
+        affine_tail = vk.DecodeTail(None, None, ek, ek, counts)
+        out[f"vq affine q{bits} tail"] = (
+            lambda qk=qk, qv=qv, bits=bits, t=affine_tail: vk.affine_decode_attention(
+                q16, qk, qv, scale=SCALE, group_size=64, bits=bits, tail=t
+            ),
+            tokens * 2 * (D * bits // 8 + 2 * 2 * D // 64),
+        )
     for bits in (1, 2, 3, 4):
         w = vk.n_words(D, bits)
         kp = mx.random.randint(0, 2**31, (b, HKV, length, w), key=ks[4]).astype(mx.uint32)

@@ -236,6 +236,39 @@ def test_affine_decode_attention_channel_keys(d, kgs, kb, vgs, vb, g, channel_qu
     _close(lse, rlse)
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.float32])
+@pytest.mark.parametrize(
+    ("d", "kgs", "kb", "vgs", "vb", "axis"),
+    [(128, 64, 4, 64, 4, "token"), (128, 32, 2, 64, 4, "channel"), (64, 32, 8, 32, 3, "token")],
+)
+def test_affine_decode_attention_with_tail(d, kgs, kb, vgs, vb, axis, dtype, channel_quantize):
+    """affine_attn's one launch (no rotation): ragged compressed counts in whole blocks and
+    exact counts, 0 of either, means, the finite flag."""
+    lbuf, cap = 48 * kgs, 40
+    ks = mx.random.split(mx.random.key(d + kb), 6)
+    k = mx.random.normal((4, 2, lbuf, d), key=ks[0]).astype(mx.float16)
+    v = mx.random.normal((4, 2, lbuf, d), key=ks[1]).astype(mx.float16)
+    q = mx.random.normal((4, 8, 1, d), key=ks[2]).astype(dtype)
+    kq = channel_quantize(k, kgs, kb)[0] if axis == "channel" else mx.quantize(k, kgs, kb)
+    vq = mx.quantize(v, group_size=vgs, bits=vb)
+    ek = mx.random.normal((4, 2, cap, d), key=ks[3]).astype(dtype)
+    ev = mx.random.normal((4, 2, cap, d), key=ks[4]).astype(dtype)
+    km = mx.random.normal((4, 2, 1, d), key=ks[5]) * 0.5
+    counts = mx.array([[0, kgs, 21 * kgs, lbuf], [5, 0, cap, 33]], dtype=mx.int32)
+    kw = {"scale": d**-0.5, "group_size": kgs, "bits": kb, "key_axis": axis}
+    kw |= {"value_group_size": vgs, "value_bits": vb}
+    for finite in (None, mx.array(False)):
+        tail = vk.DecodeTail(None, None, ek, ev, counts, km, km * 0.5, finite)
+        out, lse = vk.affine_decode_attention(q, kq, vq, **kw, tail=tail, backend=GPU)
+        if finite is not None:
+            assert mx.all(mx.isnan(out)).item()
+            continue
+        rout, rlse = vk.affine_decode_attention(q, kq, vq, **kw, tail=tail, backend=REF)
+        tol = (2e-3, 2e-3) if dtype == mx.float16 else (ATOL, RTOL)
+        _close(out, rout, *tol)
+        _close(lse, rlse, *tol)
+
+
 def test_codebook_decode_attention_long_and_empty(loop_tol) -> None:
     q, kp, kn, ck, vp, vn, cv = _codebook_case(128, 2, 4, 1, 40000, 4, 4)
     args = (q, kp, kn, ck, 4, vp, vn, cv, 4)
