@@ -731,12 +731,18 @@ class CompressedKVCache:
         # A select over the (block-sized) exact buffers, not a slice update at an array
         # start: MLX runs a one-thread offset kernel before every dynamic slice update (two
         # extra kernels a layer on the critical path of a step; docs/gpu.md), while the
-        # select fuses into one elementwise kernel per buffer.
-        slots = mx.arange(self._xk.shape[2], dtype=at.dtype)
-        here = (slots == at)[None, None, :, None]
-        self._xk = mx.where(here, keys, self._xk)
-        self._xv = mx.where(here, values, self._xv)
-        valid = slots[None, :] < counts[1][:, None]
+        # select fuses into one elementwise kernel per buffer. The slot numbers are
+        # constants (no arange kernel per layer), one array per buffer so that each
+        # comparison has one consumer and fuses into its select (a shared one would be its
+        # own kernel).
+        c = self._xk.shape[2]
+        for side in ("k", "v"):
+            here = (_slots(c, at.dtype, side) == at)[None, None, :, None]
+            if side == "k":
+                self._xk = mx.where(here, keys, self._xk)
+            else:
+                self._xv = mx.where(here, values, self._xv)
+        valid = _slots(c, at.dtype, "valid")[None, :] < counts[1][:, None]
         ragged = {"lengths": counts[0], "valid": valid, "counts": counts}
         n_cap = self.code_capacity()
         return tuple(
@@ -796,6 +802,16 @@ class CompressedKVCache:
         self._keys = _write(self._keys, kc, self.key_quantizer, start, n, self.step)
         self._values = _write(self._values, vc, self.value_quantizer, start, n, self.step)
         self._n_comp = start + n
+
+
+@functools.lru_cache(maxsize=256)
+def _slots(n: int, dtype, side: str) -> mx.array:
+    """``arange(n)`` built once per (size, dtype, use): ``side`` keeps the arrays distinct
+    (equal arrays would be merged into one node of a compiled graph)."""
+    del side
+    out = mx.arange(n, dtype=dtype)
+    mx.eval(out)
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

@@ -28,7 +28,10 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)  # 8-dim chunks, a power of two per to
 # RaBitQ's divisor/unit norm: on an H200 at 128k tokens 143 us against the fp32 loop's 198.
 USE_MMA = True
 # Tiles of 16 tokens each warp of the tensor-core loop has in flight (its register ring).
-MMA_PREFETCH = 2
+# On an H200 (2026-12-03, one run, 4-bit with the tail, 4k / 32k / 128k tokens) 1 took
+# 33.4 / 54.9 / 113.9 us, 2: 36.0 / 56.3 / 137.0, 3: 39.1 / 51.8 / 133.6 (168 registers
+# from 2 on, against 128): the loop is not waiting on its loads.
+MMA_PREFETCH = 1
 # Four groups per SM for codebook_attn over long caches (at head_dim <= 128 its 128
 # registers per thread fit four, and the tensor-core loop's 35 KiB of shared memory; 256
 # needs 254 registers): on an H200 at 128k tokens the tensor-core loop took 125 us against

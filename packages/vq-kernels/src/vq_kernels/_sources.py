@@ -100,7 +100,7 @@ SPECS: dict[str, KernelSpec] = {
                 ("CEN", 1),
                 ("FIN", 1),
                 ("MMA", 1),
-                ("PF", 2),
+                ("PF", 1),
             ),
         ),
         KernelSpec(
