@@ -143,7 +143,10 @@ def test_bad_inputs():
     k = mx.zeros((1, 2, 1, 64), mx.float16)  # float32 buffers: refused while bound
     c = cache[0]
     counts = mx.array(c.decode_counts(), dtype=mx.int32)
-    c.bind(c.decode_inputs(), counts, counts[1, :1] - 1, mx.array(c.offset))
+    with pytest.raises(ShapeError, match="write mask must be bool"):
+        c.bind(c.decode_inputs(), counts, counts[1, :1] - 1, mx.array(c.offset))
+    here = mx.arange(c.exact_slots()) == c.decode_counts()[1][0] - 1
+    c.bind(c.decode_inputs(), counts, here, mx.array(c.offset))
     try:
         with pytest.raises(ShapeError, match="compiled decode step"):
             cache[0].update_and_fetch(k, k)

@@ -681,14 +681,25 @@ class CompressedKVCache:
         b = self._xk.shape[0]
         return [[self._n_comp] * b, [self._n_x + 1] * b]
 
-    def bind(self, arrays: list[mx.array], counts: mx.array, at: mx.array, offset) -> None:
+    def exact_slots(self) -> int:
+        """Slots of the exact buffers (sink, window and a block): the width of
+        :meth:`bind`'s write mask."""
+        return self._xk.shape[2]
+
+    def bind(self, arrays: list[mx.array], counts: mx.array, here: mx.array, offset) -> None:
         """While a compiled step traces: hold ``arrays`` (as :meth:`decode_inputs` returned
         them, traced) in place of the held arrays, and take the step's ints as traced
-        arrays: ``counts`` int32 ``[2, B]`` (:meth:`decode_counts`), ``at`` int32 ``[1]``
-        (the new token's exact slot) and ``offset`` (a scalar: the new token's position, as
-        mlx-lm's RoPE reads ``cache.offset``). :meth:`update_and_fetch` then writes the
-        token at ``at`` and returns views with array counts, so the trace reads no Python
-        int that changes from step to step. :meth:`unbind` restores the held state."""
+        arrays: ``counts`` int32 ``[2, B]`` (:meth:`decode_counts`), ``here`` bool
+        ``[exact_slots()]`` (True at the new token's exact slot, ``counts[1] - 1``) and
+        ``offset`` (a scalar: the new token's position, as mlx-lm's RoPE reads
+        ``cache.offset``). :meth:`update_and_fetch` then writes the token where ``here`` is
+        True and returns views with array counts, so the trace reads no Python int that
+        changes from step to step. :meth:`unbind` restores the held state."""
+        if here.shape != (self.exact_slots(),) or here.dtype != mx.bool_:
+            raise ShapeError(
+                f"the write mask must be bool [{self.exact_slots()}], got {here.dtype} "
+                f"{tuple(here.shape)}"
+            )
         self._held = (self._xk, self._xv, self._keys, self._values, self._key_mean,
                       self._value_mean, self._finite, self.offset)  # fmt: skip
         it = iter(arrays)
@@ -699,7 +710,7 @@ class CompressedKVCache:
         self._key_mean, self._value_mean, self._finite = (
             None if a is None else next(it) for a in self._held[4:7]
         )
-        self._bound = (counts, at)
+        self._bound = (counts, here)
         self.offset = offset
 
     def unbind(self) -> tuple[mx.array, mx.array]:
@@ -727,22 +738,15 @@ class CompressedKVCache:
                 f"{tuple(keys.shape)} {keys.dtype} for buffers {tuple(self._xk.shape)} "
                 f"{self._xk.dtype}"
             )
-        counts, at = self._bound
-        # A select over the (block-sized) exact buffers, not a slice update at an array
-        # start: MLX runs a one-thread offset kernel before every dynamic slice update (two
-        # extra kernels a layer on the critical path of a step; docs/gpu.md), while the
-        # select fuses into one elementwise kernel per buffer. The slot numbers are
-        # constants (no arange kernel per layer), one array per buffer so that each
-        # comparison has one consumer and fuses into its select (a shared one would be its
-        # own kernel).
-        c = self._xk.shape[2]
-        for side in ("k", "v"):
-            here = (_slots(c, at.dtype, side) == at)[None, None, :, None]
-            if side == "k":
-                self._xk = mx.where(here, keys, self._xk)
-            else:
-                self._xv = mx.where(here, values, self._xv)
-        valid = _slots(c, at.dtype, "valid")[None, :] < counts[1][:, None]
+        counts, here = self._bound
+        # A select over the (block-sized) exact buffers reading the step's write mask, not
+        # a slice update at an array start: MLX runs a one-thread offset kernel before every
+        # dynamic slice update (docs/gpu.md); a mask compared from the slot in the graph
+        # costs a kernel per layer (MLX does not fuse one comparison into two selects).
+        mask = here[None, None, :, None]
+        self._xk = mx.where(mask, keys, self._xk)
+        self._xv = mx.where(mask, values, self._xv)
+        valid = _slots(self.exact_slots(), counts.dtype)[None, :] < counts[1][:, None]
         ragged = {"lengths": counts[0], "valid": valid, "counts": counts}
         n_cap = self.code_capacity()
         return tuple(
@@ -805,10 +809,8 @@ class CompressedKVCache:
 
 
 @functools.lru_cache(maxsize=256)
-def _slots(n: int, dtype, side: str) -> mx.array:
-    """``arange(n)`` built once per (size, dtype, use): ``side`` keeps the arrays distinct
-    (equal arrays would be merged into one node of a compiled graph)."""
-    del side
+def _slots(n: int, dtype) -> mx.array:
+    """``arange(n)`` built once (a constant of a compiled graph, no kernel per step)."""
     out = mx.arange(n, dtype=dtype)
     mx.eval(out)
     return out

@@ -8,7 +8,7 @@ one-token forward over vq caches a traced graph that MLX replays: the caches' ar
 (:meth:`~vq_core.CompressedKVCache.decode_inputs`), the exact buffers with the new token
 come out, and everything that changes from step to step is sent as three small int32 arrays
 each step: the valid counts ``[layers, 2, B]``
-(:meth:`~vq_core.CompressedKVCache.decode_counts`), the write slots ``[layers]`` and the
+(:meth:`~vq_core.CompressedKVCache.decode_counts`), the write masks ``[layers, C]`` and the
 RoPE offset (one for all layers: a step whose layers disagree on it runs uncompiled). One trace then serves every step until
 a buffer changes shape; :class:`Decoder` grows every layer's code buffers at one step
 (:meth:`~vq_core.CompressedKVCache.reserve`) so that a growth costs one new trace, not one
@@ -28,6 +28,7 @@ the traces MLX made.
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from vq_core import CompressedKVCache
 from vq_core.cache import compiles_here
@@ -71,11 +72,10 @@ class Decoder:
             return None
         rows = [c.decode_counts() for c in caches]
         counts = mx.array(rows, dtype=mx.int32)
-        at = mx.array([r[1][0] - 1 for r in rows], dtype=mx.int32)
         self._caches = list(caches)
         try:
             flat = (x for a in arrays for x in a)
-            outs = fn(inputs, counts, at, mx.array(offset, dtype=mx.int32), *flat)
+            outs = fn(inputs, counts, _write_masks(caches, rows), mx.array(offset, mx.int32), *flat)
         finally:
             self._caches = []
         for i, c in enumerate(caches):
@@ -87,14 +87,15 @@ class Decoder:
         """The function ``mx.compile`` traces: bind each cache to its slice of the inputs and
         its row of ``counts``, run the model's own forward, collect the exact buffers."""
 
-        def step(inputs, counts, at, offset, *flat):
+        def step(inputs, counts, masks, offset, *flat):
             self.traces += 1
             caches, start = self._caches, 0
             bound = []
             try:
                 for i, (c, n) in enumerate(zip(caches, sizes, strict=True)):
                     row = counts[i : i + 1].reshape(counts.shape[1:])  # a view, no gather
-                    c.bind(list(flat[start : start + n]), row, at[i : i + 1], offset)
+                    here = masks[i, : c.exact_slots()]
+                    c.bind(list(flat[start : start + n]), row, here, offset)
                     bound.append(c)
                     start += n
                 logits = self.forward(self.model, inputs, cache=caches)
@@ -103,6 +104,15 @@ class Decoder:
             return [logits, *buffers]
 
         return step
+
+
+def _write_masks(caches, rows) -> mx.array:
+    """bool ``[layers, C]``: row i marks the exact slot cache i writes the new token to
+    (``counts[1] - 1``; C the largest exact buffer). One small array sent per step, so the
+    write is a select reading it, with no per-layer comparison kernel."""
+    masks = np.zeros((len(caches), max(c.exact_slots() for c in caches)), dtype=np.bool_)
+    masks[np.arange(len(caches)), [r[1][0] - 1 for r in rows]] = True
+    return mx.array(masks)
 
 
 def _reserve_together(caches) -> bool:
