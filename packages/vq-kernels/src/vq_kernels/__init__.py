@@ -28,6 +28,7 @@ from vq_kernels.codebook import (
     codebook_quantize_reference,
 )
 from vq_kernels.codebook_attention import (
+    KeySketch,
     codebook_decode_attention,
     codebook_decode_attention_reference,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "CompileRecord",
     "DecodeTail",
     "KernelError",
+    "KeySketch",
     "affine_decode_attention",
     "affine_format_supported",
     "affine_kernel_format_supported",

@@ -9,14 +9,18 @@ different bits; batch rows may have different valid lengths.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from vq_kernels import _attention
 from vq_kernels._attention import (
     KERNEL_HEAD_DIMS,
     DecodeTail,
+    _placeholder,
     batch_lengths,
     decode_launch,
+    float_bits,
     gqa_groups,
     no_tail_inputs,
     softmax_attention,
@@ -25,6 +29,43 @@ from vq_kernels._attention import (
 )
 from vq_kernels._backend import resolve_backend
 from vq_kernels.codebook import codebook_dequantize_reference, n_words
+
+
+@dataclass(frozen=True)
+class KeySketch:
+    """A second key term: TurboQuant-prod's 1-bit sketch of each key's residual (arXiv
+    2504.19874, Algorithm 2; QJL's estimator), ``s_i += scale * rnorm_i * (q_sketch .
+    sign_i)`` inside the softmax (``scale`` here is the sketch's, e.g. sqrt(pi/2) / m).
+
+    * ``q_sketch [B, Hq, Lq, D]`` (fp32 or fp16): the query projected by the sketch, in the
+      keys' basis (``q_rot @ S^T``; with a decode tail the caller's ``q @ M_k @ S^T``);
+    * ``signs`` uint32 ``[B, Hkv, Lbuf, ceil(D / 32)]``: bit j of a key (1: +1, 0: -1);
+    * ``rnorm`` float16 ``[B, Hkv, Lbuf]``; ``scale``: a Python float.
+    """
+
+    q_sketch: mx.array
+    signs: mx.array
+    rnorm: mx.array
+    scale: float
+
+    def check(self, q: mx.array, k_norm: mx.array) -> None:
+        d = q.shape[-1]
+        if self.q_sketch.shape != q.shape:
+            raise ValueError(f"q_sketch must have q's shape {q.shape}, got {self.q_sketch.shape}")
+        if self.signs.shape != (*k_norm.shape, n_words(d, 1)) or self.signs.dtype != mx.uint32:
+            raise ValueError(
+                f"sketch signs must be uint32 {(*k_norm.shape, n_words(d, 1))}, got "
+                f"{self.signs.dtype} {self.signs.shape}"
+            )
+        if self.rnorm.shape != k_norm.shape:
+            raise ValueError(
+                f"rnorm must have k_norm's shape {k_norm.shape}, got {self.rnorm.shape}"
+            )
+
+    def rows(self, i: int) -> KeySketch:
+        """Batch row ``i`` alone."""
+        one = slice(i, i + 1)
+        return KeySketch(self.q_sketch[one], self.signs[one], self.rnorm[one], self.scale)
 
 
 def codebook_decode_attention_reference(
@@ -43,6 +84,7 @@ def codebook_decode_attention_reference(
     lengths: mx.array | None = None,
     k_divisor: mx.array | None = None,
     k_unit: bool = False,
+    k_sketch: KeySketch | None = None,
     tail: DecodeTail | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Pure-MLX :func:`codebook_decode_attention`: dequantize, then exact softmax attention.
@@ -52,7 +94,7 @@ def codebook_decode_attention_reference(
     if tail is not None:
         return _tail_reference(
             q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
-            scale=scale, k_divisor=k_divisor, k_unit=k_unit, tail=tail,
+            scale=scale, k_divisor=k_divisor, k_unit=k_unit, k_sketch=k_sketch, tail=tail,
         )  # fmt: skip
     d = q_rot.shape[-1]
     if lengths is not None:
@@ -61,9 +103,10 @@ def codebook_decode_attention_reference(
             one = (q_rot[i : i + 1], k_packed[i : i + 1], k_norm[i : i + 1], k_centroids, k_bits)
             one += (v_packed[i : i + 1], v_norm[i : i + 1], v_centroids, v_bits)
             div = None if k_divisor is None else k_divisor[i : i + 1]
+            sk = None if k_sketch is None else k_sketch.rows(i)
             rows.append(
                 codebook_decode_attention_reference(
-                    *one, scale=scale, length=n, k_divisor=div, k_unit=k_unit
+                    *one, scale=scale, length=n, k_divisor=div, k_unit=k_unit, k_sketch=sk
                 )
             )
         return mx.concatenate([o for o, _ in rows]), mx.concatenate([s for _, s in rows])
@@ -78,26 +121,37 @@ def codebook_decode_attention_reference(
         weight = mx.where(cn > 0, weight / mx.where(cn > 0, cn, 1.0), 0.0)
     k = codebook_dequantize_reference(kp, weight, k_centroids, k_bits, d)
     v = codebook_dequantize_reference(v_packed[:, :, :n], v_norm[:, :, :n], v_centroids, v_bits, d)
+    if k_sketch is not None:  # the sketch term as more dims of one inner product
+        rn = k_sketch.rnorm[:, :, :n].astype(mx.float32) * k_sketch.scale
+        signs = codebook_dequantize_reference(k_sketch.signs[:, :, :n], rn, _PM_ONE, 1, d)
+        q_rot = mx.concatenate([q_rot.astype(mx.float32), k_sketch.q_sketch.astype(mx.float32)], -1)
+        k = mx.concatenate([k, signs], axis=-1)
     return softmax_attention(q_rot, k, v, scale)
 
 
-def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_unit, tail):
+_PM_ONE = mx.array([-1.0, 1.0])
+
+
+def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_unit, k_sketch, tail):
     """:func:`~vq_kernels._attention.tail_reference` over codebook codes."""
 
     def compressed(i, q_keys, n):
         one = slice(i, i + 1)
         div = None if k_divisor is None else k_divisor[one]
+        sk = None if k_sketch is None else k_sketch.rows(i)
         return codebook_decode_attention_reference(
             q_keys, kp[one], kn[one], kc, kb, vp[one], vn[one], vc, vb,
-            scale=scale, length=n, k_divisor=div, k_unit=k_unit,
+            scale=scale, length=n, k_divisor=div, k_unit=k_unit, k_sketch=sk,
         )  # fmt: skip
 
     return tail_reference(q, tail, scale, compressed)
 
 
-def _mma_applies(backend: str, d: int, k_bits: int, v_bits: int, k_divisor, k_unit) -> bool:
+def _mma_applies(
+    backend: str, d: int, k_bits: int, v_bits: int, k_divisor, k_unit, k_sketch
+) -> bool:
     """The tensor-core loop: CUDA, switched on (``_attention.USE_MMA``), 1/2/4-bit codes,
-    no RaBitQ divisor or unit-norm keys, head_dim a multiple of 16."""
+    no RaBitQ divisor, unit-norm keys or key sketch, head_dim a multiple of 16."""
     return (
         backend == "cuda"
         and _attention.USE_MMA
@@ -105,6 +159,7 @@ def _mma_applies(backend: str, d: int, k_bits: int, v_bits: int, k_divisor, k_un
         and v_bits in (1, 2, 4)
         and k_divisor is None
         and not k_unit
+        and k_sketch is None
         and d % 16 == 0
     )
 
@@ -125,6 +180,7 @@ def codebook_decode_attention(
     lengths: mx.array | None = None,
     k_divisor: mx.array | None = None,
     k_unit: bool = False,
+    k_sketch: KeySketch | None = None,
     tail: DecodeTail | None = None,
     backend: str | None = None,
 ) -> tuple[mx.array, mx.array]:
@@ -143,6 +199,8 @@ def codebook_decode_attention(
         k_divisor: float16 [B, Hkv, Lbuf] dividing each key's norm (RaBitQ's <ō, o>), or None.
         k_unit: divide each key by the norm of its code vector ||k_centroids[idx]|| (RaBitQ's
             ō = v / ||v||). Keys are k_i = k_norm_i / k_divisor_i * c[idx_i] (/ ||c[idx_i]||).
+        k_sketch: a :class:`KeySketch` (TurboQuant-prod's residual sketch): a second term of
+            every score (the GPU runs the fp32 loop for it).
         tail: a :class:`~vq_kernels.DecodeTail`: ``q_rot`` is then the query in the original
             basis (one token per row) and the op returns the whole attention (compressed and
             exact tokens, rotated back, means added) from one launch; ``counts`` replaces
@@ -172,12 +230,14 @@ def codebook_decode_attention(
         raise ValueError(
             f"k_divisor must have k_norm's shape {k_norm.shape}, got {k_divisor.shape}"
         )
+    if k_sketch is not None:
+        k_sketch.check(q_rot, k_norm)
     be = resolve_backend(backend)
     if be == "reference":
         return codebook_decode_attention_reference(
             q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
             scale=scale, length=n, lengths=lengths, k_divisor=k_divisor, k_unit=k_unit,
-            tail=tail,
+            k_sketch=k_sketch, tail=tail,
         )  # fmt: skip
     if d not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the codebook kernel needs head_dim in {KERNEL_HEAD_DIMS}, got {d}")
@@ -190,10 +250,18 @@ def codebook_decode_attention(
         v_centroids.astype(mx.float32),
         k_norm.astype(mx.float16) if k_divisor is None else k_divisor.astype(mx.float16),
     ]
+    if k_sketch is None:
+        inputs += [_placeholder(mx.float32), _placeholder(mx.uint32), _placeholder(mx.float16)]
+    else:
+        q2 = k_sketch.q_sketch
+        q2 = q2 if q2.dtype in (mx.float16, mx.float32) else q2.astype(mx.float32)
+        inputs += [q2, k_sketch.signs, k_sketch.rnorm.astype(mx.float16)]
     extra, flags = no_tail_inputs() if tail is None else tail.inputs(q_rot, hkv)
     template = [("D", d), ("KB", k_bits), ("VB", v_bits)]
     template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit))), *flags]
-    mma = _mma_applies(be, d, k_bits, v_bits, k_divisor, k_unit)
+    sketch_scale = 0.0 if k_sketch is None else float(k_sketch.scale)
+    template += [("K2", int(k_sketch is not None)), ("K2SCALE", float_bits(sketch_scale))]
+    mma = _mma_applies(be, d, k_bits, v_bits, k_divisor, k_unit, k_sketch)
     template += [("MMA", int(mma)), ("PF", _attention.MMA_PREFETCH if mma else 1)]
     if tail is not None:
         n, lens = None, tail.counts.astype(mx.int32)
