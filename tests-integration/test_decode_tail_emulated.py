@@ -49,7 +49,7 @@ def _without_decode_table(fn):
 @pytest.mark.parametrize(
     ("method", "bits", "options"),
     [("turboquant_mse", 4, {}), ("turboquant_mse", 2, {}), ("rabitq", 3, {}),
-     ("qjl", 1, {"sketch_dim": 64})],
+     ("qjl", 1, {"sketch_dim": 64}), ("turboquant_prod", 3, {}), ("turboquant_prod", 2, {})],
 )  # fmt: skip
 def test_decode_steps_match_the_segment_path(method, bits, options, emulated) -> None:
     hkv, g, d = 2, 4, 64

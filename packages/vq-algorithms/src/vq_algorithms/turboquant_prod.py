@@ -13,13 +13,32 @@ higher than TurboQuant-MSE at the same bits (the price of unbiasedness), so valu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
 
+import vq_kernels
+from vq_algorithms._fused import (
+    codebook_decode_with_turboquant_values,
+    codebook_keys_with_turboquant_values,
+    kernel_applies,
+    query_dtype,
+    rotation_matrix,
+    tail_applies,
+)
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
 from vq_algorithms._sign_sketch import SignSketch
-from vq_core import FLOAT16_MAX, Codes, HeadDims, Quantizer, register, stream_key
+from vq_core import (
+    FLOAT16_MAX,
+    Codes,
+    HeadDims,
+    Quantizer,
+    register,
+    register_compressed_attention,
+    register_decode_attention,
+    stream_key,
+)
 
 
 @dataclass(frozen=True)
@@ -83,3 +102,47 @@ class TurboQuantProd(Quantizer):
         pr = p * (codes["rnorm"].astype(mx.float32) * self.sketch.scale)[..., None, :]
         res = (pr @ self.sketch.pm_one(codes["qjl"])) @ self.sketch.matrix
         return self.rc.rotation.inverse(mse + res)
+
+
+def fused_prod_attention(q: mx.array, keys, values, *, scale: float):
+    """TurboQuant-prod keys with TurboQuant-MSE values in vq-kernels' codebook kernel: the
+    (b-1)-bit codes as its keys, the residual sketch as its second key term
+    (:class:`vq_kernels.KeySketch`). None unless
+    :func:`~vq_algorithms._fused.kernel_applies`."""
+    kq = keys.quantizer
+    if kq.sketch.m != kq.head_dim or not kernel_applies(kq.head_dim, q.shape[2]):
+        return None
+    q_rot = kq.rc.rotation.apply(q.astype(mx.float32))
+    sk = vq_kernels.KeySketch(
+        kq.sketch.project(q_rot), keys.codes["qjl"], keys.codes["rnorm"], kq.sketch.scale
+    )
+    return codebook_keys_with_turboquant_values(
+        q_rot, keys.codes["idx"], kq.rc.codebook.centroids, kq.rc.bits, keys, values,
+        scale=scale, k_sketch=sk,
+    )  # fmt: skip
+
+
+def fused_prod_decode(queries: mx.array, keys, values, *, scale: float):
+    """A whole decode step over TurboQuant-prod keys and TurboQuant-MSE values in one launch
+    (CUDA); None unless :func:`~vq_algorithms._fused.tail_applies`."""
+    kq = keys.quantizer
+    if kq.sketch.m != kq.head_dim or not tail_applies(queries, keys, values):
+        return None
+    dtype = query_dtype(queries)
+    sketch = (_sketch_matrix(kq, dtype), keys.codes["qjl"], keys.codes["rnorm"], kq.sketch.scale)
+    return codebook_decode_with_turboquant_values(
+        queries, rotation_matrix(kq.rc.rotation, dtype), keys.codes["idx"],
+        kq.rc.codebook.centroids, kq.rc.bits, keys, values, scale=scale, sketch=sketch,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _sketch_matrix(quantizer: TurboQuantProd, dtype) -> mx.array:
+    """``M_k S^T`` ``[D, D]`` in ``dtype``: ``q @`` it is the query rotated, then sketched."""
+    m = (quantizer.rc.rotation.matrix @ quantizer.sketch.matrix.T).astype(dtype)
+    mx.eval(m)
+    return m
+
+
+register_compressed_attention("turboquant_prod", "turboquant_mse", fused_prod_attention)
+register_decode_attention("turboquant_prod", "turboquant_mse", fused_prod_decode)
