@@ -41,6 +41,16 @@ class KernelSpec:
 
 _P = ("params", "int32")
 _ATTN_OUT = (("pm", "float32"), ("pl", "float32"), ("pacc", "float32"))
+# The decode tail's inputs (DecodeTail.inputs, the tail_*.inc fragments), in this order.
+_TAIL_IN = (
+    ("qk", "float32"),
+    ("mvt", "float32"),
+    ("ek", "float16"),
+    ("ev", "float16"),
+    ("kmu", "float32"),
+    ("vmu", "float32"),
+    ("fin", "bool"),
+)
 
 SPECS: dict[str, KernelSpec] = {
     s.name: s
@@ -75,13 +85,7 @@ SPECS: dict[str, KernelSpec] = {
                 ("q2", "float32"),
                 ("k2w", "uint32"),
                 ("k2n", "float16"),
-                ("qk", "float32"),
-                ("mvt", "float32"),
-                ("ek", "float16"),
-                ("ev", "float16"),
-                ("kmu", "float32"),
-                ("vmu", "float32"),
-                ("fin", "bool"),
+                *_TAIL_IN,
                 ("lengths", "int32"),
                 ("sem", "int32"),
             ),
@@ -118,13 +122,7 @@ SPECS: dict[str, KernelSpec] = {
                 ("vw", "uint32"),
                 ("vs", "float16"),
                 ("vb", "float16"),
-                ("qk", "float32"),
-                ("mvt", "float32"),
-                ("ek", "float16"),
-                ("ev", "float16"),
-                ("kmu", "float32"),
-                ("vmu", "float32"),
-                ("fin", "bool"),
+                *_TAIL_IN,
                 ("lengths", "int32"),
                 ("sem", "int32"),
             ),
