@@ -169,6 +169,22 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
                 ),
                 nbytes,
             )
+            if bits == 4:  # TurboQuant-prod@4: 3-bit codes + the residual's 1-bit sketch
+                k3 = mx.random.randint(0, 2**31, (b, HKV, length, vk.n_words(D, 3)), key=ks[4])
+                sg = mx.random.randint(0, 2**31, (b, HKV, length, vk.n_words(D, 1)), key=ks[6])
+                k3, sg = k3.astype(mx.uint32), sg.astype(mx.uint32)
+                cb3 = mx.sort(mx.random.normal((8,)) * 0.09)
+                mx.eval(k3, sg, cb3)
+                sketch = vk.KeySketch(q16, sg, norms, 0.01)  # q16 stands in for q @ M_k S^T
+                out["vq prod4 tail"] = (
+                    lambda k3=k3, cb3=cb3, sketch=sketch, args=args, tail=tail: (
+                        vk.codebook_decode_attention(
+                            q16, k3, norms, cb3, 3, *args[5:], scale=SCALE, tail=tail,
+                            k_sketch=sketch,
+                        )
+                    ),
+                    tokens * (4 * vk.n_words(D, 3) + 4 * vk.n_words(D, 1) + 4 + w * 4 + 2),
+                )  # fmt: skip
             if variants:  # the fp32 loop (USE_MMA off); one-wave grids of other sizes
                 tail_op = out[f"vq cb{bits} tail"][0]
                 out[f"vq cb{bits} tail fp32 loop"] = (_with(tail_op, USE_MMA=False), nbytes)
