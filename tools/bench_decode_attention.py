@@ -175,12 +175,13 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
                 k3, sg = k3.astype(mx.uint32), sg.astype(mx.uint32)
                 cb3 = mx.sort(mx.random.normal((8,)) * 0.09)
                 mx.eval(k3, sg, cb3)
-                sketch = vk.KeySketch(q16, sg, norms, 0.01)  # q16 stands in for q @ M_k S^T
+                pm_one = mx.array([-1.0, 1.0])  # q16 stands in for q @ M_k S^T
+                sketch = vk.KeyTerm(q16, sg, norms, pm_one, 1, 0.01)
                 out["vq prod4 tail"] = (
                     lambda k3=k3, cb3=cb3, sketch=sketch, args=args, tail=tail: (
                         vk.codebook_decode_attention(
                             q16, k3, norms, cb3, 3, *args[5:], scale=SCALE, tail=tail,
-                            k_sketch=sketch,
+                            k_term=sketch,
                         )
                     ),
                     tokens * (4 * vk.n_words(D, 3) + 4 * vk.n_words(D, 1) + 4 + w * 4 + 2),

@@ -139,37 +139,48 @@ def test_codebook_attention_with_tail(
     assert emulated == ["codebook_attn"] * 3
 
 
-def _sketch(seed: int, q: mx.array, lbuf: int, hkv: int, scale: float = 0.05) -> vk.KeySketch:
+def _key_term(seed: int, q: mx.array, lbuf: int, hkv: int, bits: int) -> vk.KeyTerm:
+    """A sketch-like term at 1 bit (codebook -1, +1, a small scale), else a second pass."""
     b, _, _, d = q.shape
-    ks = mx.random.split(mx.random.key(seed), 3)
-    bits = mx.random.randint(0, 2, (b, hkv, lbuf, d), key=ks[0])
-    signs = vk.pack_bits(bits, 1, backend=REF)
-    rnorm = mx.random.uniform(0.5, 3.0, (b, hkv, lbuf), key=ks[1]).astype(mx.float16)
-    return vk.KeySketch(mx.random.normal(q.shape, key=ks[2]), signs, rnorm, scale)
+    ks = mx.random.split(mx.random.key(seed), 4)
+    codes = vk.pack_bits(
+        mx.random.randint(0, 1 << bits, (b, hkv, lbuf, d), key=ks[0]), bits, backend=REF
+    )
+    norm = mx.random.uniform(0.5, 3.0, (b, hkv, lbuf), key=ks[1]).astype(mx.float16)
+    if bits == 1:
+        codebook, scale = mx.array([-1.0, 1.0]), 0.05
+    else:
+        codebook, scale = mx.sort(mx.random.normal((1 << bits,), key=ks[3]) * 0.09), 1.0
+    return vk.KeyTerm(mx.random.normal(q.shape, key=ks[2]), codes, norm, codebook, bits, scale)
 
 
-@pytest.mark.parametrize(("d", "g", "kb", "vb"), [(64, 4, 3, 4), (128, 2, 1, 2), (16, 1, 2, 2)])
-def test_codebook_attention_key_sketch(d, g, kb, vb, emulated: list[str]) -> None:
-    """TurboQuant-prod's second key term (1-bit residual sketch) in the fp32 loop, ragged
-    rows, with and without the decode tail; and the reference against scores built here."""
+@pytest.mark.parametrize(
+    ("d", "g", "kb", "vb", "tb"),
+    [(64, 4, 3, 4, 1), (128, 2, 1, 2, 1), (16, 1, 2, 2, 1), (64, 4, 2, 2, 2), (128, 2, 3, 4, 3),
+     (32, 2, 4, 4, 4)],
+)  # fmt: skip
+def test_codebook_attention_key_term(d, g, kb, vb, tb, emulated: list[str]) -> None:
+    """A second key term (TurboQuant-prod's 1-bit residual sketch, a residual VQ's second
+    pass of 2-4 bits) in the fp32 loop, ragged rows, with and without the decode tail; and
+    the reference against scores built here."""
     b, hkv, lbuf, cap = 3, 2, 90, 20
     q, kp, kn, ck, _, vp, vn, cv, _ = _codebook_case(d + 1, b, hkv, g, 1, lbuf, d, kb, vb)
-    sk = _sketch(d, q, lbuf, hkv)
+    sk = _key_term(d + tb, q, lbuf, hkv, tb)
     args = (q, kp, kn, ck, kb, vp, vn, cv, vb)
     lengths = mx.array([0, 41, lbuf], dtype=mx.int32)
-    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, k_sketch=sk)
+    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, lengths=lengths, k_term=sk)
     rout, rlse = vk.codebook_decode_attention(
-        *args, scale=d**-0.5, lengths=lengths, k_sketch=sk, backend=REF
+        *args, scale=d**-0.5, lengths=lengths, k_term=sk, backend=REF
     )
     _close(out, rout)
     _close(lse, rlse)
-    # the reference: scores s = scale * (q . k + sketch scale * rnorm * q_sketch . sign)
+    # the reference: scores s = scale * (q . k + term scale * norm * q_term . c2[idx2])
     k = vk.codebook_dequantize_reference(kp, kn, ck, kb, d)[2:]
-    sign = vk.unpack_bits_reference(sk.signs, 1, d)[2:].astype(mx.float32) * 2 - 1
+    levels = sk.codebook[vk.unpack_bits_reference(sk.codes, tb, d)[2:]]
     qg = q[2:].reshape(1, hkv, g, d)
     s = qg @ k.swapaxes(-1, -2)
-    s = s + sk.scale * sk.rnorm[2:].astype(mx.float32)[:, :, None] * (
-        sk.q_sketch[2:].reshape(1, hkv, g, d) @ sign.swapaxes(-1, -2)
+    s = s + sk.scale * sk.norm[2:].astype(mx.float32)[:, :, None] * (
+        sk.q_term[2:].reshape(1, hkv, g, d) @ levels.swapaxes(-1, -2)
     )
     v = vk.codebook_dequantize_reference(vp, vn, cv, vb, d)[2:]
     p = mx.softmax(d**-0.5 * s, axis=-1)
@@ -178,16 +189,19 @@ def test_codebook_attention_key_sketch(d, g, kb, vb, emulated: list[str]) -> Non
     ek = mx.random.normal((b, hkv, cap, d), key=ks[0])
     counts = mx.array([[0, 33, lbuf], [3, 0, cap]], dtype=mx.int32)
     tail = vk.DecodeTail(_orthogonal(d, 1), _orthogonal(d, 2).T, ek, ek * 0.5, counts)
-    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, k_sketch=sk)
+    out, lse = vk.codebook_decode_attention(*args, scale=d**-0.5, tail=tail, k_term=sk)
     rout, rlse = vk.codebook_decode_attention(
-        *args, scale=d**-0.5, tail=tail, k_sketch=sk, backend=REF
+        *args, scale=d**-0.5, tail=tail, k_term=sk, backend=REF
     )
     _close(out, rout)
     _close(lse, rlse)
     assert emulated == ["codebook_attn"] * 2
-    with pytest.raises(ValueError, match="sketch signs"):
-        bad = vk.KeySketch(sk.q_sketch, sk.signs[..., :0], sk.rnorm, 0.1)
-        vk.codebook_decode_attention(*args, scale=0.1, k_sketch=bad)
+    with pytest.raises(ValueError, match="key term codes"):
+        bad = vk.KeyTerm(sk.q_term, sk.codes[..., :0], sk.norm, sk.codebook, tb)
+        vk.codebook_decode_attention(*args, scale=0.1, k_term=bad)
+    with pytest.raises(ValueError, match="2\\^bits levels"):
+        bad = vk.KeyTerm(sk.q_term, sk.codes, sk.norm, mx.zeros((3,)), tb)
+        vk.codebook_decode_attention(*args, scale=0.1, k_term=bad)
 
 
 def test_codebook_attention_tail_needs_one_token(emulated: list[str]) -> None:

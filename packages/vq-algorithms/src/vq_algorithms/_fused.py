@@ -90,29 +90,29 @@ def codebook_decode_with_turboquant_values(
     values,
     *,
     scale: float,
-    sketch: tuple | None = None,
+    key_term: tuple | None = None,
     **key_options,
 ) -> mx.array:
     """The whole decode step of a cache in one launch of vq-kernels' codebook kernel:
     ``queries [B, Hq, 1, D]`` against the compressed keys (``q @ key_matrix`` is the query in
     their basis; ``key_codes`` and ``keys.codes["norm"]`` their codes) with TurboQuant-MSE
     values, plus the views' exact sink and recent tokens, centering means and finite flag.
-    ``keys``, ``values``: the cache's :class:`~vq_core.attention.CacheView` pair. ``sketch``:
-    ``(matrix [D, D], signs, rnorm, scale)`` of a second key term (``queries @ matrix`` the
-    sketched query; :class:`vq_kernels.KeySketch`), or None. Returns ``[B, Hq, 1, D]`` in
-    the queries' dtype."""
+    ``keys``, ``values``: the cache's :class:`~vq_core.attention.CacheView` pair.
+    ``key_term``: ``(matrix [D, D], codes, norm, codebook, bits, scale)`` of a second key
+    term (``queries @ matrix`` the query in its basis; :class:`vq_kernels.KeyTerm`), or
+    None. Returns ``[B, Hq, 1, D]`` in the queries' dtype."""
     vc = values.quantizer.rc
     optional = (key_options.get("k_divisor"), keys.mean, values.mean, keys.finite)
     config = (
         key_bits, vc.bits, float(scale), bool(key_options.get("k_unit", False)),
         tuple(x is not None for x in optional), queries.dtype,
-        None if sketch is None else float(sketch[3]),
+        None if key_term is None else (int(key_term[4]), float(key_term[5])),
     )  # fmt: skip
     arrays = [queries, key_matrix, inverse_matrix(vc.rotation), keys.buffer, values.buffer]
     arrays += [view_counts(keys, queries.shape[0]), key_codes, keys.codes["norm"], key_centroids]
     arrays += [values.codes["idx"], values.codes["norm"], vc.codebook.centroids]
     arrays += [x for x in optional if x is not None]
-    arrays += [] if sketch is None else list(sketch[:3])
+    arrays += [] if key_term is None else list(key_term[:4])
     return one_launch(_codebook_step, config, queries, keys, arrays)
 
 
@@ -149,20 +149,20 @@ def _compiled(build, config: tuple, switches: tuple):
     return mx.compile(build(*config))
 
 
-def _codebook_step(k_bits, v_bits, scale, k_unit, present, dtype, sketch_scale):
+def _codebook_step(k_bits, v_bits, scale, k_unit, present, dtype, term):
     """The codebook kernel's decode step (:func:`codebook_decode_with_turboquant_values`)."""
 
     def step(q, mk, mvt, ek, ev, counts, kw, kn, kc, vw, vn, vc, *rest):
         it = iter(rest)
         k_div, k_mean, v_mean, finite = (next(it) if p else None for p in present)
         tail = vq_kernels.DecodeTail(mk, mvt, ek, ev, counts, k_mean, v_mean, finite)
-        k_sketch = None
-        if sketch_scale is not None:
-            sm, signs, rnorm = next(it), next(it), next(it)
-            k_sketch = vq_kernels.KeySketch(q @ sm, signs, rnorm, sketch_scale)
+        k_term = None
+        if term is not None:  # (bits, scale); then matrix, codes, norm, codebook
+            tm, codes, norm, codebook = next(it), next(it), next(it), next(it)
+            k_term = vq_kernels.KeyTerm(q @ tm, codes, norm, codebook, *term)
         out, _ = vq_kernels.codebook_decode_attention(
             q, kw, kn, kc, k_bits, vw, vn, vc, v_bits, scale=scale, tail=tail,
-            k_divisor=k_div, k_unit=k_unit, k_sketch=k_sketch,
+            k_divisor=k_div, k_unit=k_unit, k_term=k_term,
         )  # fmt: skip
         return out.astype(dtype)
 

@@ -25,6 +25,7 @@ from vq_algorithms._fused import (
     kernel_applies,
     query_dtype,
     rotation_matrix,
+    sign_codebook,
     tail_applies,
 )
 from vq_algorithms._rotated_codebook import RotatedCodebook, RotatedConfig
@@ -107,18 +108,19 @@ class TurboQuantProd(Quantizer):
 def fused_prod_attention(q: mx.array, keys, values, *, scale: float):
     """TurboQuant-prod keys with TurboQuant-MSE values in vq-kernels' codebook kernel: the
     (b-1)-bit codes as its keys, the residual sketch as its second key term
-    (:class:`vq_kernels.KeySketch`). None unless
+    (:class:`vq_kernels.KeyTerm`: 1-bit codes, codebook -1 / +1). None unless
     :func:`~vq_algorithms._fused.kernel_applies`."""
     kq = keys.quantizer
     if kq.sketch.m != kq.head_dim or not kernel_applies(kq.head_dim, q.shape[2]):
         return None
     q_rot = kq.rc.rotation.apply(q.astype(mx.float32))
-    sk = vq_kernels.KeySketch(
-        kq.sketch.project(q_rot), keys.codes["qjl"], keys.codes["rnorm"], kq.sketch.scale
-    )
+    sk = vq_kernels.KeyTerm(
+        kq.sketch.project(q_rot), keys.codes["qjl"], keys.codes["rnorm"], sign_codebook(), 1,
+        kq.sketch.scale,
+    )  # fmt: skip
     return codebook_keys_with_turboquant_values(
         q_rot, keys.codes["idx"], kq.rc.codebook.centroids, kq.rc.bits, keys, values,
-        scale=scale, k_sketch=sk,
+        scale=scale, k_term=sk,
     )  # fmt: skip
 
 
@@ -129,10 +131,11 @@ def fused_prod_decode(queries: mx.array, keys, values, *, scale: float):
     if kq.sketch.m != kq.head_dim or not tail_applies(queries, keys, values):
         return None
     dtype = query_dtype(queries)
-    sketch = (_sketch_matrix(kq, dtype), keys.codes["qjl"], keys.codes["rnorm"], kq.sketch.scale)
+    term = (_sketch_matrix(kq, dtype), keys.codes["qjl"], keys.codes["rnorm"], sign_codebook())
+    term += (1, kq.sketch.scale)
     return codebook_decode_with_turboquant_values(
         queries, rotation_matrix(kq.rc.rotation, dtype), keys.codes["idx"],
-        kq.rc.codebook.centroids, kq.rc.bits, keys, values, scale=scale, sketch=sketch,
+        kq.rc.codebook.centroids, kq.rc.bits, keys, values, scale=scale, key_term=term,
     )  # fmt: skip
 
 

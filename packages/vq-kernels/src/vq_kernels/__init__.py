@@ -28,7 +28,7 @@ from vq_kernels.codebook import (
     codebook_quantize_reference,
 )
 from vq_kernels.codebook_attention import (
-    KeySketch,
+    KeyTerm,
     codebook_decode_attention,
     codebook_decode_attention_reference,
 )
@@ -53,7 +53,7 @@ __all__ = [
     "CompileRecord",
     "DecodeTail",
     "KernelError",
-    "KeySketch",
+    "KeyTerm",
     "affine_decode_attention",
     "affine_format_supported",
     "affine_kernel_format_supported",

@@ -85,6 +85,7 @@ SPECS: dict[str, KernelSpec] = {
                 ("q2", "float32"),
                 ("k2w", "uint32"),
                 ("k2n", "float16"),
+                ("k2c", "float32"),
                 *_TAIL_IN,
                 ("lengths", "int32"),
                 ("sem", "int32"),

@@ -32,40 +32,50 @@ from vq_kernels.codebook import codebook_dequantize_reference, n_words
 
 
 @dataclass(frozen=True)
-class KeySketch:
-    """A second key term: TurboQuant-prod's 1-bit sketch of each key's residual (arXiv
-    2504.19874, Algorithm 2; QJL's estimator), ``s_i += scale * rnorm_i * (q_sketch .
-    sign_i)`` inside the softmax (``scale`` here is the sketch's, e.g. sqrt(pi/2) / m).
+class KeyTerm:
+    """A second additive key term inside the softmax: ``s_i += scale * norm_i * (q_term .
+    codebook[idx_i])`` with ``bits``-bit scalar codes in the term's own basis.
+    TurboQuant-prod's 1-bit residual sketch (arXiv 2504.19874, Algorithm 2; QJL's
+    estimator) is the case ``bits=1``, codebook ``(-1, +1)``, ``scale = sqrt(pi/2) / m``;
+    a residual VQ's second pass is the case of its codebook with ``scale=1``.
 
-    * ``q_sketch [B, Hq, Lq, D]`` (fp32 or fp16): the query projected by the sketch, in the
-      keys' basis (``q_rot @ S^T``; with a decode tail the caller's ``q @ M_k @ S^T``);
-    * ``signs`` uint32 ``[B, Hkv, Lbuf, ceil(D / 32)]``: bit j of a key (1: +1, 0: -1);
-    * ``rnorm`` float16 ``[B, Hkv, Lbuf]``; ``scale``: a Python float.
+    * ``q_term [B, Hq, Lq, D]`` (fp32 or fp16): the query in the term's basis (``q_rot @
+      S^T`` for a sketch; with a decode tail the caller's ``q @ M``);
+    * ``codes`` uint32 ``[B, Hkv, Lbuf, ceil(D * bits / 32)]``; ``norm`` float16
+      ``[B, Hkv, Lbuf]``; ``codebook`` fp32 ``[2^bits]``; ``bits`` in 1-4; ``scale`` a float.
     """
 
-    q_sketch: mx.array
-    signs: mx.array
-    rnorm: mx.array
-    scale: float
+    q_term: mx.array
+    codes: mx.array
+    norm: mx.array
+    codebook: mx.array
+    bits: int
+    scale: float = 1.0
 
     def check(self, q: mx.array, k_norm: mx.array) -> None:
         d = q.shape[-1]
-        if self.q_sketch.shape != q.shape:
-            raise ValueError(f"q_sketch must have q's shape {q.shape}, got {self.q_sketch.shape}")
-        if self.signs.shape != (*k_norm.shape, n_words(d, 1)) or self.signs.dtype != mx.uint32:
+        if self.bits not in (1, 2, 3, 4) or self.codebook.shape != (1 << self.bits,):
             raise ValueError(
-                f"sketch signs must be uint32 {(*k_norm.shape, n_words(d, 1))}, got "
-                f"{self.signs.dtype} {self.signs.shape}"
+                f"a key term needs bits in 1-4 and a codebook of 2^bits levels, got bits="
+                f"{self.bits} and codebook {self.codebook.shape}"
             )
-        if self.rnorm.shape != k_norm.shape:
+        if self.q_term.shape != q.shape:
+            raise ValueError(f"q_term must have q's shape {q.shape}, got {self.q_term.shape}")
+        want = (*k_norm.shape, n_words(d, self.bits))
+        if self.codes.shape != want or self.codes.dtype != mx.uint32:
             raise ValueError(
-                f"rnorm must have k_norm's shape {k_norm.shape}, got {self.rnorm.shape}"
+                f"key term codes must be uint32 {want}, got {self.codes.dtype} {self.codes.shape}"
             )
+        if self.norm.shape != k_norm.shape:
+            raise ValueError(f"norm must have k_norm's shape {k_norm.shape}, got {self.norm.shape}")
 
-    def rows(self, i: int) -> KeySketch:
+    def rows(self, i: int) -> KeyTerm:
         """Batch row ``i`` alone."""
         one = slice(i, i + 1)
-        return KeySketch(self.q_sketch[one], self.signs[one], self.rnorm[one], self.scale)
+        return KeyTerm(
+            self.q_term[one], self.codes[one], self.norm[one], self.codebook, self.bits,
+            self.scale,
+        )  # fmt: skip
 
 
 def codebook_decode_attention_reference(
@@ -84,7 +94,7 @@ def codebook_decode_attention_reference(
     lengths: mx.array | None = None,
     k_divisor: mx.array | None = None,
     k_unit: bool = False,
-    k_sketch: KeySketch | None = None,
+    k_term: KeyTerm | None = None,
     tail: DecodeTail | None = None,
 ) -> tuple[mx.array, mx.array]:
     """Pure-MLX :func:`codebook_decode_attention`: dequantize, then exact softmax attention.
@@ -94,7 +104,7 @@ def codebook_decode_attention_reference(
     if tail is not None:
         return _tail_reference(
             q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
-            scale=scale, k_divisor=k_divisor, k_unit=k_unit, k_sketch=k_sketch, tail=tail,
+            scale=scale, k_divisor=k_divisor, k_unit=k_unit, k_term=k_term, tail=tail,
         )  # fmt: skip
     d = q_rot.shape[-1]
     if lengths is not None:
@@ -103,10 +113,10 @@ def codebook_decode_attention_reference(
             one = (q_rot[i : i + 1], k_packed[i : i + 1], k_norm[i : i + 1], k_centroids, k_bits)
             one += (v_packed[i : i + 1], v_norm[i : i + 1], v_centroids, v_bits)
             div = None if k_divisor is None else k_divisor[i : i + 1]
-            sk = None if k_sketch is None else k_sketch.rows(i)
+            sk = None if k_term is None else k_term.rows(i)
             rows.append(
                 codebook_decode_attention_reference(
-                    *one, scale=scale, length=n, k_divisor=div, k_unit=k_unit, k_sketch=sk
+                    *one, scale=scale, length=n, k_divisor=div, k_unit=k_unit, k_term=sk
                 )
             )
         return mx.concatenate([o for o, _ in rows]), mx.concatenate([s for _, s in rows])
@@ -121,37 +131,33 @@ def codebook_decode_attention_reference(
         weight = mx.where(cn > 0, weight / mx.where(cn > 0, cn, 1.0), 0.0)
     k = codebook_dequantize_reference(kp, weight, k_centroids, k_bits, d)
     v = codebook_dequantize_reference(v_packed[:, :, :n], v_norm[:, :, :n], v_centroids, v_bits, d)
-    if k_sketch is not None:  # the sketch term as more dims of one inner product
-        rn = k_sketch.rnorm[:, :, :n].astype(mx.float32) * k_sketch.scale
-        signs = codebook_dequantize_reference(k_sketch.signs[:, :, :n], rn, _PM_ONE, 1, d)
-        q_rot = mx.concatenate([q_rot.astype(mx.float32), k_sketch.q_sketch.astype(mx.float32)], -1)
-        k = mx.concatenate([k, signs], axis=-1)
+    if k_term is not None:  # the second term as more dims of one inner product
+        t = k_term
+        norm = t.norm[:, :, :n].astype(mx.float32) * t.scale
+        k2 = codebook_dequantize_reference(t.codes[:, :, :n], norm, t.codebook, t.bits, d)
+        q_rot = mx.concatenate([q_rot.astype(mx.float32), t.q_term.astype(mx.float32)], -1)
+        k = mx.concatenate([k, k2], axis=-1)
     return softmax_attention(q_rot, k, v, scale)
 
 
-_PM_ONE = mx.array([-1.0, 1.0])
-
-
-def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_unit, k_sketch, tail):
+def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_unit, k_term, tail):
     """:func:`~vq_kernels._attention.tail_reference` over codebook codes."""
 
     def compressed(i, q_keys, n):
         one = slice(i, i + 1)
         div = None if k_divisor is None else k_divisor[one]
-        sk = None if k_sketch is None else k_sketch.rows(i)
+        sk = None if k_term is None else k_term.rows(i)
         return codebook_decode_attention_reference(
             q_keys, kp[one], kn[one], kc, kb, vp[one], vn[one], vc, vb,
-            scale=scale, length=n, k_divisor=div, k_unit=k_unit, k_sketch=sk,
+            scale=scale, length=n, k_divisor=div, k_unit=k_unit, k_term=sk,
         )  # fmt: skip
 
     return tail_reference(q, tail, scale, compressed)
 
 
-def _mma_applies(
-    backend: str, d: int, k_bits: int, v_bits: int, k_divisor, k_unit, k_sketch
-) -> bool:
+def _mma_applies(backend: str, d: int, k_bits: int, v_bits: int, k_divisor, k_unit, k_term) -> bool:
     """The tensor-core loop: CUDA, switched on (``_attention.USE_MMA``), 1/2/4-bit codes,
-    no RaBitQ divisor, unit-norm keys or key sketch, head_dim a multiple of 16."""
+    no RaBitQ divisor, unit-norm keys or second key term, head_dim a multiple of 16."""
     return (
         backend == "cuda"
         and _attention.USE_MMA
@@ -159,7 +165,7 @@ def _mma_applies(
         and v_bits in (1, 2, 4)
         and k_divisor is None
         and not k_unit
-        and k_sketch is None
+        and k_term is None
         and d % 16 == 0
     )
 
@@ -180,7 +186,7 @@ def codebook_decode_attention(
     lengths: mx.array | None = None,
     k_divisor: mx.array | None = None,
     k_unit: bool = False,
-    k_sketch: KeySketch | None = None,
+    k_term: KeyTerm | None = None,
     tail: DecodeTail | None = None,
     backend: str | None = None,
 ) -> tuple[mx.array, mx.array]:
@@ -199,8 +205,8 @@ def codebook_decode_attention(
         k_divisor: float16 [B, Hkv, Lbuf] dividing each key's norm (RaBitQ's <ō, o>), or None.
         k_unit: divide each key by the norm of its code vector ||k_centroids[idx]|| (RaBitQ's
             ō = v / ||v||). Keys are k_i = k_norm_i / k_divisor_i * c[idx_i] (/ ||c[idx_i]||).
-        k_sketch: a :class:`KeySketch` (TurboQuant-prod's residual sketch): a second term of
-            every score (the GPU runs the fp32 loop for it).
+        k_term: a :class:`KeyTerm` (TurboQuant-prod's residual sketch, a residual VQ's
+            second pass): a second term of every score (the GPU runs the fp32 loop for it).
         tail: a :class:`~vq_kernels.DecodeTail`: ``q_rot`` is then the query in the original
             basis (one token per row) and the op returns the whole attention (compressed and
             exact tokens, rotated back, means added) from one launch; ``counts`` replaces
@@ -230,14 +236,14 @@ def codebook_decode_attention(
         raise ValueError(
             f"k_divisor must have k_norm's shape {k_norm.shape}, got {k_divisor.shape}"
         )
-    if k_sketch is not None:
-        k_sketch.check(q_rot, k_norm)
+    if k_term is not None:
+        k_term.check(q_rot, k_norm)
     be = resolve_backend(backend)
     if be == "reference":
         return codebook_decode_attention_reference(
             q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
             scale=scale, length=n, lengths=lengths, k_divisor=k_divisor, k_unit=k_unit,
-            k_sketch=k_sketch, tail=tail,
+            k_term=k_term, tail=tail,
         )  # fmt: skip
     if d not in KERNEL_HEAD_DIMS:
         raise ValueError(f"the codebook kernel needs head_dim in {KERNEL_HEAD_DIMS}, got {d}")
@@ -250,18 +256,20 @@ def codebook_decode_attention(
         v_centroids.astype(mx.float32),
         k_norm.astype(mx.float16) if k_divisor is None else k_divisor.astype(mx.float16),
     ]
-    if k_sketch is None:
+    if k_term is None:
         inputs += [_placeholder(mx.float32), _placeholder(mx.uint32), _placeholder(mx.float16)]
+        inputs.append(_placeholder(mx.float32))
     else:
-        q2 = k_sketch.q_sketch
+        q2 = k_term.q_term
         q2 = q2 if q2.dtype in (mx.float16, mx.float32) else q2.astype(mx.float32)
-        inputs += [q2, k_sketch.signs, k_sketch.rnorm.astype(mx.float16)]
+        inputs += [q2, k_term.codes, k_term.norm.astype(mx.float16)]
+        inputs.append(k_term.codebook.astype(mx.float32))
     extra, flags = no_tail_inputs() if tail is None else tail.inputs(q_rot, hkv)
     template = [("D", d), ("KB", k_bits), ("VB", v_bits)]
     template += [("KDIV", int(k_divisor is not None)), ("KUNIT", int(bool(k_unit))), *flags]
-    sketch_scale = 0.0 if k_sketch is None else float(k_sketch.scale)
-    template += [("K2", int(k_sketch is not None)), ("K2SCALE", float_bits(sketch_scale))]
-    mma = _mma_applies(be, d, k_bits, v_bits, k_divisor, k_unit, k_sketch)
+    term_bits, term_scale = (0, 0.0) if k_term is None else (k_term.bits, float(k_term.scale))
+    template += [("K2", term_bits), ("K2SCALE", float_bits(term_scale))]
+    mma = _mma_applies(be, d, k_bits, v_bits, k_divisor, k_unit, k_term)
     template += [("MMA", int(mma)), ("PF", _attention.MMA_PREFETCH if mma else 1)]
     if tail is not None:
         n, lens = None, tail.counts.astype(mx.int32)
