@@ -49,7 +49,8 @@ def _without_decode_table(fn):
 @pytest.mark.parametrize(
     ("method", "bits", "options"),
     [("turboquant_mse", 4, {}), ("turboquant_mse", 2, {}), ("rabitq", 3, {}),
-     ("qjl", 1, {"sketch_dim": 64}), ("turboquant_prod", 3, {}), ("turboquant_prod", 2, {})],
+     ("qjl", 1, {"sketch_dim": 64}), ("turboquant_prod", 3, {}), ("turboquant_prod", 2, {}),
+     ("turboquant_rvq", 4, {}), ("turboquant_rvq", 5, {})],
 )  # fmt: skip
 def test_decode_steps_match_the_segment_path(method, bits, options, emulated) -> None:
     hkv, g, d = 2, 4, 64
@@ -103,3 +104,28 @@ def test_affine_kernel_decode_matches_the_segment_path(keys, values, emulated) -
         for got in (fused, seg):
             assert mx.allclose(got, ref, atol=3e-4, rtol=3e-4).item(), (t, mx.abs(got - ref).max())
     assert emulated and set(emulated) == {"affine_attn"}
+
+
+@pytest.mark.parametrize("values", ["turboquant_rvq", "turboquant_mse"])
+def test_rvq_decode_matches_the_reference(values, emulated) -> None:
+    """Two-pass TurboQuant-RVQ keys: one launch per value pass (the second weighted in
+    through the log-sum-exps, centering shift included) equals the pure reference."""
+    hkv, g, d = 2, 4, 64
+    cache = make_cache("turboquant_rvq", head_dim=d, bits=4, block=8, value_method=values)
+    ks = mx.random.split(mx.random.key(5), 3)
+    k = mx.random.normal((1, hkv, 56, d), key=ks[0]) + 0.5
+    v = mx.random.normal((1, hkv, 56, d), key=ks[1])
+    q = mx.random.normal((1, hkv * g, 1, d), key=ks[2])
+    cache.update_and_fetch(k[:, :, :40], v[:, :, :40])
+    for t in range(40, 56):
+        kv, vv = cache.update_and_fetch(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        assert kv.mean is not None  # the centering shift is exercised
+        n = len(emulated)
+        fused = attend(q, kv, vv, scale=d**-0.5)
+        assert len(emulated) - n == (2 if values == "turboquant_rvq" else 1)
+
+        def segments(kv=kv, vv=vv):
+            return attend(q, kv, vv, scale=d**-0.5)
+
+        ref = _without_decode_table(lambda: _without(table._TABLE, segments))
+        assert mx.allclose(fused, ref, atol=1e-4, rtol=1e-4).item(), (t, mx.abs(fused - ref).max())

@@ -25,6 +25,8 @@ PAIRS = [
     (vq_algorithms.rabitq, ("rabitq", {"bits": 3}), ("turboquant_mse", {"bits": 2})),
     (vq_algorithms.qjl, ("qjl", {}), ("turboquant_mse", {"bits": 4})),
     (vq_algorithms.turboquant_prod, ("turboquant_prod", {"bits": 3}), ("turboquant_mse", {})),
+    (vq_algorithms.turboquant_rvq, ("turboquant_rvq", {"bits": 4}), ("turboquant_rvq", {"bits": 5})),
+    (vq_algorithms.turboquant_rvq, ("turboquant_rvq", {"bits": 3}), ("turboquant_mse", {"bits": 2})),
     (vq_algorithms.affine, ("affine", {"bits": 4, "group_size": 32}), ("affine", {"bits": 4, "group_size": 32})),
     (vq_algorithms.vecinfer, ("vecinfer", {"bits": 2, "untrained": True}), ("vecinfer", {"bits": 2, "untrained": True})),
 ]  # fmt: skip
