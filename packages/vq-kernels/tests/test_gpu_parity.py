@@ -166,6 +166,36 @@ def test_codebook_decode_attention_with_tail(
         _close(lse, rlse, *loop_tol)
 
 
+@pytest.mark.parametrize(("d", "kb", "vb", "tb"), [(128, 3, 4, 1), (128, 2, 2, 2), (64, 4, 4, 3)])
+def test_codebook_decode_attention_key_term(d: int, kb: int, vb: int, tb: int) -> None:
+    """A second key term (TurboQuant-prod's sign sketch at 1 bit, a residual VQ's second
+    pass at 2-3 bits): ragged rows from a device array, then one launch with the tail."""
+    lbuf, cap = 3000, 40
+    q, kp, kn, ck, vp, vn, cv = _codebook_case(d, 2, 4, 1, lbuf, kb, vb, batch=3)
+    ks = mx.random.split(mx.random.key(d + tb), 5)
+    codes = vk.pack_bits(mx.random.randint(0, 1 << tb, (3, 2, lbuf, d), key=ks[0]), tb)
+    norm = mx.random.uniform(0.5, 3.0, (3, 2, lbuf), key=ks[1]).astype(mx.float16)
+    codebook = mx.array([-1.0, 1.0]) if tb == 1 else _codebook(tb, tb + 30)
+    term = vk.KeyTerm(mx.random.normal(q.shape, key=ks[2]), codes, norm, codebook, tb, 0.3)
+    args = (q, kp, kn, ck, kb, vp, vn, cv, vb)
+    kw = {"scale": d**-0.5, "k_term": term, "lengths": mx.array([0, 1234, lbuf], dtype=mx.int32)}
+    out, lse = vk.codebook_decode_attention(*args, **kw, backend=GPU)
+    rout, rlse = vk.codebook_decode_attention(*args, **kw, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+    if GPU != "cuda":  # the tail merges in the kernel: CUDA only
+        return
+    ek = mx.random.normal((3, 2, cap, d), key=ks[3]).astype(mx.float16)
+    km = mx.random.normal((3, 2, 1, d), key=ks[4]) * 0.5
+    counts = mx.array([[0, 777, lbuf], [5, 0, cap]], dtype=mx.int32)
+    tail = vk.DecodeTail(_orthogonal(d, 1), _orthogonal(d, 2).T, ek, ek, counts, km, km)
+    kw = {"scale": d**-0.5, "k_term": term, "tail": tail}
+    out, lse = vk.codebook_decode_attention(*args, **kw, backend=GPU)
+    rout, rlse = vk.codebook_decode_attention(*args, **kw, backend=REF)
+    _close(out, rout)
+    _close(lse, rlse)
+
+
 def _rabitq_style_keys(kb: int, norm_shape, seed: int) -> tuple[mx.array, dict]:
     """RaBitQ's half-integer grid codebook for ``kb``-bit keys and the kernel options of its
     estimator: a float16 divisor per key (``norm_shape``) and unit code vectors."""
