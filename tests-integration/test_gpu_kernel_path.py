@@ -14,24 +14,38 @@ GPU = vq_kernels.available_backend() != "reference"
 pytestmark = pytest.mark.skipif(not GPU, reason="needs MLX CUDA or Metal: CPU build of MLX")
 
 TOKENS = mx.array([[5, 17, 3, 44, 9, 12, 60, 2, 33, 8, 71, 19, 4, 27, 50, 11]])
+LONG = mx.concatenate([TOKENS, (TOKENS * 3 + 1) % 97, (TOKENS * 7 + 2) % 89], axis=1)
 
 
-def _decode_logits(model):
+def _decode_logits(model, tokens=TOKENS):
+    """Prefill all but the last 4 tokens, then decode those 4 one at a time."""
+    n = tokens.shape[1]
     cache = make_prompt_cache(model)
-    model(TOKENS[:, :12], cache=cache)
-    return mx.concatenate([model(TOKENS[:, i : i + 1], cache=cache) for i in range(12, 16)], 1)
+    model(tokens[:, : n - 4], cache=cache)
+    return mx.concatenate([model(tokens[:, i : i + 1], cache=cache) for i in range(n - 4, n)], 1)
 
 
-def test_patched_model_decodes_through_the_fused_kernel_and_matches_reference():
-    model = patch(build("llama"), "turboquant_mse", bits=4, block=4)  # 12 tokens: 3 blocks
+@pytest.mark.parametrize(
+    ("method", "bits", "kernel"),
+    [("turboquant_mse", 4, "codebook_attn"), ("turboquant_prod", 3, "codebook_attn"),
+     ("turboquant_rvq", 4, "codebook_attn"), ("affine", 4, "affine_attn"),
+     ("kivi", 4, "affine_attn")],
+)  # fmt: skip
+def test_patched_model_decodes_through_the_fused_kernel_and_matches_reference(method, bits, kernel):
+    if method == "kivi":  # per-channel groups of 16 tokens, encoded in blocks of 16
+        model = patch(build("llama"), method, bits=bits, block=16, group_size=16)
+        tokens = LONG  # 44 prefilled: two blocks compressed
+    else:
+        model = patch(build("llama"), method, bits=bits, block=4)  # 12 tokens: 3 blocks
+        tokens = TOKENS
     before = len(vq_kernels.compile_report())
-    fused = _decode_logits(model)
+    fused = _decode_logits(model, tokens)
     mx.eval(fused)
     names = [r.kernel for r in vq_kernels.compile_report()]
-    assert len(names) > before and any("codebook_attn" in n for n in names), names
+    assert len(names) > before and any(kernel in n for n in names), names
     os.environ[vq_kernels.ENV_VAR] = "reference"
     try:
-        ref = _decode_logits(model)
+        ref = _decode_logits(model, tokens)
     finally:
         del os.environ[vq_kernels.ENV_VAR]
     assert mx.allclose(fused, ref, atol=2e-3, rtol=2e-3).item()
