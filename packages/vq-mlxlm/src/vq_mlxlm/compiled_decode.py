@@ -6,10 +6,10 @@ by node; on an H200 that host work is as long as the GPU's for a Llama-3-8B shap
 ``docs/gpu.md``), and vq's caches added more. :func:`install` makes a patched model's
 one-token forward over vq caches a traced graph that MLX replays: the caches' arrays go in
 (:meth:`~vq_core.CompressedKVCache.decode_inputs`), the exact buffers with the new token
-come out, and everything that changes from step to step is sent as three small int32 arrays
-each step: the valid counts ``[layers, 2, B]``
-(:meth:`~vq_core.CompressedKVCache.decode_counts`), the write masks ``[layers, C]`` and the
-RoPE offset (one for all layers: a step whose layers disagree on it runs uncompiled). One trace then serves every step until
+come out, and everything that changes from step to step is sent as three small arrays
+each step: the valid counts int32 ``[layers, 2, B]``
+(:meth:`~vq_core.CompressedKVCache.decode_counts`), the write masks bool ``[layers, C]``
+(one comparison on the device) and the RoPE offset (one for all layers: a step whose layers disagree on it runs uncompiled). One trace then serves every step until
 a buffer changes shape; :class:`Decoder` grows every layer's code buffers at one step
 (:meth:`~vq_core.CompressedKVCache.reserve`) so that a growth costs one new trace, not one
 per layer. Encoding the blocks that earlier steps filled stays outside the graph, as its
@@ -113,7 +113,8 @@ def _write_masks(caches, rows) -> mx.array:
     per step, outside the compiled graph, so each layer's write is a select reading its
     row (no comparison kernel per layer). On an H200 (Llama-3-8B shape, 4k tokens,
     turboquant_mse:4, one run) this decoded at 120 / 132 tok/s against 92 / 89 with the
-    masks built on the host (numpy), whose host-written memory every select then read."""
+    masks built on the host (numpy; presumably every select then read host-written
+    memory)."""
     at = mx.array([r[1][0] - 1 for r in rows], dtype=mx.int32)
     return _slots(max(c.exact_slots() for c in caches))[None, :] == at[:, None]
 
