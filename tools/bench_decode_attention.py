@@ -57,22 +57,37 @@ def time_us(fn: Callable[[], object], iters: int, per_sync: int) -> float:
     return statistics.median(samples)
 
 
-def device_time_us(fn: Callable[[], object], iters: int, per_sync: int) -> float:
-    """GPU time per call: every kernel the calls launch, summed, over ``iters`` calls."""
+def kernel_times(fn: Callable[[], object], iters: int) -> dict[str, tuple[float, float]]:
+    """``{kernel name: (µs per call, launches per call)}`` over ``iters`` calls of ``fn``,
+    after five warm-up calls (CUPTI through PyTorch's profiler)."""
+    import collections
+
     import torch  # optional: only for --device-time
     from torch.profiler import ProfilerActivity, profile
 
-    del per_sync
     for _ in range(5):
         mx.eval(fn())
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             mx.eval(fn())
     cuda = torch.autograd.DeviceType.CUDA
-    total = sum(e.device_time_total for e in prof.events() if e.device_type == cuda)
-    if total == 0:
+    total: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    for e in prof.events():
+        if e.device_type == cuda:
+            total[e.name][0] += e.device_time_total
+            total[e.name][1] += 1
+    if not total:
         raise RuntimeError("the profiler saw no CUDA kernels: is this MLX's CUDA build?")
-    return total / iters
+    return {k: (t / iters, n / iters) for k, (t, n) in total.items()}
+
+
+def device_time_us(fn: Callable[[], object], iters: int, per_sync: int) -> float:
+    """GPU time per call: every kernel the calls launch, summed, over ``iters`` calls."""
+    del per_sync
+    total = sum(t for t, _ in kernel_times(fn, iters).values())
+    if total == 0:
+        raise RuntimeError("the profiler saw no CUDA kernel time: is this MLX's CUDA build?")
+    return total
 
 
 def _with(fn: Callable[[], object], **settings: object) -> Callable[[], object]:

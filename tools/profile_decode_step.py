@@ -15,36 +15,14 @@ name with more time; kernels a vq step adds show up as names fp16 lacks.
 from __future__ import annotations
 
 import argparse
-import collections
 
 import vq_mlxlm
 
 vq_mlxlm.enable_fast_blas()
 
 import mlx.core as mx
+from bench_decode_attention import kernel_times
 from bench_model_decode import _filled, _with, build
-
-
-def kernel_times(fn, steps: int) -> dict[str, tuple[float, float]]:
-    """``{kernel name: (µs per step, launches per step)}`` over ``steps`` calls of ``fn``,
-    after five warm-up calls."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(5):
-        mx.eval(fn())
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            mx.eval(fn())
-    cuda = torch.autograd.DeviceType.CUDA
-    total: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
-    for e in prof.events():
-        if e.device_type == cuda:
-            total[e.name][0] += e.device_time_total
-            total[e.name][1] += 1
-    if not total:
-        raise RuntimeError("the profiler saw no CUDA kernels: is this MLX's CUDA build?")
-    return {k: (t / steps, n / steps) for k, (t, n) in total.items()}
 
 
 def main() -> None:
