@@ -125,6 +125,16 @@ VQ_INLINE vq_u32 vq_float_bits(float x) {
   std::memcpy(&u, &x, sizeof u);
   return u;
 }
+template <typename T, int N>
+struct vq_vec {
+  T v[N];
+};
+template <int N, typename T>
+VQ_INLINE vq_vec<T, N> vq_fetch(const T* p) {
+  vq_vec<T, N> o;
+  for (int i = 0; i < N; ++i) o.v[i] = p[i];
+  return o;
+}
 template <int N>
 VQ_INLINE void vq_load_words(const vq_u32* p, vq_u32* o) {
   for (int i = 0; i < N; ++i) o[i] = p[i];

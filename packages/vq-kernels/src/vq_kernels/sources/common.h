@@ -61,3 +61,16 @@ VQ_INLINE vq_u64 vq_window64(vq_u32 lo, vq_u32 hi, int off) {
 // Store a float as the output's element type.
 VQ_INLINE void vq_store(VQ_DEVICE float* p, float v) { *p = v; }
 VQ_INLINE void vq_store(VQ_DEVICE vq_half* p, float v) { *p = vq_to_half(v); }
+
+// Table lookups by byte offset: entry (x >> sh) & (n - 1) of a table whose entries lie
+// 2^SL bytes apart is at byte ((x >> sh) & (n - 1)) << SL, which one shift and one mask
+// give (sh known at compile time once unrolled); vq_lut reads the float there. Three
+// instructions a lookup with the lane's copy ORed in, against five through an index.
+template <int SL>
+VQ_INLINE vq_u32 vq_field_offset(vq_u32 x, int sh, vq_u32 n) {
+  const vq_u32 m = (n - 1u) << SL;
+  return (sh >= SL ? (x >> (sh - SL)) : (x << (SL - sh))) & m;
+}
+VQ_INLINE float vq_lut(const VQ_TG float* table, vq_u32 byte_offset) {
+  return *(const VQ_TG float*)((const VQ_TG char*)table + byte_offset);
+}

@@ -34,6 +34,19 @@ VQ_INLINE vq_u32 vq_float_bits(float x) { return __float_as_uint(x); }
 
 // N consecutive words from p (aligned to 16 bytes when N % 4 == 0, to 8 when N == 2), in
 // vector loads.
+// N consecutive elements of p as stored, unconverted: a load whose conversion waits until
+// the value is used (a conversion at the load would stall there for it).
+template <typename T, int N>
+struct vq_vec {
+  T v[N];
+};
+template <int N, typename T>
+VQ_INLINE vq_vec<T, N> vq_fetch(const T* p) {
+  vq_vec<T, N> o;
+  VQ_UNROLL for (int i = 0; i < N; ++i) o.v[i] = p[i];
+  return o;
+}
+
 template <int N>
 VQ_INLINE void vq_load_words(const vq_u32* p, vq_u32* o) {
   if constexpr (N % 4 == 0) {

@@ -34,6 +34,19 @@ VQ_INLINE float vq_bits_to_float(int x) { return as_type<float>(x); }
 VQ_INLINE vq_u32 vq_float_bits(float x) { return as_type<uint>(x); }
 
 // N consecutive words from p (prelude_cuda.cuh loads them as vectors).
+// N consecutive elements of p as stored, unconverted: a load whose conversion waits until
+// the value is used (a conversion at the load would stall there for it).
+template <typename T, int N>
+struct vq_vec {
+  T v[N];
+};
+template <int N, typename T>
+VQ_INLINE vq_vec<T, N> vq_fetch(const device T* p) {
+  vq_vec<T, N> o;
+  VQ_UNROLL for (int i = 0; i < N; ++i) o.v[i] = p[i];
+  return o;
+}
+
 template <int N>
 VQ_INLINE void vq_load_words(const device vq_u32* p, thread vq_u32* o) {
   for (int i = 0; i < N; ++i) o[i] = p[i];
