@@ -184,6 +184,16 @@ def cases(b: int, length: int, variants: bool) -> dict[str, Case]:
                 ),
                 nbytes,
             )
+            # RaBitQ@bits keys (grid levels, norm / <o_bar, o>, unit code vectors), same values
+            grid = mx.arange(1 << bits, dtype=mx.float32) - ((1 << bits) - 1) / 2
+            ipb = mx.random.uniform(0.7, 0.9, norms.shape, key=ks[6]).astype(mx.float16)
+            out[f"vq rabitq{bits} tail"] = (
+                lambda args=args, tail=tail, grid=grid, ipb=ipb: vk.codebook_decode_attention(
+                    q16, args[1], args[2], grid, *args[4:], scale=SCALE, tail=tail,
+                    k_divisor=ipb, k_unit=True,
+                ),
+                nbytes + tokens * 2,
+            )  # fmt: skip
             if bits == 4:  # TurboQuant-prod@4: 3-bit codes + the residual's 1-bit sketch
                 k3 = mx.random.randint(0, 2**31, (b, HKV, length, vk.n_words(D, 3)), key=ks[4])
                 sg = mx.random.randint(0, 2**31, (b, HKV, length, vk.n_words(D, 1)), key=ks[6])

@@ -157,14 +157,14 @@ def _tail_reference(q, kp, kn, kc, kb, vp, vn, vc, vb, *, scale, k_divisor, k_un
 
 def _mma_applies(backend: str, d: int, k_bits: int, v_bits: int, k_divisor, k_unit, k_term) -> bool:
     """The tensor-core loop: CUDA, switched on (``_attention.USE_MMA``), 1/2/4-bit codes,
-    no RaBitQ divisor, unit-norm keys or second key term, head_dim a multiple of 16."""
+    no second key term, head_dim a multiple of 16 (RaBitQ's divisor and unit-norm keys
+    included: the loop takes the code vectors' norms from tensor-core Gram products)."""
+    del k_divisor, k_unit
     return (
         backend == "cuda"
         and _attention.USE_MMA
         and k_bits in (1, 2, 4)
         and v_bits in (1, 2, 4)
-        and k_divisor is None
-        and not k_unit
         and k_term is None
         and d % 16 == 0
     )
