@@ -8,6 +8,7 @@ import pytest
 from tiny_models import build
 
 import vq_core.cache
+import vq_kernels
 from vq_core import ConfigError, ShapeError
 from vq_mlxlm import patch, unpatch
 from vq_mlxlm.compiled_decode import decoder
@@ -16,8 +17,11 @@ from vq_mlxlm.compiled_decode import decoder
 @pytest.fixture(autouse=True)
 def _compile_on_cpu(monkeypatch):
     """Compiled steps and encodes run on a GPU only by default (vq_core.cache.compiles_here);
-    these tests run them on the CPU too."""
+    these tests run them on the CPU too, over vq-kernels' pure-MLX ops (the native CPU
+    codebook attention reads its inputs' values when called, which a trace cannot)."""
     monkeypatch.setattr(vq_core.cache, "COMPILE_ON_CPU", True)
+    if vq_kernels.available_backend() == "reference":
+        monkeypatch.setenv(vq_kernels.ENV_VAR, "reference")
 
 
 PROMPT = mx.array([[(7 * i + 3) % 97 for i in range(70)]])

@@ -26,7 +26,7 @@ def emulated(monkeypatch: pytest.MonkeyPatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     launched = mod.emulate(monkeypatch)
-    monkeypatch.setattr(vq_kernels, "resolve_backend", lambda b=None: "cuda")
+    monkeypatch.setattr(vq_kernels, "resolve_backend", lambda b=None, op=None: "cuda")
     mx.disable_compile()  # the emulator evaluates its inputs; a compiled trace cannot
     yield launched
     mx.enable_compile()

@@ -176,6 +176,8 @@ def emulate(monkeypatch: pytest.MonkeyPatch, backend: str = "cuda") -> list[str]
             monkeypatch.setattr(mod, "launch", launch)
         if hasattr(mod, "resolve_backend"):
             monkeypatch.setattr(
-                mod, "resolve_backend", lambda b=None: "reference" if b == "reference" else backend
+                mod,
+                "resolve_backend",
+                lambda b=None, op=None: "reference" if b == "reference" else backend,
             )
     return LAUNCHED

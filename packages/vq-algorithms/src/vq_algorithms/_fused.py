@@ -19,13 +19,19 @@ from vq_kernels._attention import MERGE_IN_KERNEL
 from vq_kernels.codebook_attention import KERNEL_HEAD_DIMS
 
 MAX_FUSED_ROWS = 32  # query rows per KV head (GQA group x tokens) sent to a decode kernel
+# The vq-kernels ops a segment implementation sends work to (kernel_applies' ``op``).
+CODEBOOK_OP = "codebook_decode_attention"
+AFFINE_OP = "affine_decode_attention"
+PQ_OP = "pq_decode_attention"
 
 
-def kernel_applies(head_dim: int, rows: int) -> bool:
-    """A GPU backend is active, the kernels are built for ``head_dim`` and ``rows`` query
+def kernel_applies(head_dim: int, rows: int, op: str) -> bool:
+    """vq-kernels op ``op`` (its name, e.g. ``"codebook_decode_attention"``) runs a kernel
+    here, not its reference (a GPU backend, or the "cpu" backend for an op with native CPU
+    code: ``vq_kernels.CPU_OPS``), the kernels are built for ``head_dim`` and ``rows`` query
     rows per KV head are a decode step (a prefill chunk runs the tiled reference path)."""
     return (
-        vq_kernels.resolve_backend() != "reference"
+        vq_kernels.resolve_backend(op=op) != "reference"
         and head_dim in KERNEL_HEAD_DIMS
         and rows <= MAX_FUSED_ROWS
     )

@@ -23,6 +23,7 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_algorithms._fused import (
+    AFFINE_OP,
     kernel_applies,
     one_launch,
     tail_applies,
@@ -156,7 +157,7 @@ def fused_affine_attention(
     groups of 16 along head_dim, per-channel blocks shorter than its token lanes), and
     unless :func:`~vq_algorithms._fused.kernel_applies`."""
     formats = _kernel_formats(keys, values)
-    if formats is None or not kernel_applies(keys.quantizer.head_dim, q.shape[2]):
+    if formats is None or not kernel_applies(keys.quantizer.head_dim, q.shape[2], AFFINE_OP):
         return None
     kf, vf = formats
     return vq_kernels.affine_decode_attention(

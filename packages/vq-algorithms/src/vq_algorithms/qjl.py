@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from vq_algorithms._fused import (
+    CODEBOOK_OP,
     codebook_decode_with_turboquant_values,
     codebook_keys_with_turboquant_values,
     kernel_applies,
@@ -143,7 +144,7 @@ def fused_qjl_attention(
     norms. None when ``sketch_dim != head_dim`` (the kernel's key and value dims are one)
     and unless :func:`~vq_algorithms._fused.kernel_applies`."""
     kq = keys.quantizer
-    if kq.m != kq.head_dim or not kernel_applies(kq.head_dim, q.shape[2]):
+    if kq.m != kq.head_dim or not kernel_applies(kq.head_dim, q.shape[2], CODEBOOK_OP):
         return None
     q_keys = (q.astype(mx.float32) @ kq.sketch.T) * kq.scale
     return codebook_keys_with_turboquant_values(

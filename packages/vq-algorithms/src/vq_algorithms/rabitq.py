@@ -44,6 +44,7 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_algorithms._fused import (
+    CODEBOOK_OP,
     codebook_decode_with_turboquant_values,
     codebook_keys_with_turboquant_values,
     grid_codebook,
@@ -242,7 +243,7 @@ def fused_rabitq_attention(
     :func:`~vq_algorithms._fused.kernel_applies`.
     """
     kq = keys.quantizer
-    if kq.config.binary_query or not kernel_applies(kq.head_dim, q.shape[2]):
+    if kq.config.binary_query or not kernel_applies(kq.head_dim, q.shape[2], CODEBOOK_OP):
         return None
     return codebook_keys_with_turboquant_values(
         kq.rotation.apply(q.astype(mx.float32)),

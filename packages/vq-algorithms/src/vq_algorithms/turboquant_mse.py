@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from vq_algorithms._fused import (
+    CODEBOOK_OP,
     codebook_decode_with_turboquant_values,
     codebook_keys_with_turboquant_values,
     kernel_applies,
@@ -89,7 +90,7 @@ def fused_codebook_attention(
     None unless :func:`~vq_algorithms._fused.kernel_applies`; ragged batches pass their
     per-row lengths to the kernel.
     """
-    if not kernel_applies(keys.quantizer.head_dim, q.shape[2]):
+    if not kernel_applies(keys.quantizer.head_dim, q.shape[2], CODEBOOK_OP):
         return None
     kc = keys.quantizer.rc
     return codebook_keys_with_turboquant_values(

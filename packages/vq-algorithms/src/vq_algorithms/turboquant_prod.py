@@ -20,6 +20,7 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_algorithms._fused import (
+    CODEBOOK_OP,
     codebook_decode_with_turboquant_values,
     codebook_keys_with_turboquant_values,
     kernel_applies,
@@ -111,7 +112,7 @@ def fused_prod_attention(q: mx.array, keys, values, *, scale: float):
     (:class:`vq_kernels.KeyTerm`: 1-bit codes, codebook -1 / +1). None unless
     :func:`~vq_algorithms._fused.kernel_applies`."""
     kq = keys.quantizer
-    if kq.sketch.m != kq.head_dim or not kernel_applies(kq.head_dim, q.shape[2]):
+    if kq.sketch.m != kq.head_dim or not kernel_applies(kq.head_dim, q.shape[2], CODEBOOK_OP):
         return None
     q_rot = kq.rc.rotation.apply(q.astype(mx.float32))
     sk = vq_kernels.KeyTerm(

@@ -29,6 +29,7 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_algorithms._fused import (
+    CODEBOOK_OP,
     inverse_matrix,
     kernel_applies,
     one_launch,
@@ -158,7 +159,11 @@ def fused_rvq_attention(q: mx.array, keys, values, *, scale: float):
     one). None unless :func:`~vq_algorithms._fused.kernel_applies`."""
     kq = keys.quantizer
     passes = _value_passes(values)
-    if len(kq.stages) != 2 or passes is None or not kernel_applies(kq.head_dim, q.shape[2]):
+    if (
+        len(kq.stages) != 2
+        or passes is None
+        or not kernel_applies(kq.head_dim, q.shape[2], CODEBOOK_OP)
+    ):
         return None
     q32 = q.astype(mx.float32)
     (i0, n0, c0, b0), (i1, n1, c1, b1) = _key_passes(keys)

@@ -31,7 +31,7 @@ import mlx.core as mx
 
 import vq_kernels
 from vq_algorithms._artifact import Calibrated, CalibratedConfig, check_tensors
-from vq_algorithms._fused import kernel_applies
+from vq_algorithms._fused import PQ_OP, kernel_applies
 from vq_core import (
     Codes,
     CompressedSide,
@@ -149,7 +149,7 @@ def fused_vecinfer_attention(
         return None
     if kq.config.subspaces * CODEBOOK_SIZE > LUT_FLOATS:
         return None
-    if not kernel_applies(kq.head_dim, q.shape[2]):
+    if not kernel_applies(kq.head_dim, q.shape[2], PQ_OP):
         return None
     qz = kq.hadamard.apply(q.astype(mx.float32) * kq.smooth)
     out_z, lse = vq_kernels.pq_decode_attention(

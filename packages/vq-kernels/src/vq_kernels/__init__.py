@@ -3,12 +3,14 @@ pure-MLX reference for every op.
 
 Importing this package compiles nothing and touches no GPU: each op picks its backend on
 call (``backend=`` argument, else ``$VQ_KERNELS_BACKEND``, else the GPU MLX was built for,
-else ``"reference"``) and compiles its kernel on first use. See :func:`compile_report`.
+else ``"cpu"``: native CPU code for the ops in ``CPU_OPS``, the reference for the rest) and
+compiles its kernel on first use. See :func:`compile_report`.
 """
 
 from vq_kernels._attention import DecodeTail
 from vq_kernels._backend import (
     BACKENDS,
+    CPU_OPS,
     ENV_VAR,
     CompileRecord,
     KernelError,
@@ -49,6 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "CPU_OPS",
     "ENV_VAR",
     "CompileRecord",
     "DecodeTail",

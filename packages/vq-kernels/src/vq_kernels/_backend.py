@@ -1,11 +1,16 @@
 """Backend choice, lazy compilation with a per-specialization cache, and the compile report.
 
-``backend`` is ``"metal"``, ``"cuda"`` or ``"reference"``; ``None`` means the environment
-variable ``VQ_KERNELS_BACKEND`` if set, else the GPU MLX was built for, else the reference.
+``backend`` is ``"metal"``, ``"cuda"``, ``"cpu"`` or ``"reference"``; ``None`` means the
+environment variable ``VQ_KERNELS_BACKEND`` if set, else the GPU MLX was built for, else
+``"cpu"``. ``"cpu"`` is native CPU code (``vq_kernels/cpu/``, compiled with the system C++
+compiler at first use, :mod:`vq_kernels._cpu`) for the ops in :data:`CPU_OPS` and the pure-MLX
+reference for every other op: the one rule, applied by ``resolve_backend(backend, op=...)``.
 Nothing here runs at import: kernel objects are made on the first call of an op, and MLX
 compiles each specialization (the template ints and input dtypes) on its first evaluation,
 which :func:`launch` forces and times. A kernel that fails to compile or run raises
-:class:`KernelError` naming the kernel and the backend; no op ever switches path on failure.
+:class:`KernelError` naming the kernel and the backend; no op ever switches path on failure
+(the one exception, warned about on stderr: native CPU code that cannot be built when
+``"cpu"`` was only the default choice, see :mod:`vq_kernels._cpu`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import mlx.core as mx
 
 from vq_kernels import _sources
 
-BACKENDS = ("metal", "cuda", "reference")
+BACKENDS = ("metal", "cuda", "cpu", "reference")
 ENV_VAR = "VQ_KERNELS_BACKEND"
+# Ops with native CPU code: on the "cpu" backend every other op runs its reference.
+CPU_OPS = frozenset({"codebook_decode_attention"})
 
 
 class KernelError(RuntimeError):
@@ -51,16 +58,27 @@ def available_backend() -> str:
     return "reference"
 
 
-def resolve_backend(backend: str | None = None) -> str:
-    """The backend an op runs on: the argument, else ``$VQ_KERNELS_BACKEND``, else the GPU's."""
+def resolve_backend(backend: str | None = None, *, op: str | None = None) -> str:
+    """The backend an op runs on: the argument, else ``$VQ_KERNELS_BACKEND``, else the GPU's,
+    else ``"cpu"``. With ``op`` (an op's name), ``"cpu"`` becomes ``"reference"`` unless the
+    op has native CPU code (:data:`CPU_OPS`)."""
     choice = backend or os.environ.get(ENV_VAR) or "auto"
     if choice == "auto":
-        return available_backend()
-    if choice not in BACKENDS:
+        gpu = available_backend()
+        choice = "cpu" if gpu == "reference" else gpu
+    elif choice not in BACKENDS:
         raise ValueError(f"unknown vq_kernels backend {choice!r}; expected one of {BACKENDS}")
-    if choice != "reference" and available_backend() != choice:
+    elif choice in ("metal", "cuda") and available_backend() != choice:
         raise KernelError(f"vq_kernels backend {choice!r} is not available in this MLX build")
+    if choice == "cpu" and op is not None and op not in CPU_OPS:
+        return "reference"
     return choice
+
+
+def explicit_choice(backend: str | None = None) -> bool:
+    """Whether the backend was asked for (the argument, or ``$VQ_KERNELS_BACKEND`` other than
+    "auto") rather than picked by default."""
+    return backend is not None or os.environ.get(ENV_VAR, "auto") not in ("", "auto")
 
 
 def _kernel_object(name: str, backend: str) -> Any:
@@ -94,6 +112,8 @@ def launch(
     The first call of each specialization is evaluated at once so that its compile time is
     recorded and a compile error surfaces here, as a :class:`KernelError`.
     """
+    if backend not in ("metal", "cuda"):
+        raise KernelError(f"vq kernel {name!r} runs on metal or cuda, not {backend!r}")
     key = (name, backend, tuple(template), tuple(str(a.dtype) for a in inputs))
     first = key not in _RECORDS
     try:

@@ -156,7 +156,7 @@ def affine_decode_attention(
     n = None if lengths is not None or tail is not None else valid_length(length, lbuf)
     if n is not None:
         _check_channel_length(n, group_size, key_axis)
-    be = resolve_backend(backend)
+    be = resolve_backend(backend, op="affine_decode_attention")
     if be == "reference" and tail is not None:
 
         def compressed(i, q_keys, n_i):

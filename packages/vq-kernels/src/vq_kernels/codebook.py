@@ -59,7 +59,7 @@ def codebook_quantize(
     Returns ``(packed, norm)``: packed uint32 [..., ceil(D*bits/32)], norm float16 [...].
     bits in {1, 2, 3, 4}.
     """
-    be = resolve_backend(backend)
+    be = resolve_backend(backend, op="codebook_quantize")
     if be == "reference":
         return codebook_quantize_reference(y, centroids, bits)
     _check(centroids, bits)
@@ -92,7 +92,7 @@ def codebook_dequantize(
     backend: str | None = None,
 ) -> mx.array:
     """Reconstruct in the rotated basis: packed [..., W], norm [...] -> fp32 [..., dim]."""
-    be = resolve_backend(backend)
+    be = resolve_backend(backend, op="codebook_dequantize")
     if be == "reference":
         return codebook_dequantize_reference(packed, norm, centroids, bits, dim)
     _check(centroids, bits)

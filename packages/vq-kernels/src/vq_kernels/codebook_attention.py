@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from vq_kernels import _attention
+from vq_kernels import _attention, codebook_attention_cpu
 from vq_kernels._attention import (
     KERNEL_HEAD_DIMS,
     DecodeTail,
@@ -27,7 +27,7 @@ from vq_kernels._attention import (
     tail_reference,
     valid_length,
 )
-from vq_kernels._backend import resolve_backend
+from vq_kernels._backend import explicit_choice, resolve_backend
 from vq_kernels.codebook import codebook_dequantize_reference, n_words
 
 
@@ -210,7 +210,8 @@ def codebook_decode_attention(
         tail: a :class:`~vq_kernels.DecodeTail`: ``q_rot`` is then the query in the original
             basis (one token per row) and the op returns the whole attention (compressed and
             exact tokens, rotated back, means added) from one launch; ``counts`` replaces
-            ``length``/``lengths``. GPU: CUDA only (the merge runs in the kernel).
+            ``length``/``lengths``. GPU: CUDA only (the merge runs in the kernel); on the
+            "cpu" backend a tail runs the reference.
 
     Returns:
         out_rot fp32 [B, Hq, Lq, D] (softmax over these tokens, rotated basis; with a tail,
@@ -218,7 +219,10 @@ def codebook_decode_attention(
         lse fp32 [B, Hq, Lq], the natural log-sum-exp of the scaled scores.
 
     On a GPU one launch (``codebook_attn``, see :func:`~vq_kernels._attention.decode_launch`)
-    reads every kv head's codes once for all its query rows.
+    reads every kv head's codes once for all its query rows. On the "cpu" backend native
+    code (``cpu/codebook_attn.cpp``, built at first use with the system C++ compiler: see
+    :mod:`vq_kernels.codebook_attention_cpu`) runs the same one pass over the codes, any
+    head_dim; not inside ``mx.compile`` (it reads its inputs' values when called).
     """
     b, _, _, d = q_rot.shape
     _, hkv, lbuf, wk = k_packed.shape
@@ -238,8 +242,18 @@ def codebook_decode_attention(
         )
     if k_term is not None:
         k_term.check(q_rot, k_norm)
-    be = resolve_backend(backend)
-    if be == "reference":
+    be = resolve_backend(backend, op="codebook_decode_attention")
+    if (
+        be == "cpu"
+        and tail is None
+        and codebook_attention_cpu.available(explicit=explicit_choice(backend))
+    ):
+        return codebook_attention_cpu.codebook_attention_cpu(
+            q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
+            scale=scale, lengths=n if lengths is None else batch_lengths(lengths, b, lbuf),
+            k_divisor=k_divisor, k_unit=k_unit, k_term=k_term, explicit=True,
+        )  # fmt: skip
+    if be in ("reference", "cpu"):
         return codebook_decode_attention_reference(
             q_rot, k_packed, k_norm, k_centroids, k_bits, v_packed, v_norm, v_centroids, v_bits,
             scale=scale, length=n, lengths=lengths, k_divisor=k_divisor, k_unit=k_unit,

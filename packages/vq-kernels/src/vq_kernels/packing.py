@@ -57,7 +57,7 @@ def pack_bits(codes: mx.array, bits: int, *, backend: str | None = None) -> mx.a
     W = ceil(n * bits / 32); bits in {1, 2, 3, 4, 5, 6, 8}; layout in the module docstring.
     """
     _check_bits(bits)
-    be = resolve_backend(backend)
+    be = resolve_backend(backend, op="pack_bits")
     if be == "reference":
         return pack_bits_reference(codes, bits)
     *lead, n = codes.shape
@@ -81,7 +81,7 @@ def pack_bits(codes: mx.array, bits: int, *, backend: str | None = None) -> mx.a
 def unpack_bits(words: mx.array, bits: int, n: int, *, backend: str | None = None) -> mx.array:
     """Unpack uint32 words [..., W] into ``n`` codes per row: uint32 [..., n]."""
     _check_bits(bits)
-    be = resolve_backend(backend)
+    be = resolve_backend(backend, op="unpack_bits")
     if be == "reference":
         return unpack_bits_reference(words, bits, n)
     *lead, w = words.shape

@@ -76,7 +76,7 @@ def pq_decode_attention(
     kc = k_centroids.shape[1]
     if k_centroids.shape != (m, kc, d // m) or v_centroids.shape != k_centroids.shape:
         raise ValueError("centroids must be [M, K, D / M] for keys and values alike")
-    be = resolve_backend(backend)
+    be = resolve_backend(backend, op="pq_decode_attention")
     if be == "reference":
         return pq_decode_attention_reference(
             q, k_codes, k_centroids, v_codes, v_centroids, scale=scale, length=n

@@ -55,7 +55,7 @@ def sign_dot_planes(
     (packed with b = 1); k_packed uint32 [..., L, W] 1-bit codes. Computed as
     sum_p 2^p popcount(q_plane_p & k).
     """
-    be = resolve_backend(backend)
+    be = resolve_backend(backend, op="sign_dot_planes")
     if be == "reference":
         return sign_dot_planes_reference(q_planes, k_packed, dim)
     nq, nk, g = _lead(q_planes, k_packed, 3)
