@@ -1,5 +1,5 @@
 """Time of one layer's decode attention on the CPU (not a test): the codebook op on the
-pure-MLX reference and on the native "cpu" backend (1 thread and all), against exact fp16
+pure-MLX reference and on the native "cpu" backend (1 thread and all), against exact float32
 attention (``mx.fast.scaled_dot_product_attention``), for the default model's shapes.
 
     uv run python tools/bench_cpu_attention.py [--tokens 4096 8192] [--bits 4] [--repeats 50]
@@ -63,8 +63,8 @@ def main() -> None:
         f"{'tokens':>7} {'keys':>8} {'exact':>7} {'reference':>10} {'cpu 1 thr':>10} {'cpu all':>8}"
     )
     for n in args.tokens:
-        k = mx.random.normal((B, HKV, n, D)).astype(mx.float16)
-        qe = mx.random.normal((B, HQ, 1, D)).astype(mx.float16)
+        k = mx.random.normal((B, HKV, n, D))  # float32: the default model's dtype on the CPU
+        qe = mx.random.normal((B, HQ, 1, D))
         mx.eval(k, qe)
         exact = per_call_ms(lambda k=k, qe=qe: SDPA(qe, k, k, scale=0.125), args.repeats)
         for rabitq in (False, True):
