@@ -121,6 +121,28 @@ def test_step_reads_no_host_value():
     assert all(c.exact_tokens + c.compressed_tokens + c.sink == c.offset for c in cache)
 
 
+def test_steps_between_encodes_send_no_host_arrays(monkeypatch):
+    """Each compiled step computes the next one's counts, masks and offset on the device;
+    the host builds them only after a block encode or a buffer growth (a new layout)
+    changed them (block 8, code step 16: about two builds per 8 steps, not one per step),
+    and the logits stay equal to the uncompiled steps' (test_compiled_steps_equal_forward_steps)."""
+    from vq_mlxlm import compiled_decode
+
+    builds = []
+    real = compiled_decode._write_masks
+
+    def counted(caches, rows):
+        builds.append(rows[0][1][0])
+        return real(caches, rows)
+
+    monkeypatch.setattr(compiled_decode, "_write_masks", counted)
+    model = build("llama", init="fan_in")
+    _decode(model, True, steps=64)
+    steps = decoder(model).compiled_steps
+    assert steps == 63
+    assert 0 < len(builds) <= steps // 3, builds
+
+
 def test_mlx_lm_generate_takes_compiled_steps():
     from mlx_lm.generate import generate_step
 

@@ -6,10 +6,13 @@ by node; on an H200 that host work is as long as the GPU's for a Llama-3-8B shap
 ``docs/gpu.md``), and vq's caches added more. :func:`install` makes a patched model's
 one-token forward over vq caches a traced graph that MLX replays: the caches' arrays go in
 (:meth:`~vq_core.CompressedKVCache.decode_inputs`), the exact buffers with the new token
-come out, and everything that changes from step to step is sent as three small arrays
-each step: the valid counts int32 ``[layers, 2, B]``
-(:meth:`~vq_core.CompressedKVCache.decode_counts`), the write masks bool ``[layers, C]``
-(one comparison on the device) and the RoPE offset (one for all layers: a step whose layers disagree on it runs uncompiled). One trace then serves every step until
+come out, and everything that changes from step to step is three small arrays: the valid
+counts int32 ``[layers, 2, B]`` (:meth:`~vq_core.CompressedKVCache.decode_counts`), the
+write masks bool ``[layers, C]`` and the RoPE offset (one for all layers: a step whose
+layers disagree on it runs uncompiled). Each step's graph also computes the next step's
+three (one more exact token, the offset plus one), so steps between block encodes send
+nothing from the host; after an encode or a growth the host builds them once (arrays made
+on the host sit in memory the GPU must fetch on first read). One trace then serves every step until
 a buffer changes shape; :class:`Decoder` grows every layer's code buffers at one step
 (:meth:`~vq_core.CompressedKVCache.reserve`) so that a growth costs one new trace, not one
 per layer. Encoding the blocks that earlier steps filled stays outside the graph, as its
@@ -47,6 +50,9 @@ class Decoder:
         self._seen: set = set()
         self._functions: dict = {}
         self._caches: list = []
+        # (layout, counts, offset) the last step predicted for the next one, and the device
+        # arrays (counts, masks, offset) it computed for it
+        self._next: tuple | None = None
 
     def step(self, inputs: mx.array, caches) -> mx.array | None:
         """The logits of one decode step of ``inputs [B, 1]`` over ``caches``, compiled; None
@@ -72,15 +78,24 @@ class Decoder:
         if any(c.offset != offset for c in caches):
             return None
         rows = [c.decode_counts() for c in caches]
-        counts = mx.array(rows, dtype=mx.int32)
+        key = (layout, _frozen(rows), offset)
+        if self._next is not None and self._next[0] == key:
+            step_arrays = self._next[1]
+        else:
+            counts = mx.array(rows, dtype=mx.int32)
+            step_arrays = (counts, _write_masks(caches, rows), mx.array(offset, mx.int32))
+        self._next = None
         self._caches = list(caches)
         try:
             flat = (x for a in arrays for x in a)
-            outs = fn(inputs, counts, _write_masks(caches, rows), mx.array(offset, mx.int32), *flat)
+            outs = fn(inputs, *step_arrays, *flat)
         finally:
             self._caches = []
+        n = len(caches)
         for i, c in enumerate(caches):
             c.end_decode(outs[1 + 2 * i], outs[2 + 2 * i])
+        ahead = [[r[0], [x + 1 for x in r[1]]] for r in rows]
+        self._next = ((layout, _frozen(ahead), offset + 1), tuple(outs[1 + 2 * n :]))
         self.compiled_steps += 1
         return outs[0]
 
@@ -102,7 +117,11 @@ class Decoder:
                 logits = self.forward(self.model, inputs, cache=caches)
             finally:
                 buffers = [x for c in bound for x in c.unbind()]
-            return [logits, *buffers]
+            # the next step's arrays if no block is encoded before it: one more exact token
+            counts_next = counts + mx.array([0, 1], dtype=mx.int32)[None, :, None]
+            at = counts_next[:, 1, 0] - 1
+            masks_next = _slots(masks.shape[1])[None, :] == at[:, None]
+            return [logits, *buffers, counts_next, masks_next, offset + 1]
 
         return step
 
@@ -117,6 +136,10 @@ def _write_masks(caches, rows) -> mx.array:
     memory)."""
     at = mx.array([r[1][0] - 1 for r in rows], dtype=mx.int32)
     return _slots(max(c.exact_slots() for c in caches))[None, :] == at[:, None]
+
+
+def _frozen(rows) -> tuple:
+    return tuple(tuple(tuple(side) for side in r) for r in rows)
 
 
 @functools.lru_cache(maxsize=64)
