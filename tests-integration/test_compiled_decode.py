@@ -125,7 +125,7 @@ def test_steps_between_encodes_send_no_host_arrays(monkeypatch):
     """Each compiled step computes the next one's counts, masks and offset on the device;
     the host builds them only after a block encode or a buffer growth (a new layout)
     changed them (block 8, code step 16: about two builds per 8 steps, not one per step),
-    and the logits stay equal to the uncompiled steps' (test_compiled_steps_equal_forward_steps)."""
+    and the logits stay equal to the uncompiled steps'."""
     from vq_mlxlm import compiled_decode
 
     builds = []
@@ -136,8 +136,11 @@ def test_steps_between_encodes_send_no_host_arrays(monkeypatch):
         return real(caches, rows)
 
     monkeypatch.setattr(compiled_decode, "_write_masks", counted)
+    monkeypatch.setattr(compiled_decode, "PREDICT_STEP_ARRAYS", True)
     model = build("llama", init="fan_in")
-    _decode(model, True, steps=64)
+    plain, _ = _decode(model, False, steps=64)
+    compiled, _ = _decode(model, True, steps=64)
+    assert mx.abs(plain - compiled).max().item() <= 1e-5 * mx.abs(plain).max().item()
     steps = decoder(model).compiled_steps
     assert steps == 63
     assert 0 < len(builds) <= steps // 3, builds

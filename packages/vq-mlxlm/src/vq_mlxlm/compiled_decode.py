@@ -9,10 +9,10 @@ one-token forward over vq caches a traced graph that MLX replays: the caches' ar
 come out, and everything that changes from step to step is three small arrays: the valid
 counts int32 ``[layers, 2, B]`` (:meth:`~vq_core.CompressedKVCache.decode_counts`), the
 write masks bool ``[layers, C]`` and the RoPE offset (one for all layers: a step whose
-layers disagree on it runs uncompiled). Each step's graph also computes the next step's
-three (one more exact token, the offset plus one), so steps between block encodes send
-nothing from the host; after an encode or a growth the host builds them once (arrays made
-on the host sit in memory the GPU must fetch on first read). One trace then serves every step until
+layers disagree on it runs uncompiled), built on the host each step. With
+:data:`PREDICT_STEP_ARRAYS` each step's graph also computes the next step's three (one more
+exact token, the offset plus one), so steps between block encodes send nothing from the
+host. One trace then serves every step until
 a buffer changes shape; :class:`Decoder` grows every layer's code buffers at one step
 (:meth:`~vq_core.CompressedKVCache.reserve`) so that a growth costs one new trace, not one
 per layer. Encoding the blocks that earlier steps filled stays outside the graph, as its
@@ -38,6 +38,11 @@ from vq_core import CompressedKVCache
 from vq_core.cache import compiles_here
 
 _SUBCLASSES: dict[type, type] = {}
+# The next step's counts, masks and offset from the step's own graph instead of the host.
+# Off until measured side by side: its one H200 run (2026-12-03, Llama-3-8B shape) decoded
+# turboquant_mse:4 at 0.55x / 0.69x fp16 at 4k / 32k, against 0.75x / 0.71x without it in
+# an earlier run on another host (fp16 itself 132 against 154 tok/s there): not an A/B.
+PREDICT_STEP_ARRAYS = False
 
 
 class Decoder:
@@ -79,7 +84,7 @@ class Decoder:
             return None
         rows = [c.decode_counts() for c in caches]
         key = (layout, _frozen(rows), offset)
-        if self._next is not None and self._next[0] == key:
+        if PREDICT_STEP_ARRAYS and self._next is not None and self._next[0] == key:
             step_arrays = self._next[1]
         else:
             counts = mx.array(rows, dtype=mx.int32)
