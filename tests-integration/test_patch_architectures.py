@@ -10,6 +10,7 @@ from mlx_lm.models.cache import (
 )
 from tiny_models import ARCHS, build
 
+import vq_kernels
 from vq_core import CompressedKVCache, CompressedRotatingKVCache
 from vq_mlxlm import UnsupportedModelError, patch, unpatch
 
@@ -118,10 +119,14 @@ def test_unrouted_architecture_is_a_clear_error():
 
 
 @pytest.mark.parametrize("method", ["turboquant_mse", "kivi"])
-def test_a_patched_decode_step_runs_under_mx_compile(method):
+def test_a_patched_decode_step_runs_under_mx_compile(method, monkeypatch):
     """``mx.compile`` refuses any evaluation while it traces, so a host sync anywhere in a
     patched model's single-token forward (cache update, attention, encoding of a full
-    block) fails here. The compiled step must also give the eager step's logits."""
+    block) fails here. The compiled step must also give the eager step's logits. The MLX
+    graph path is the one traced (GPU kernels are graph nodes too); vq-kernels' native CPU
+    op reads its inputs' values and says so under a trace (vq-kernels test_cpu_native.py)."""
+    if vq_kernels.available_backend() == "reference":
+        monkeypatch.setenv(vq_kernels.ENV_VAR, "reference")
     model = patch(build("llama"), method, bits=4)
     caches = [make_prompt_cache(model) for _ in range(2)]
     for cache in caches:  # 1 sink + 63 exact tokens: one short of a block, so the traced
